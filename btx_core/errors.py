@@ -1,0 +1,39 @@
+"""Typed exceptions. Every message says what is wrong and how to fix it; only the CLI exits."""
+
+
+class BTXError(Exception):
+    """Base class of every error btx raises on purpose."""
+
+
+class ConfigError(BTXError, ValueError):
+    """A config is invalid. Carries every problem found, each naming the field and the fix."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
+
+
+class StoreError(BTXError):
+    """The object store cannot be reached or used (scheme, bucket, credentials, permissions)."""
+
+
+class IncompleteOutputError(StoreError):
+    """A location has no valid manifest: it does not exist as far as btx is concerned."""
+
+
+class IntegrityError(StoreError):
+    """A stored file does not match its manifest (size or sha256)."""
+
+
+class DataError(BTXError, ValueError):
+    """A domain's data cannot be loaded or is unusable (missing path, empty, no text column)."""
+
+
+class UnsupportedArchitectureError(BTXError, ValueError):
+    """A model's architecture is not one btx can branch or mix."""
+
+
+class CheckpointMismatchError(BTXError):
+    """A checkpoint belongs to a different config or input than the run resuming from it."""

@@ -1,0 +1,45 @@
+"""Where each stage's output lives in the store. One place, so flows, CLI and tests agree.
+
+    <store>/<run_name>/seed/tokenizer             tokenizer of a created seed
+    <store>/<run_name>/seed/model                 the seed, HF layout
+    <store>/<run_name>/seed/checkpoints/step-N    resumable pretraining checkpoints
+    <store>/<run_name>/experts/<domain>/model     a trained expert, HF layout
+    <store>/<run_name>/experts/<domain>/checkpoints/step-N
+    <store>/_data/<key>                           tokenized, packed and split corpora (shared by runs)
+"""
+
+from __future__ import annotations
+
+from btx_core.config import BTXConfig
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+
+
+def run_root(config: BTXConfig) -> str:
+    return _join(config.store, config.run_name)
+
+
+def seed_tokenizer(config: BTXConfig) -> str:
+    return _join(run_root(config), "seed", "tokenizer")
+
+
+def seed_model(config: BTXConfig) -> str:
+    return _join(run_root(config), "seed", "model")
+
+
+def seed_checkpoints(config: BTXConfig) -> str:
+    return _join(run_root(config), "seed", "checkpoints")
+
+
+def expert_model(config: BTXConfig, domain: str) -> str:
+    return _join(run_root(config), "experts", domain, "model")
+
+
+def expert_checkpoints(config: BTXConfig, domain: str) -> str:
+    return _join(run_root(config), "experts", domain, "checkpoints")
+
+
+def data_cache(config: BTXConfig, key: str) -> str:
+    return _join(config.store, "_data", key)

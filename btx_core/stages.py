@@ -1,0 +1,266 @@
+"""The Branch and Train stages: build the seed, train one expert. Each is a recipe that only
+wires library pieces: set up, (resume and) train, save to the store with a manifest.
+
+Every stage is idempotent: an output whose manifest records the same config hash and the same
+input manifests is returned without any work, so rerunning a finished pipeline trains nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from btx_core import layout
+from btx_core.config import BTXConfig, DataSource, TrainSettings, stable_hash
+from btx_core.data.packing import TokenizedSplits, data_cache_key, prepare_domain_data, tokenizer_fingerprint
+from btx_core.data.sources import load_documents
+from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
+from btx_core.seed import create_tiny_llama, inspect_model_dir, load_causal_lm, parameter_breakdown
+from btx_core.store import Manifest, Store, checkpoint_location
+from btx_core.tokenizer import train_tokenizer
+from btx_core.train import Progress, evaluate_loss, train
+
+log = logging.getLogger(__name__)
+STAGE_FORMAT = 1  # bump when a stage's output changes for the same config
+MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    location: str
+    manifest: Manifest
+    skipped: bool
+    """True when the output already existed for the same config and inputs (no work was done)."""
+    notes: list[str] = field(default_factory=list)
+    """Human-readable facts worth printing (parameter share, resume point)."""
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.metrics
+
+
+class StoreCheckpoints:
+    """A CheckpointSink over a store prefix; refuses checkpoints of a different config."""
+
+    def __init__(self, store: Store, prefix: str, *, config_hash: str, inputs: dict[str, str],
+                 keep: int, cache_dir: Path):
+        self.store, self.prefix, self.keep, self.cache_dir = store, prefix, keep, cache_dir
+        self.config_hash, self.inputs = config_hash, inputs
+
+    def latest(self) -> tuple[int, Path] | None:
+        found = self.store.latest_checkpoint(self.prefix)
+        if found is None:
+            return None
+        step, location = found
+        manifest = self.store.read_manifest(location)
+        if manifest.config_hash != self.config_hash or manifest.inputs != self.inputs:
+            raise CheckpointMismatchError(
+                f"checkpoint {location} was made with a different config or seed. Delete "
+                f"{self.prefix} to start this stage over, or restore the config it was made with")
+        return step, self.store.fetch(location, self.cache_dir)
+
+    def save(self, step: int, directory: Path) -> None:
+        self.store.write_dir(directory, checkpoint_location(self.prefix, step), stage="checkpoint",
+                             config_hash=self.config_hash, inputs=self.inputs, metrics={"step": step})
+        self.store.prune_checkpoints(self.prefix, keep=self.keep)
+
+
+def open_store(config: BTXConfig) -> Store:
+    return Store(config.store)
+
+
+def cache_dir(config: BTXConfig) -> Path:
+    return Path(os.path.expanduser(config.cache_dir))
+
+
+# --- seed ----------------------------------------------------------------------------------------
+
+def build_seed(config: BTXConfig, *, on_progress: ProgressCallback | None = None) -> StageOutput:
+    """Create and pretrain the tiny demo seed, or import an existing model into the store."""
+    store = open_store(config)
+    location = layout.seed_model(config)
+    config_hash = stable_hash({"stage": "seed", "format": STAGE_FORMAT,
+                               "seed": config.seed.model_dump(mode="json", exclude={"pretrain"}),
+                               "pretrain": config.seed.pretrain and config.seed.pretrain.result_hash()})
+    if (done := store.exists_with(location, config_hash, {})) is not None:
+        return StageOutput(location, done, skipped=True)
+    if config.seed.model is not None:
+        return _import_seed(config, store, location, config_hash)
+    return _pretrain_seed(config, store, location, config_hash, on_progress)
+
+
+def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: str) -> StageOutput:
+    source = config.seed.model
+    with tempfile.TemporaryDirectory(prefix="btx-seed-") as tmp:
+        local = _local_model_dir(source, store, cache_dir(config), Path(tmp))
+        breakdown = inspect_model_dir(str(local), trust_remote_code=config.seed.trust_remote_code)
+        staged = Path(tmp) / "staged"
+        _copy_model_files(local, staged)
+        manifest = store.write_dir(staged, location, stage="seed", config_hash=config_hash,
+                                   metrics={"parameters": breakdown.total, "ffn_share": breakdown.ffn_share},
+                                   extra={"source": source})
+    return StageOutput(location, manifest, skipped=False, notes=[f"seed: {breakdown.describe()}"])
+
+
+def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: str,
+                   on_progress: ProgressCallback | None) -> StageOutput:
+    spec, settings = config.seed.create, config.seed.pretrain
+    tokenizer_dir = _seed_tokenizer(config, store)
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    model = create_tiny_llama(spec, tokenizer, seed=settings.seed)
+    breakdown = parameter_breakdown(model)
+    log.info("seed: %s", breakdown.describe())
+    data = prepared_data(config, store, config.seed.pretrain_data, tokenizer_dir, settings.seq_len,
+                         config.seed.held_out_fraction, salt="general")
+    checkpoints = StoreCheckpoints(store, layout.seed_checkpoints(config), config_hash=config_hash,
+                                   inputs={}, keep=settings.keep_checkpoints, cache_dir=cache_dir(config))
+    result = train(model, data.train, settings, checkpoints=checkpoints, on_progress=on_progress)
+    heldout = evaluate_loss(model, data.heldout, batch_size=settings.batch_size,
+                            max_blocks=settings.eval_blocks, precision=settings.precision)
+    metrics = {**_train_metrics(result), "heldout_loss": heldout, "parameters": breakdown.total,
+               "ffn_share": breakdown.ffn_share}
+    manifest = _save_model(store, model, tokenizer, location, stage="seed", config_hash=config_hash,
+                           inputs={}, metrics=metrics)
+    notes = [f"seed: {breakdown.describe()}", *_resume_note(result)]
+    return StageOutput(location, manifest, skipped=False, notes=notes)
+
+
+def _seed_tokenizer(config: BTXConfig, store: Store) -> Path:
+    """Train (once) the created seed's byte-level BPE tokenizer on its pretraining corpus."""
+    spec, source = config.seed.create, config.seed.pretrain_data
+    location = layout.seed_tokenizer(config)
+    config_hash = stable_hash({"stage": "tokenizer", "format": STAGE_FORMAT, "source": source.model_dump(mode="json"),
+                               "vocab_size": spec.vocab_size, "max_bytes": spec.tokenizer_max_bytes})
+    if store.exists_with(location, config_hash, {}) is None:
+        docs = load_documents(source.model_copy(update={"max_bytes": min(
+            source.max_bytes or spec.tokenizer_max_bytes, spec.tokenizer_max_bytes)}))
+        with tempfile.TemporaryDirectory(prefix="btx-tok-") as tmp:
+            train_tokenizer(docs, spec.vocab_size, Path(tmp))
+            store.write_dir(Path(tmp), location, stage="tokenizer", config_hash=config_hash)
+    return store.fetch(location, cache_dir(config))
+
+
+# --- experts -------------------------------------------------------------------------------------
+
+def expert_config_hash(config: BTXConfig, domain: str) -> str:
+    return stable_hash({"stage": "expert", "format": STAGE_FORMAT,
+                        "domain": config.domain(domain).model_dump(mode="json"),
+                        "training": config.expert_training.result_hash()})
+
+
+def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = None,
+                 on_progress: ProgressCallback | None = None,
+                 stop_after: int | None = None) -> StageOutput:
+    """Branch the seed and continue pretraining it on one domain; resumes from its checkpoints."""
+    spec = config.domain(domain)
+    settings = config.expert_training
+    store = open_store(config)
+    seed_location = seed_location or layout.seed_model(config)
+    try:
+        seed_manifest = store.read_manifest(seed_location)
+    except IncompleteOutputError:
+        raise BTXError(f"no complete seed at {seed_location}: run `btx seed CONFIG` first") from None
+    location = layout.expert_model(config, domain)
+    config_hash, inputs = expert_config_hash(config, domain), {"seed": seed_manifest.hash}
+    if (done := store.exists_with(location, config_hash, inputs)) is not None:
+        return StageOutput(location, done, skipped=True)
+
+    seed_dir = store.fetch(seed_location, cache_dir(config))
+    model, tokenizer = load_causal_lm(str(seed_dir), trust_remote_code=config.seed.trust_remote_code)
+    data = prepared_data(config, store, spec.data, seed_dir, settings.seq_len,
+                         spec.held_out_fraction, salt=domain)
+    seed_heldout = evaluate_loss(model, data.heldout, batch_size=settings.batch_size,
+                                 max_blocks=settings.eval_blocks, precision=settings.precision)
+    checkpoints = StoreCheckpoints(store, layout.expert_checkpoints(config, domain),
+                                   config_hash=config_hash, inputs=inputs,
+                                   keep=settings.keep_checkpoints, cache_dir=cache_dir(config))
+    result = train(model, data.train, settings, checkpoints=checkpoints, on_progress=on_progress,
+                   stop_after=stop_after)
+    if result.steps < settings.total_steps():
+        raise BTXError(f"expert {domain} stopped at step {result.steps} (stop_after); rerun to resume")
+    heldout = evaluate_loss(model, data.heldout, batch_size=settings.batch_size,
+                            max_blocks=settings.eval_blocks, precision=settings.precision)
+    metrics = {**_train_metrics(result), "heldout_loss": heldout, "seed_heldout_loss": seed_heldout,
+               "domain": domain}
+    manifest = _save_model(store, model, tokenizer, location, stage="expert", config_hash=config_hash,
+                           inputs=inputs, metrics=metrics)
+    return StageOutput(location, manifest, skipped=False, notes=_resume_note(result))
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+def prepared_data(config: BTXConfig, store: Store, source: DataSource, tokenizer_dir: Path,
+                  seq_len: int, held_out_fraction: float, salt: str) -> TokenizedSplits:
+    """Tokenized, packed, split data, cached in the store so a retried branch skips tokenizing."""
+    key = data_cache_key(source, tokenizer_fingerprint(tokenizer_dir), seq_len, held_out_fraction, salt)
+    location = layout.data_cache(config, key)
+    if store.is_complete(location):
+        return TokenizedSplits.load(store.fetch(location, cache_dir(config)))
+    splits = prepare_domain_data(source, _load_tokenizer(tokenizer_dir), seq_len, held_out_fraction, salt)
+    with tempfile.TemporaryDirectory(prefix="btx-data-") as tmp:
+        splits.save(Path(tmp))
+        store.write_dir(Path(tmp), location, stage="data", config_hash=key,
+                        metrics={"train_blocks": len(splits.train), "heldout_blocks": len(splits.heldout)})
+    return splits
+
+
+def _load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _save_model(store: Store, model, tokenizer, location: str, *, stage: str, config_hash: str,
+                inputs: dict[str, str], metrics: dict) -> Manifest:
+    """Save in the model's own dtype, HF layout, safetensors; then commit to the store."""
+    dtype = getattr(model.config, "dtype", None)
+    with tempfile.TemporaryDirectory(prefix=f"btx-{stage}-") as tmp:
+        model.to("cpu")
+        if dtype is not None and dtype != next(model.parameters()).dtype:
+            model.to(dtype)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        return store.write_dir(Path(tmp), location, stage=stage, config_hash=config_hash,
+                               inputs=inputs, metrics=metrics)
+
+
+def _train_metrics(result) -> dict:
+    return {"final_train_loss": result.final_loss, "steps": result.steps, "tokens": result.tokens,
+            "resumed_from_step": result.resumed_from, "wall_s": result.wall_s,
+            "tokens_per_s": result.tokens_per_s, "train_losses": result.losses}
+
+
+def _resume_note(result) -> list[str]:
+    return [f"resumed from step {result.resumed_from}"] if result.resumed_from else []
+
+
+def _local_model_dir(source: str, store: Store, cache: Path, scratch: Path) -> Path:
+    """A local directory holding the model: itself, a verified copy from the store, or a Hub snapshot."""
+    if "://" in source and not source.startswith("file://"):
+        return Store(source.rsplit("/", 1)[0]).fetch(source, cache)
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download  # a Hub id: real users only, never offline tests
+
+    return Path(snapshot_download(source, allow_patterns=list(MODEL_FILES), cache_dir=str(scratch)))
+
+
+def _copy_model_files(source: Path, target: Path) -> None:
+    """Copy the model's safetensors, configs and tokenizer; refuse pickle-only checkpoints."""
+    target.mkdir(parents=True)
+    files = sorted({f for pattern in MODEL_FILES for f in source.glob(pattern) if f.is_file()})
+    if not any(f.suffix == ".safetensors" for f in files):
+        raise BTXError(f"{source} has no .safetensors weights (btx never loads pickle): convert it "
+                       "with `model.save_pretrained(dir, safe_serialization=True)`")
+    for f in files:
+        shutil.copy2(f, target / f.name)

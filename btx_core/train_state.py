@@ -1,0 +1,142 @@
+"""Resumable training state, saved without pickle.
+
+A checkpoint directory holds the model weights (`model.safetensors`) apart from the training
+state: optimizer moments in `optimizer.safetensors`, and everything else (step, data position,
+scheduler, optimizer hyper-parameters, Python/NumPy RNG) in `state.json`, the torch RNG states
+in `rng.safetensors`. Restoring all of it makes a resumed run bit-identical to an
+uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+FORMAT_VERSION = 1
+MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = (
+    "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+@dataclass
+class TrainState:
+    """Counters that say where a run is; the rest of a checkpoint is tensors."""
+
+    step: int
+    """Optimizer steps done."""
+    sequences_seen: int
+    """Training sequences consumed, over all processes: the data position."""
+    tokens_seen: int
+    """Training tokens consumed, over all processes."""
+    world_size: int
+    """Processes the run was trained with (data order depends on it through the global batch)."""
+    losses: list[float]
+    """Training loss of every step so far (for loss curves)."""
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, state: TrainState) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    # save_model drops the duplicate names of tied weights that save_file refuses.
+    save_model(model, str(directory / MODEL_FILE))
+    tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
+    save_file(tensors, str(directory / OPTIMIZER_FILE))
+    save_file(_torch_rng_state(), str(directory / RNG_FILE))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "train_state": asdict(state),
+        "optimizer": optimizer_meta,
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "python_rng": _jsonable(random.getstate()),
+        "numpy_rng": _jsonable(np.random.get_state()),
+    }
+    (directory / STATE_FILE).write_text(json.dumps(meta))
+
+
+def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler) -> TrainState:
+    meta = json.loads((directory / STATE_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory} has training-state format {meta.get('format_version')}, "
+                         f"this btx reads {FORMAT_VERSION}: resume with the btx that wrote it")
+    missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory} does not fit the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    tensors = load_file(str(directory / OPTIMIZER_FILE))
+    optimizer.load_state_dict(_join_optimizer_state(tensors, meta["optimizer"]))
+    scheduler_state = dict(meta["scheduler"], lr_lambdas=[None] * len(meta["scheduler"]["base_lrs"]))
+    scheduler.load_state_dict(scheduler_state)
+    _set_torch_rng_state(load_file(str(directory / RNG_FILE)))
+    random.setstate(_python_rng(meta["python_rng"]))
+    np.random.set_state(_numpy_rng(meta["numpy_rng"]))
+    return TrainState(**meta["train_state"])
+
+
+def read_train_state(directory: Path) -> TrainState:
+    """The counters of a checkpoint, without loading tensors."""
+    return TrainState(**json.loads((directory / STATE_FILE).read_text())["train_state"])
+
+
+# --- optimizer: tensors to safetensors, the rest to JSON ----------------------------------------
+
+def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- random number generators ------------------------------------------------------------------
+
+def _torch_rng_state() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{i}"] = s
+    return states
+
+
+def _set_torch_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _python_rng(value: list) -> tuple:
+    version, internal, gauss = value
+    return version, tuple(internal), gauss
+
+
+def _numpy_rng(value: list) -> tuple:
+    name, keys, pos, has_gauss, cached = value
+    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached

@@ -1,0 +1,122 @@
+"""The config schema: every shipped config loads; bad configs give one clear error each."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from btx_core.config import BTXConfig, load_config
+from btx_core.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_says_how_to_run_it(path):
+    config = load_config(path)
+    assert isinstance(config, BTXConfig)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Run it:") and path.name in first
+
+
+def test_shipped_configs_exist():
+    assert {"demo.yaml", "ci.yaml"} <= {p.name for p in CONFIGS}
+
+
+def _base() -> dict:
+    return yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())
+
+
+def _llama_dir(tmp_path, model_type):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return str(d)
+
+
+def _set(raw, dotted, value):
+    *parents, last = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+
+
+BAD = [
+    # (case, mutation, field named in the message, words of the fix)
+    ("unknown field", lambda r, t: _set(r, "expert_training.stepz", 3), "expert_training.stepz", "did you mean `steps`"),
+    ("negative steps", lambda r, t: _set(r, "expert_training.steps", -5), "expert_training.steps", "greater than 0"),
+    ("zero batch", lambda r, t: _set(r, "seed.pretrain.batch_size", 0), "seed.pretrain.batch_size", "greater than 0"),
+    ("both budgets", lambda r, t: _set(r, "expert_training.tokens", 1000), "expert_training", "exactly one of `steps` and `tokens`"),
+    ("missing data path", lambda r, t: _set(r, "domains.0.data", {"path": str(t / "nope.jsonl")}), "domains[0].data.path", "does not exist"),
+    ("unknown store scheme", lambda r, t: _set(r, "store", "ftp://host/x"), "store", "s3://bucket/prefix"),
+    ("duplicate domains", lambda r, t: r["domains"].append(dict(r["domains"][0])), "domains", "unique name"),
+    ("no domains", lambda r, t: _set(r, "domains", []), "domains", "at least 1"),
+    ("two data sources", lambda r, t: _set(r, "domains.0.data", {"builtin": "math", "hub": "x/y"}), "domains[0].data", "exactly one of"),
+    ("unknown builtin", lambda r, t: _set(r, "domains.0.data", {"builtin": "poetry"}), "domains[0].data.builtin", "'code'"),
+    ("bad domain name", lambda r, t: _set(r, "domains.0.name", "Math Domain"), "domains[0].name", "lowercase"),
+    ("held-out fraction 1", lambda r, t: _set(r, "domains.0.held_out_fraction", 1.0), "domains[0].held_out_fraction", "less than 1"),
+    ("bad precision", lambda r, t: _set(r, "expert_training.precision", "fp8"), "expert_training.precision", "'bf16'"),
+    ("secret in storage options", lambda r, t: _set(r, "domains.0.data", {"path": "s3://b/x", "storage_options": {"secret": "s3cr3t"}}),
+     "domains[0].data.storage_options", "environment"),
+    ("unsupported architecture", lambda r, t: r.update(seed={"model": _llama_dir(t, "gpt2")}), "seed.model", "'gpt2' model"),
+    ("seed without a kind", lambda r, t: r.update(seed={}), "seed", "exactly one of `model`"),
+    ("missing run name", lambda r, t: r.pop("run_name"), "run_name", "missing"),
+    ("wrong type", lambda r, t: _set(r, "expert_training.lr", "fast"), "expert_training.lr", "valid number"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,field,fix", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_gives_one_clear_error(tmp_path, monkeypatch, case, mutate, field, fix):
+    monkeypatch.chdir(tmp_path)
+    raw = _base()
+    mutate(raw, tmp_path)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert len(info.value.problems) == 1, info.value.problems
+    problem = info.value.problems[0]
+    assert problem.startswith(field + ":") or problem.startswith(field + " "), problem
+    assert fix in problem, problem
+    assert not (tmp_path / "store").exists()
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    raw = _base()
+    raw["expert_training"]["stepz"] = 1
+    raw["seed"]["pretrain"]["lr"] = -1
+    raw["store"] = "gopher://x"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    fields = sorted(p.split(":")[0] for p in info.value.problems)
+    assert fields == ["expert_training.stepz", "seed.pretrain.lr", "store"]
+
+
+def test_relative_paths_resolve_against_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "corpus.txt").write_text("hello")
+    monkeypatch.chdir(tmp_path)
+    raw = _base()
+    raw["domains"][0]["data"] = {"path": "corpus.txt"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    assert config.domains[0].data.path == str(tmp_path / "corpus.txt")
+    assert config.store == str(tmp_path / "store")
+
+
+def test_token_budget_becomes_steps():
+    settings = load_config(CONFIGS[0], check_environment=False).expert_training
+    budget = settings.model_copy(update={"steps": None, "tokens": settings.tokens_per_step * 10 + 1})
+    assert budget.total_steps() == 11
+    assert budget.total_steps(world_size=2) == 6
+
+
+def test_result_hash_ignores_bookkeeping_fields():
+    settings = load_config(CONFIGS[0], check_environment=False).expert_training
+    assert settings.result_hash() == settings.model_copy(update={"checkpoint_every": 7, "threads": 1}).result_hash()
+    assert settings.result_hash() != settings.model_copy(update={"lr": 0.5}).result_hash()
