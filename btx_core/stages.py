@@ -23,7 +23,8 @@ from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputE
 from btx_core.seed import create_tiny_llama, inspect_model_dir, load_causal_lm, parameter_breakdown
 from btx_core.store import Manifest, Store, checkpoint_location
 from btx_core.tokenizer import train_tokenizer
-from btx_core.train import Progress, evaluate_loss, train
+from btx_core.train import Progress, evaluate_loss, init_distributed, main_rank_first,
+                           pick_device, train
 
 log = logging.getLogger(__name__)
 STAGE_FORMAT = 1  # bump when a stage's output changes for the same config
@@ -114,13 +115,15 @@ def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: st
 def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: str,
                    on_progress: ProgressCallback | None) -> StageOutput:
     spec, settings = config.seed.create, config.seed.pretrain
-    tokenizer_dir = _seed_tokenizer(config, store)
+    ranks = init_distributed(settings.device)
+    with main_rank_first(ranks):
+        tokenizer_dir = _seed_tokenizer(config, store)
+        data = prepared_data(config, store, config.seed.pretrain_data, tokenizer_dir, settings.seq_len,
+                             config.seed.held_out_fraction, salt="general")
     tokenizer = _load_tokenizer(tokenizer_dir)
     model = create_tiny_llama(spec, tokenizer, seed=settings.seed)
     breakdown = parameter_breakdown(model)
     log.info("seed: %s", breakdown.describe())
-    data = prepared_data(config, store, config.seed.pretrain_data, tokenizer_dir, settings.seq_len,
-                         config.seed.held_out_fraction, salt="general")
     checkpoints = StoreCheckpoints(store, layout.seed_checkpoints(config), config_hash=config_hash,
                                    inputs={}, keep=settings.keep_checkpoints, cache_dir=cache_dir(config))
     result = train(model, data.train, settings, checkpoints=checkpoints, on_progress=on_progress)
@@ -128,10 +131,12 @@ def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: 
                             max_blocks=settings.eval_blocks, precision=settings.precision)
     metrics = {**_train_metrics(result), "heldout_loss": heldout, "parameters": breakdown.total,
                "ffn_share": breakdown.ffn_share}
-    manifest = _save_model(store, model, tokenizer, location, stage="seed", config_hash=config_hash,
-                           inputs={}, metrics=metrics)
+    with main_rank_first(ranks):
+        if ranks.is_main:
+            _save_model(store, model, tokenizer, location, stage="seed", config_hash=config_hash,
+                        inputs={}, metrics=metrics)
     notes = [f"seed: {breakdown.describe()}", *_resume_note(result)]
-    return StageOutput(location, manifest, skipped=False, notes=notes)
+    return StageOutput(location, store.read_manifest(location), skipped=False, notes=notes)
 
 
 def _seed_tokenizer(config: BTXConfig, store: Store) -> Path:
@@ -174,10 +179,13 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
     if (done := store.exists_with(location, config_hash, inputs)) is not None:
         return StageOutput(location, done, skipped=True)
 
+    ranks = init_distributed(settings.device)
     seed_dir = store.fetch(seed_location, cache_dir(config))
     model, tokenizer = load_causal_lm(str(seed_dir), trust_remote_code=config.seed.trust_remote_code)
-    data = prepared_data(config, store, spec.data, seed_dir, settings.seq_len,
-                         spec.held_out_fraction, salt=domain)
+    model.to(pick_device(settings.device, ranks))
+    with main_rank_first(ranks):
+        data = prepared_data(config, store, spec.data, seed_dir, settings.seq_len,
+                             spec.held_out_fraction, salt=domain)
     seed_heldout = evaluate_loss(model, data.heldout, batch_size=settings.batch_size,
                                  max_blocks=settings.eval_blocks, precision=settings.precision)
     checkpoints = StoreCheckpoints(store, layout.expert_checkpoints(config, domain),
@@ -191,9 +199,11 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
                             max_blocks=settings.eval_blocks, precision=settings.precision)
     metrics = {**_train_metrics(result), "heldout_loss": heldout, "seed_heldout_loss": seed_heldout,
                "domain": domain}
-    manifest = _save_model(store, model, tokenizer, location, stage="expert", config_hash=config_hash,
-                           inputs=inputs, metrics=metrics)
-    return StageOutput(location, manifest, skipped=False, notes=_resume_note(result))
+    with main_rank_first(ranks):  # one writer; the other ranks then read its manifest
+        if ranks.is_main:
+            _save_model(store, model, tokenizer, location, stage="expert", config_hash=config_hash,
+                        inputs=inputs, metrics=metrics)
+    return StageOutput(location, store.read_manifest(location), skipped=False, notes=_resume_note(result))
 
 
 # --- shared pieces -------------------------------------------------------------------------------

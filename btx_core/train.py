@@ -78,14 +78,25 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_kind: str) -> Dist:
+def init_distributed(device: str = "auto") -> Dist:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); otherwise one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def main_rank_first(ranks: Dist):
+    """Rank 0 runs the block first (e.g. tokenizes into the shared cache); the others then run it."""
+    if ranks.world_size > 1 and not ranks.is_main:
+        dist.barrier()
+    yield
+    if ranks.world_size > 1 and ranks.is_main:
+        dist.barrier()
 
 
 def pick_device(setting: str, ranks: Dist) -> torch.device:
@@ -132,8 +143,7 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
                          "pack the data with the stage's seq_len")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    ranks = init_distributed("cuda" if settings.device == "cuda" or
-                             (settings.device == "auto" and torch.cuda.is_available()) else "cpu")
+    ranks = init_distributed(settings.device)
     device = pick_device(settings.device, ranks)
     model.to(device).train()
     total_steps = settings.total_steps(ranks.world_size)
@@ -162,7 +172,7 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
         state.tokens_seen += tokens_per_step
         state.losses.append(loss)
         window_steps += 1
-        if on_progress and (state.step % settings.log_every == 0 or state.step == total_steps):
+        if on_progress and ranks.is_main and (state.step % settings.log_every == 0 or state.step == total_steps):
             now = time.perf_counter()
             rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
             on_progress(Progress(step=state.step, total_steps=total_steps, loss=loss,
