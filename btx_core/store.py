@@ -1,0 +1,484 @@
+"""The object store: stage outputs are directories whose `_manifest.json` is written last.
+
+A *location* is a URI under the store's root (local path, `file://`, `s3://bucket/prefix`);
+build one with `Store.child` or `checkpoint_location`. A directory without a valid manifest does
+not exist (DESIGN.md, "The object store is the source of truth"): writes put the manifest last,
+deletes remove it first. Endpoint and credentials come only from the environment or fsspec
+config (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...) and never appear in an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import fsspec
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import PartialCredentialsError
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from btx_core.errors import IncompleteOutputError, IntegrityError, StoreError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+_STEP_RE = re.compile(r"step-(\d{8,})")  # 8 digits sort as text too; wider still parses
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+               "InvalidToken", "AllAccessDisabled", "403"}
+
+
+class FileEntry(BaseModel):
+    """One stored file: its size in bytes and the hex sha256 of its content."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(BaseModel):
+    """What a stage output holds and how it was made; written last, so its presence means done."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    format_version: Literal[1] = 1
+    stage: str
+    created_at: str
+    """ISO 8601, UTC."""
+    config_hash: str
+    inputs: dict[str, str] = {}
+    """Input name -> that input's `Manifest.hash`, so a changed upstream invalidates this output."""
+    files: dict[str, FileEntry]
+    """Relative POSIX path -> entry; the manifest itself is not listed."""
+    metrics: dict[str, Any] = {}
+    """JSON data; NaN and inf are stored as null (JSON has neither)."""
+    extra: dict[str, Any] = {}
+    """Free JSON metadata for the stage's own use."""
+
+    @field_validator("files")
+    @classmethod
+    def _relative_paths(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        # fetch() writes these paths under a cache dir: "../x" or "/x" would escape it.
+        for rel in files:
+            if rel == MANIFEST or any(p in ("", ".", "..") for p in rel.split("/")):
+                raise ValueError(f"file path {rel!r} must be relative, without '.', '..' or '//'")
+        return files
+
+    def _dumps(self, **layout: Any) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False,
+                          **layout).encode()
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON (sorted keys, no whitespace); inputs are recorded so."""
+        return hashlib.sha256(self._dumps(separators=(",", ":"))).hexdigest()
+
+    def to_json(self) -> bytes:
+        """Indented for people reading the store; `hash` does not depend on the layout."""
+        return self._dumps(indent=2) + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Manifest:
+        """Parse and validate; raises `ValueError` (pydantic's ValidationError) when invalid."""
+        return cls.model_validate_json(data)
+
+
+def checkpoint_location(prefix: str, step: int) -> str:
+    """`prefix/step-00000100`: the location of training checkpoint `step` under `prefix`."""
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return f"{prefix.rstrip('/')}/step-{step:08d}"
+
+
+def _sha256_of(f) -> str:
+    digest = hashlib.sha256()
+    while chunk := f.read(8 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_hash(location: str, rel: str, expected: str, actual: str) -> None:
+    if actual != expected:
+        raise IntegrityError(f"{location}/{rel} is corrupt: sha256 expected {expected}, actual "
+                             f"{actual}; delete the output and rerun its stage (if it was being "
+                             "rewritten meanwhile, just retry)")
+
+
+def _scan_local_dir(local_dir: Path) -> dict[str, Path]:
+    """Relative POSIX path -> file, refusing what an object store cannot represent faithfully."""
+    if not local_dir.is_dir():
+        raise ValueError(f"{local_dir} is not a directory: write_dir uploads a directory")
+    files: dict[str, Path] = {}
+    for path in sorted(local_dir.rglob("*")):
+        rel = path.relative_to(local_dir).as_posix()
+        if path.is_symlink():
+            # Following it would store whatever it points at today; the manifest could not say so.
+            raise ValueError(f"{path} is a symlink: copy the target into {local_dir} instead")
+        if path.is_dir():
+            continue
+        if not path.is_file() or rel == MANIFEST:
+            raise ValueError(f"{path}: only regular files not named {MANIFEST} can be stored")
+        files[rel] = path
+    if not files:
+        raise ValueError(f"{local_dir} holds no files: refusing to store an empty output")
+    return files
+
+
+def _is_cached_copy(dest: Path, manifest: Manifest) -> bool:
+    """`dest` holds a finished fetch of `manifest`: same manifest, every file at its size."""
+    try:
+        return (Manifest.from_json((dest / MANIFEST).read_bytes()).hash == manifest.hash
+                and all((dest / r).stat().st_size == e.size for r, e in manifest.files.items()))
+    except (OSError, ValueError):
+        return False
+
+
+def _cause_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an exception (s3fs chains the botocore ClientError)."""
+    for e in _cause_chain(exc):
+        if isinstance(e, ClientError):
+            return str(e.response.get("Error", {}).get("Code"))
+    return None
+
+
+@contextlib.contextmanager
+def _if_present() -> Iterator[None]:
+    """Ignore "no such file"; a missing bucket is a misconfiguration and still raises."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        if _error_code(exc) == "NoSuchBucket":
+            raise
+
+
+class Store:
+    """An fsspec filesystem rooted at `uri`, holding stage outputs.
+
+    Attributes: `uri`, the normalised root (`file:///abs/path` for local stores; every location
+    starts with it); `root`, the same as a filesystem path; `is_local`; and `fs`, the fsspec
+    filesystem every operation goes through, so tests can wrap or monkeypatch it to inject
+    faults (a failing `put`, ENOSPC).
+
+    Local stores replace an output by building it beside the target and renaming it into place;
+    object stores (no rename) delete the old manifest first and write the new one last.
+    """
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
+        self.fs, root = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+        self.root = root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.uri = self.fs.unstrip_protocol(self.root)
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    def child(self, *parts: str) -> str:
+        """The location `uri/part/...`; parts may hold '/', never '.', '..' or empty names."""
+        segments = [s for part in parts for s in str(part).split("/")]
+        if not segments or any(s in ("", ".", "..") for s in segments):
+            raise ValueError(f"bad location parts {parts!r}: use non-empty names without '.'/'..'")
+        return f"{self.uri}/{'/'.join(segments)}"
+
+    def _path(self, location: str, *, allow_root: bool = True) -> str:
+        """The filesystem path of `location`, which must lie under the root."""
+        path = self.fs._strip_protocol(location).rstrip("/")
+        if path != self.root and not path.startswith(self.root + "/"):
+            raise ValueError(f"{location} is outside the store {self.uri}: use store.child(...)")
+        if path == self.root and not allow_root:
+            raise ValueError(f"refusing to write or delete the store root {self.uri} itself")
+        return path
+
+    @contextlib.contextmanager
+    def _errors(self, location: str, doing: str) -> Iterator[None]:
+        """Re-raise backend errors as StoreError naming the location and the fix, never a secret."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except (OSError, BotoCoreError, ClientError) as exc:
+            message, chain_cause = self._explain(exc, f"{doing} {location}", location)
+            raise StoreError(message) from (exc if chain_cause else None)
+
+    def _explain(self, exc: BaseException, where: str, location: str) -> tuple[str, bool]:
+        """(message, whether to chain the original error) for a backend error."""
+        code, chain = _error_code(exc), list(_cause_chain(exc))
+        if code == "NoSuchBucket":
+            bucket = self._path(location).split("/")[0]
+            return f"bucket {bucket!r} does not exist ({where}): create it or fix `store:`", True
+        if any(isinstance(e, (NoCredentialsError, PartialCredentialsError)) for e in chain):
+            return (f"no S3 credentials found ({where}): set AWS_ACCESS_KEY_ID/"
+                    "AWS_SECRET_ACCESS_KEY in the environment"), False
+        if code in _AUTH_CODES or any(isinstance(e, PermissionError) for e in chain):
+            if self.is_local:
+                return f"permission denied ({where}): check the directory's owner and mode", True
+            # The server's answer to a refused signature echoes the request's signing material,
+            # so the original error stays out of tracebacks and logs.
+            return (f"access denied ({where}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in "
+                    "the environment and the bucket's permissions"), False
+        down = [e for e in chain if isinstance(e, (BotoConnectionError, HTTPClientError,
+                                                   ConnectionError))]
+        if down:
+            u = urlsplit(getattr(down[0], "kwargs", {}).get("endpoint_url")
+                         or os.environ.get("AWS_ENDPOINT_URL_S3", ""))
+            host = f"{u.scheme}://{u.hostname}:{u.port}" if u.hostname else "(AWS default)"
+            return (f"cannot reach endpoint {host} ({where}): check AWS_ENDPOINT_URL_S3 and "
+                    "that the server is up"), True  # host:port only: a URL may hold a password
+        if any(getattr(e, "errno", None) == errno.ENOSPC for e in chain):
+            return f"no space left on device ({where}): free space or use a larger disk", True
+        return f"{where} failed: {type(exc).__name__}: {exc}", True
+
+    def read_manifest(self, location: str) -> Manifest:
+        """The manifest at `location`; IncompleteOutputError if it is missing or invalid."""
+        data = None
+        with self._errors(location, "reading the manifest of"), _if_present():
+            data = self.fs.cat_file(f"{self._path(location)}/{MANIFEST}")
+        if data is None:
+            raise IncompleteOutputError(f"{location} has no {MANIFEST}: it was never completely "
+                                        "written (or was deleted); run the stage that makes it")
+        try:
+            return Manifest.from_json(data)
+        except ValueError as exc:
+            raise IncompleteOutputError(f"{location}/{MANIFEST} is not a valid manifest; delete "
+                                        f"{location} and rerun its stage. {exc}") from None
+
+    def _stored_sizes(self, path: str) -> dict[str, int]:
+        """Relative path -> size of every file under `path`, from one fresh listing."""
+        self.fs.invalidate_cache(path)  # s3fs caches listings; another writer may have changed them
+        found = {}
+        with _if_present():
+            found = self.fs.find(path, detail=True)
+        return {p[len(path) + 1:]: int(info["size"]) for p, info in found.items()
+                if p.startswith(path + "/")}
+
+    def _complete_manifest(self, location: str) -> Manifest | None:
+        try:
+            manifest = self.read_manifest(location)
+        except IncompleteOutputError:
+            return None
+        with self._errors(location, "listing"):
+            sizes = self._stored_sizes(self._path(location))
+        ok = all(sizes.get(rel) == e.size for rel, e in manifest.files.items())
+        return manifest if ok else None
+
+    def is_complete(self, location: str) -> bool:
+        """Manifest valid and every listed file present with its size. Cheap: nothing is hashed.
+
+        A missing bucket or bad credentials raise StoreError rather than answer False, so a
+        misconfigured run fails before its work, not after.
+        """
+        return self._complete_manifest(location) is not None
+
+    def exists_with(self, location: str, config_hash: str,
+                    inputs: Mapping[str, str] | None = None) -> Manifest | None:
+        """The manifest if `location` is complete and was made from this config and these inputs."""
+        m = self._complete_manifest(location)
+        return m if m and m.config_hash == config_hash and m.inputs == dict(inputs or {}) else None
+
+    def verify(self, location: str) -> Manifest:
+        """Hash every stored file against the manifest; IntegrityError names the first mismatch."""
+        manifest = self.read_manifest(location)
+        path = self._path(location)
+        with self._errors(location, "verifying"):
+            for rel, entry in manifest.files.items():
+                try:
+                    with self.fs.open(f"{path}/{rel}", "rb") as f:
+                        _check_hash(location, rel, entry.sha256, _sha256_of(f))
+                except FileNotFoundError:
+                    raise IntegrityError(f"{location}/{rel} is in the manifest but missing: "
+                                         "delete the output and rerun its stage") from None
+        return manifest
+
+    def write_dir(self, local_dir: str | os.PathLike, location: str, *, stage: str,
+                  config_hash: str, inputs: Mapping[str, str] | None = None,
+                  metrics: Mapping[str, Any] | None = None,
+                  extra: Mapping[str, Any] | None = None) -> Manifest:
+        """Store `local_dir` at `location`, replacing any older output; return its manifest.
+
+        Files are hashed, uploaded in one concurrent batch, their stored sizes checked by one
+        listing, and only then is the manifest written: a failure anywhere leaves none. Empty
+        subdirectories are not kept (object stores have no directories).
+        """
+        path = self._path(location, allow_root=False)
+        files = _scan_local_dir(Path(local_dir))
+        entries = {}
+        for rel, src in files.items():
+            with open(src, "rb") as f:
+                entries[rel] = FileEntry(size=os.fstat(f.fileno()).st_size, sha256=_sha256_of(f))
+        manifest = Manifest(stage=stage, config_hash=config_hash, files=entries,
+                            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            inputs=dict(inputs or {}), metrics=dict(metrics or {}),
+                            extra=dict(extra or {}))
+        try:
+            data = manifest.to_json()
+        except ValueError as exc:
+            raise ValueError(f"metrics and extra must be JSON data (convert tensors with .item() "
+                             f"or .tolist()): {exc}") from exc
+        write = self._write_local if self.is_local else self._write_remote
+        with self._errors(location, "writing"):
+            write(files, entries, path, location, data)
+        log.info("wrote %s: %d files, %d bytes, manifest %s", location, len(entries),
+                 sum(e.size for e in entries.values()), manifest.hash[:12])
+        return manifest
+
+    def _upload(self, files: dict[str, Path], entries: dict[str, FileEntry], dest: str,
+                location: str, manifest_data: bytes) -> None:
+        """Batch `put` (concurrent on object stores), check stored sizes, then the manifest."""
+        rels = sorted(files)
+        if self.is_local:  # LocalFileSystem.put_file does not create parents
+            for parent in {os.path.dirname(f"{dest}/{rel}") for rel in rels}:
+                os.makedirs(parent, exist_ok=True)
+        self.fs.put([str(files[r]) for r in rels], [f"{dest}/{r}" for r in rels])
+        sizes = self._stored_sizes(dest)
+        for rel in rels:
+            if sizes.get(rel) != entries[rel].size:
+                raise StoreError(f"upload to {location} incomplete: {rel} stored with "
+                                 f"{sizes.get(rel)} bytes, expected {entries[rel].size}; retry")
+        self.fs.pipe_file(f"{dest}/{MANIFEST}", manifest_data)
+        self.fs.invalidate_cache(dest)
+
+    def _write_local(self, files, entries, path: str, location: str, data: bytes) -> None:
+        # Built beside the target and renamed into place: the old output stays whole until the
+        # swap, and the new one appears together with its manifest.
+        parent, name = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        for entry in os.scandir(parent):  # leftovers of a killed earlier write
+            if entry.name.startswith((f".{name}.tmp-", f".{name}.old-")):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        tag = uuid.uuid4().hex[:12]
+        tmp, old = f"{parent}/.{name}.tmp-{tag}", f"{parent}/.{name}.old-{tag}"
+        try:
+            self._upload(files, entries, tmp, location, data)
+            had_old = os.path.lexists(path)
+            if had_old:  # os.replace cannot replace a non-empty directory
+                os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if had_old:
+                    os.rename(old, path)
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _write_remote(self, files, entries, path: str, location: str, data: bytes) -> None:
+        # No rename on S3: the old manifest goes first so the old output stops being valid, then
+        # its files (none may survive as stale), then the upload, and the new manifest last.
+        self._remove(path)
+        try:
+            self._upload(files, entries, path, location, data)
+        except Exception:
+            # Best effort, so a failed write leaves no paid-for garbage; without a manifest the
+            # files are invisible anyway, and the original error is the one to report.
+            with contextlib.suppress(Exception):
+                self._remove(path)
+            raise
+
+    def _remove(self, path: str) -> None:
+        """Manifest first, so a delete cut short leaves an incomplete output, not a wrong one."""
+        try:
+            with _if_present():
+                self.fs.rm(f"{path}/{MANIFEST}")
+            with _if_present():
+                self.fs.rm(path, recursive=True)
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def delete(self, location: str) -> None:
+        """Delete the output at `location` (manifest first); a missing one is not an error."""
+        path = self._path(location, allow_root=False)
+        with self._errors(location, "deleting"):
+            self._remove(path)
+
+    def fetch(self, location: str, cache_dir: str | os.PathLike) -> Path:
+        """A verified local copy of the output at `location`.
+
+        Local stores: every file is hashed and the store's own directory is returned in place
+        (`cache_dir` is unused); do not modify it. Remote stores: the output is downloaded in
+        one concurrent batch into `cache_dir/<manifest hash>/`, each file's sha256 checked, and
+        `_manifest.json` written last; a later fetch of the same manifest reuses that copy if
+        its manifest and file sizes still match (sizes only: re-hashing gigabytes on every
+        reuse is not cheap). A damaged copy is downloaded again.
+        """
+        if self.is_local:
+            self.verify(location)
+            return Path(self._path(location))
+        manifest = self.read_manifest(location)
+        cache, rels, path = Path(cache_dir), sorted(manifest.files), self._path(location)
+        dest = cache / manifest.hash
+        if _is_cached_copy(dest, manifest):
+            return dest
+        tmp = cache / f".{manifest.hash}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            for parent in {tmp, *((tmp / rel).parent for rel in rels)}:
+                parent.mkdir(parents=True, exist_ok=True)
+            with self._errors(location, "downloading"):
+                self.fs.get([f"{path}/{r}" for r in rels], [str(tmp / r) for r in rels])
+            for rel in rels:
+                with open(tmp / rel, "rb") as f:
+                    _check_hash(location, rel, manifest.files[rel].sha256, _sha256_of(f))
+            (tmp / MANIFEST).write_bytes(manifest.to_json())
+            if dest.exists():
+                if _is_cached_copy(dest, manifest):  # another process fetched it meanwhile
+                    return dest
+                shutil.rmtree(dest)  # a damaged earlier copy
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    def _step_children(self, prefix: str) -> list[tuple[int, str]]:
+        """(step, location) of every `step-NNNNNNNN` child of `prefix`, complete or not."""
+        path, names = self._path(prefix), []
+        with self._errors(prefix, "listing"), _if_present():
+            self.fs.invalidate_cache(path)  # s3fs caches listings; other writers add checkpoints
+            names = self.fs.ls(path, detail=False)
+        matches = [(_STEP_RE.fullmatch(PurePosixPath(n).name), n.rstrip("/")) for n in names]
+        return sorted((int(m.group(1)), self.fs.unstrip_protocol(n)) for m, n in matches if m)
+
+    def list_checkpoints(self, prefix: str) -> list[tuple[int, str]]:
+        """(step, location) of the complete checkpoints under `prefix`, oldest first."""
+        return [(s, loc) for s, loc in self._step_children(prefix) if self.is_complete(loc)]
+
+    def latest_checkpoint(self, prefix: str) -> tuple[int, str] | None:
+        """The newest complete checkpoint under `prefix`, or None."""
+        checkpoints = self.list_checkpoints(prefix)
+        return checkpoints[-1] if checkpoints else None
+
+    def prune_checkpoints(self, prefix: str, keep: int) -> list[str]:
+        """Delete all but the newest `keep` complete checkpoints; return the deleted locations.
+
+        Incomplete ones older than the newest complete one are debris of killed writes and go
+        too; newer incomplete ones may be a write in progress and are left alone.
+        """
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        children = [(s, loc, self.is_complete(loc)) for s, loc in self._step_children(prefix)]
+        complete = [loc for _, loc, ok in children if ok]
+        if not complete:
+            return []
+        newest = max(s for s, _, ok in children if ok)
+        kept = set(complete[-keep:]) if keep else set()
+        doomed = [loc for s, loc, ok in children
+                  if (ok and loc not in kept) or (not ok and s < newest)]
+        for loc in doomed:
+            self.delete(loc)
+        return doomed

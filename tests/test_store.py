@@ -1,0 +1,371 @@
+"""The object store: the same behaviour on a local directory (unit) and on moto S3 (integration)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+
+import pytest
+
+from btx_core.errors import IncompleteOutputError, IntegrityError, StoreError
+from btx_core.store import MANIFEST, Manifest, Store, checkpoint_location
+
+FILES = {
+    "config.json": b'{"hidden_size": 32}',
+    "model.safetensors": bytes(range(256)) * 64,
+    "tokenizer/tokenizer.json": b'{"vocab": {}}',
+}
+
+
+@pytest.fixture(params=[pytest.param("local", marks=pytest.mark.unit),
+                        pytest.param("s3", marks=pytest.mark.integration)])
+def store(request, tmp_path) -> Store:
+    if request.param == "local":
+        return Store(str(tmp_path / "store"))
+    return Store(request.getfixturevalue("s3_root"))
+
+
+def make_dir(root: Path, files: dict[str, bytes] = FILES) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def write(store: Store, tmp_path: Path, location: str, files=FILES, **kw) -> Manifest:
+    src = make_dir(Path(tempfile.mkdtemp(dir=tmp_path, prefix="src-")), files)
+    kw.setdefault("stage", "branch")
+    kw.setdefault("config_hash", "cfg-1")
+    return store.write_dir(src, location, **kw)
+
+
+def stored_path(store: Store, location: str, rel: str) -> str:
+    return f"{store.fs._strip_protocol(location)}/{rel}"
+
+
+def fail_put_after_first_file(store: Store, monkeypatch) -> None:
+    """Fault: the batch upload stores one file, then the disk is full."""
+    real_put = store.fs.put
+
+    def put(lpaths, rpaths, **kw):
+        real_put(lpaths[:1], rpaths[:1], **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.fs, "put", put)
+
+
+# -- manifest ---------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_manifest_hash_is_canonical_and_sensitive():
+    m = Manifest(stage="s", created_at="2026-01-01T00:00:00+00:00", config_hash="c",
+                 inputs={"seed": "a" * 64}, files={"a": {"size": 1, "sha256": "0" * 64}},
+                 metrics={"loss": 1.5})
+    assert Manifest.from_json(m.to_json()) == m
+    assert Manifest.from_json(m.to_json()).hash == m.hash
+    assert m.hash == hashlib.sha256(json.dumps(json.loads(m.to_json()), sort_keys=True,
+                                               separators=(",", ":")).encode()).hexdigest()
+    assert m.model_copy(update={"inputs": {"seed": "b" * 64}}).hash != m.hash
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("rel", ["../x", "/etc/passwd", "a//b", MANIFEST])
+def test_manifest_refuses_paths_that_escape(rel):
+    with pytest.raises(ValueError, match="relative"):
+        Manifest(stage="s", created_at="t", config_hash="c",
+                 files={rel: {"size": 1, "sha256": "0" * 64}})
+
+
+# -- locations ---------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_locations_stay_under_the_root(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    assert store.child("experts", "math") == f"file://{tmp_path}/store/experts/math"
+    assert checkpoint_location(store.child("ckpt"), 100).endswith("/ckpt/step-00000100")
+    for bad in (("..",), ("a/../b",), ("",)):
+        with pytest.raises(ValueError):
+            store.child(*bad)
+    with pytest.raises(ValueError, match="outside the store"):
+        store.read_manifest(str(tmp_path / "elsewhere"))
+    with pytest.raises(ValueError, match="root"):
+        store.delete(store.uri)
+
+
+# -- writing and reading -------------------------------------------------------------------------
+
+
+def test_round_trip(store, tmp_path):
+    loc = store.child("experts", "math")
+    m = write(store, tmp_path, loc, inputs={"seed": "f" * 64}, metrics={"loss": 2.0},
+              extra={"domain": "math"})
+    assert set(m.files) == set(FILES)
+    for rel, data in FILES.items():
+        assert m.files[rel].size == len(data)
+        assert m.files[rel].sha256 == hashlib.sha256(data).hexdigest()
+    assert store.read_manifest(loc) == m
+    assert store.is_complete(loc)
+    assert store.verify(loc) == m
+    got = store.fetch(loc, tmp_path / "cache")
+    for rel, data in FILES.items():
+        assert (got / rel).read_bytes() == data
+
+
+def test_manifest_written_after_every_file(store, tmp_path, monkeypatch):
+    events: list[str] = []
+    real_put, real_pipe = store.fs.put, store.fs.pipe_file
+
+    def put(lpaths, rpaths, **kw):
+        events.extend(f"put:{r.rsplit('/', 1)[1]}" for r in rpaths)
+        return real_put(lpaths, rpaths, **kw)
+
+    def pipe_file(path, data, **kw):
+        events.append(f"pipe:{path.rsplit('/', 1)[1]}")
+        return real_pipe(path, data, **kw)
+
+    monkeypatch.setattr(store.fs, "put", put)
+    monkeypatch.setattr(store.fs, "pipe_file", pipe_file)
+    write(store, tmp_path, store.child("out"))
+    assert events.index(f"pipe:{MANIFEST}") == len(events) - 1  # once, and last
+    assert len([e for e in events if e.startswith("put:")]) == len(FILES)
+
+
+def test_failed_first_write_leaves_nothing_complete(store, tmp_path, monkeypatch):
+    loc = store.child("out")
+    fail_put_after_first_file(store, monkeypatch)
+    with pytest.raises(StoreError, match="no space left"):
+        write(store, tmp_path, loc)
+    assert not store.is_complete(loc)
+    with pytest.raises(IncompleteOutputError, match="out"):
+        store.read_manifest(loc)
+    # The partial upload is cleaned away (locally it only ever existed in a temp dir).
+    assert store.fs.find(store.fs._strip_protocol(loc)) == []
+
+
+def test_silently_truncated_upload_gets_no_manifest(store, tmp_path, monkeypatch):
+    real_put = store.fs.put
+
+    def put(lpaths, rpaths, **kw):  # "succeeds" but one object is short
+        real_put(lpaths, rpaths, **kw)
+        store.fs.pipe_file(rpaths[-1], b"short")
+
+    monkeypatch.setattr(store.fs, "put", put)
+    loc = store.child("out")
+    with pytest.raises(StoreError, match="incomplete"):
+        write(store, tmp_path, loc)
+    assert not store.is_complete(loc)
+
+
+def test_failed_overwrite_never_mixes_old_and_new(store, tmp_path, monkeypatch):
+    loc = store.child("out")
+    old = write(store, tmp_path, loc, config_hash="old")
+    fail_put_after_first_file(store, monkeypatch)
+    new_files = {rel: data + b"-new" for rel, data in FILES.items()}
+    with pytest.raises(StoreError):
+        write(store, tmp_path, loc, files=new_files, config_hash="new")
+    if store.is_local:
+        # Built beside and renamed into place: the old output is untouched.
+        assert store.verify(loc) == old
+    else:
+        # No rename on S3: the old manifest went first, so nothing claims to be complete.
+        assert not store.is_complete(loc)
+        assert store.exists_with(loc, "old") is None
+        assert store.exists_with(loc, "new") is None
+
+
+def test_overwrite_replaces_files(store, tmp_path):
+    loc = store.child("out")
+    write(store, tmp_path, loc, files={"a.bin": b"1", "stale.bin": b"2"})
+    m = write(store, tmp_path, loc, files={"a.bin": b"333"})
+    assert set(m.files) == {"a.bin"}
+    assert store.fs.cat_file(stored_path(store, loc, "a.bin")) == b"333"
+    assert not store.fs.exists(stored_path(store, loc, "stale.bin"))
+
+
+def test_directory_without_manifest_does_not_exist(store, tmp_path):
+    loc = store.child("out")
+    write(store, tmp_path, loc)
+    store.fs.rm(stored_path(store, loc, MANIFEST))
+    store.fs.invalidate_cache()
+    assert not store.is_complete(loc)
+    with pytest.raises(IncompleteOutputError):
+        store.read_manifest(loc)
+
+
+def test_invalid_or_incomplete_manifest(store, tmp_path):
+    loc = store.child("out")
+    write(store, tmp_path, loc)
+    store.fs.rm(stored_path(store, loc, "config.json"))
+    assert not store.is_complete(loc)  # a listed file is gone
+    store.fs.pipe_file(stored_path(store, loc, MANIFEST), b"{not json")
+    with pytest.raises(IncompleteOutputError, match="not a valid manifest"):
+        store.read_manifest(loc)
+
+
+def test_verify_names_the_corrupt_file(store, tmp_path):
+    loc = store.child("out")
+    m = write(store, tmp_path, loc)
+    data = bytearray(FILES["model.safetensors"])
+    data[1000] ^= 0xFF
+    store.fs.pipe_file(stored_path(store, loc, "model.safetensors"), bytes(data))
+    assert store.is_complete(loc)  # same size: the cheap check cannot tell
+    with pytest.raises(IntegrityError) as err:
+        store.verify(loc)
+    message = str(err.value)
+    assert "model.safetensors" in message
+    assert m.files["model.safetensors"].sha256 in message
+    assert hashlib.sha256(bytes(data)).hexdigest() in message
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        store.fetch(loc, tmp_path / "cache")
+    assert not (tmp_path / "cache" / m.hash).exists()
+
+
+def test_exists_with_matches_config_and_inputs(store, tmp_path):
+    loc = store.child("out")
+    assert store.exists_with(loc, "cfg-1", {}) is None
+    m = write(store, tmp_path, loc, config_hash="cfg-1", inputs={"seed": "a" * 64})
+    assert store.exists_with(loc, "cfg-1", {"seed": "a" * 64}) == m
+    assert store.exists_with(loc, "cfg-2", {"seed": "a" * 64}) is None
+    assert store.exists_with(loc, "cfg-1", {"seed": "b" * 64}) is None
+    assert store.exists_with(loc, "cfg-1", {}) is None
+
+
+def test_delete_spares_siblings_sharing_a_prefix(store, tmp_path):
+    a, ab = store.child("run", "a"), store.child("run", "ab")
+    write(store, tmp_path, a)
+    write(store, tmp_path, ab)
+    store.delete(a)
+    store.delete(a)  # idempotent
+    assert not store.is_complete(a)
+    assert store.is_complete(ab)
+
+
+@pytest.mark.unit
+def test_write_dir_refuses_symlinks_empty_dirs_and_bad_metrics(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no files"):
+        store.write_dir(tmp_path / "empty", store.child("x"), stage="s", config_hash="c")
+    src = make_dir(tmp_path / "src")
+    (src / "link").symlink_to(src / "config.json")
+    with pytest.raises(ValueError, match="symlink"):
+        store.write_dir(src, store.child("x"), stage="s", config_hash="c")
+    (src / "link").unlink()
+    with pytest.raises(ValueError, match="JSON"):
+        store.write_dir(src, store.child("x"), stage="s", config_hash="c", metrics={"t": object()})
+    assert not store.is_complete(store.child("x"))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_checkpoints_ignore_incomplete_and_prune(store, tmp_path):
+    prefix = store.child("experts", "math", "ckpt")
+    assert store.list_checkpoints(prefix) == []
+    assert store.latest_checkpoint(prefix) is None
+    for step in (100, 200, 300, 50, 400):
+        write(store, tmp_path, checkpoint_location(prefix, step), files={"w.bin": b"%d" % step})
+    for step in (50, 400):  # killed writes: files without a manifest
+        store.fs.rm(stored_path(store, checkpoint_location(prefix, step), MANIFEST))
+    store.fs.invalidate_cache()
+    store.fs.pipe_file(stored_path(store, prefix, "notes.txt"), b"not a checkpoint")
+    assert store.list_checkpoints(prefix) == [(s, checkpoint_location(prefix, s))
+                                              for s in (100, 200, 300)]
+    assert store.latest_checkpoint(prefix) == (300, checkpoint_location(prefix, 300))
+
+    deleted = store.prune_checkpoints(prefix, keep=2)
+    assert sorted(deleted) == sorted(checkpoint_location(prefix, s) for s in (50, 100))
+    assert [s for s, _ in store.list_checkpoints(prefix)] == [200, 300]
+    # A newer incomplete one may be a write in progress: left alone.
+    assert store.fs.exists(stored_path(store, checkpoint_location(prefix, 400), "w.bin"))
+    assert store.prune_checkpoints(prefix, keep=5) == []
+
+    # Another process (its own filesystem object, own listing cache) adds a checkpoint.
+    other = Store(store.uri, storage_options={"skip_instance_cache": True})
+    write(other, tmp_path, checkpoint_location(prefix, 500), files={"w.bin": b"500"})
+    assert store.latest_checkpoint(prefix) == (500, checkpoint_location(prefix, 500))
+
+
+# -- fetch cache ---------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_fetch_reuses_cache_and_repairs_it(s3_root, tmp_path, monkeypatch):
+    store = Store(s3_root)
+    loc = store.child("out")
+    m = write(store, tmp_path, loc)
+    first = store.fetch(loc, tmp_path / "cache")
+    assert first == tmp_path / "cache" / m.hash
+    assert Manifest.from_json((first / MANIFEST).read_bytes()).hash == m.hash
+
+    def no_download(*a, **kw):
+        raise AssertionError("downloaded although the cache holds this manifest")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(store.fs, "get", no_download)
+        assert store.fetch(loc, tmp_path / "cache") == first
+
+    (first / "model.safetensors").write_bytes(b"truncated")
+    again = store.fetch(loc, tmp_path / "cache")
+    assert again == first
+    assert (again / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+
+
+# -- errors name the fix, never the secret ---------------------------------------------------------
+
+
+def _full_text(exc: BaseException) -> str:
+    return str(exc) + "".join(traceback.format_exception(exc))
+
+
+@pytest.mark.integration
+def test_missing_bucket_is_a_store_error(s3_endpoint, tmp_path):
+    store = Store("s3://btx-no-such-bucket/run")
+    loc = store.child("out")
+    with pytest.raises(StoreError, match="bucket 'btx-no-such-bucket' does not exist"):
+        write(store, tmp_path, loc)
+    # Not "incomplete": a misconfigured store must fail before a stage does its work.
+    with pytest.raises(StoreError, match="does not exist") as err:
+        store.is_complete(loc)
+    assert not isinstance(err.value, IncompleteOutputError)
+    with pytest.raises(StoreError, match="does not exist"):
+        store.list_checkpoints(store.child("ckpt"))
+
+
+@pytest.mark.integration
+def test_bad_credentials_never_leak(s3_root, s3_auth_enforced, tmp_path, monkeypatch, caplog):
+    secret, key_id = "sekrit-Zq9vX2-do-not-print", "AKIABTXLEAKCHECK0001"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    # fsspec caches filesystem instances by arguments, not by environment.
+    store = Store(s3_root, storage_options={"skip_instance_cache": True})
+    caplog.set_level("DEBUG", logger="btx_core")
+    for call in (lambda: write(store, tmp_path, store.child("out")),
+                 lambda: store.is_complete(store.child("out"))):
+        with pytest.raises(StoreError, match="access denied.*AWS_SECRET_ACCESS_KEY") as err:
+            call()
+        assert secret not in _full_text(err.value)
+        assert key_id not in _full_text(err.value)
+    assert secret not in caplog.text
+
+
+@pytest.mark.unit
+def test_unreachable_endpoint_is_a_store_error(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    store = Store("s3://btx-unreachable/run", storage_options={
+        "skip_instance_cache": True, "config_kwargs": {"retries": {"max_attempts": 1}}})
+    store.fs.retries = 1  # s3fs's own retry loop; the default waits ~2 s
+    with pytest.raises(StoreError, match=f"cannot reach endpoint http://127.0.0.1:{port}"):
+        store.read_manifest(store.child("out"))
