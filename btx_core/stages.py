@@ -23,8 +23,8 @@ from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputE
 from btx_core.seed import create_tiny_llama, inspect_model_dir, load_causal_lm, parameter_breakdown
 from btx_core.store import Manifest, Store, checkpoint_location
 from btx_core.tokenizer import train_tokenizer
-from btx_core.train import Progress, evaluate_loss, init_distributed, main_rank_first,
-                           pick_device, train
+from btx_core.train import (Progress, evaluate_loss, init_distributed, main_rank_first,
+                            pick_device, train)
 
 log = logging.getLogger(__name__)
 STAGE_FORMAT = 1  # bump when a stage's output changes for the same config
