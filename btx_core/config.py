@@ -54,7 +54,7 @@ class DataSource(StrictModel):
     max_documents: int | None = Field(default=None, gt=0)
     """Use at most this many documents (the first ones, in source order)."""
     max_bytes: int | None = Field(default=None, gt=0)
-    """Use documents until this many bytes of text are collected (keeps demos fast)."""
+    """Cap on the bytes of text used (documents that would pass the cap are skipped)."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec storage options for `path` (e.g. `{client_kwargs: {endpoint_url: ...}}`).
     Credentials are not allowed here: they come from the environment."""
@@ -85,7 +85,9 @@ class DomainSpec(StrictModel):
     data: DataSource
     """Where the domain's documents come from."""
     held_out_fraction: float = Field(default=0.05, gt=0, lt=1)
-    """Fraction of documents kept out of training for evaluation (split by document hash)."""
+    """Fraction of documents kept out of training for evaluation. The split is by a hash of each
+    document, the same in every stage; keep it <= the seed's `held_out_fraction` so that no
+    held-out document of this domain was seen in the seed's pretraining."""
 
 
 class TrainSettings(StrictModel):

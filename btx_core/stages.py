@@ -28,8 +28,11 @@ from btx_core.train import (Progress, evaluate_loss, init_distributed, main_rank
 
 log = logging.getLogger(__name__)
 STAGE_FORMAT = 1  # bump when a stage's output changes for the same config
+# One salt for every stage: a document lands on the same side of the train/held-out split in the
+# seed's general corpus and in its domain, so no domain's held-out text is seen in pretraining.
+SPLIT_SALT = "btx-split-1"
 MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",  # older layouts too
                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 ProgressCallback = Callable[[Progress], None]
@@ -119,7 +122,7 @@ def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: 
     with main_rank_first(ranks):
         tokenizer_dir = _seed_tokenizer(config, store)
         data = prepared_data(config, store, config.seed.pretrain_data, tokenizer_dir, settings.seq_len,
-                             config.seed.held_out_fraction, salt="general")
+                             config.seed.held_out_fraction)
     tokenizer = _load_tokenizer(tokenizer_dir)
     model = create_tiny_llama(spec, tokenizer, seed=settings.seed)
     breakdown = parameter_breakdown(model)
@@ -147,7 +150,8 @@ def _seed_tokenizer(config: BTXConfig, store: Store) -> Path:
                                "vocab_size": spec.vocab_size, "max_bytes": spec.tokenizer_max_bytes})
     if store.exists_with(location, config_hash, {}) is None:
         docs = load_documents(source.model_copy(update={"max_bytes": min(
-            source.max_bytes or spec.tokenizer_max_bytes, spec.tokenizer_max_bytes)}))
+            source.max_bytes or spec.tokenizer_max_bytes, spec.tokenizer_max_bytes)}),
+            cache_dir=str(cache_dir(config) / "datasets"))
         with tempfile.TemporaryDirectory(prefix="btx-tok-") as tmp:
             train_tokenizer(docs, spec.vocab_size, Path(tmp))
             store.write_dir(Path(tmp), location, stage="tokenizer", config_hash=config_hash)
@@ -185,7 +189,7 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
     model.to(pick_device(settings.device, ranks))
     with main_rank_first(ranks):
         data = prepared_data(config, store, spec.data, seed_dir, settings.seq_len,
-                             spec.held_out_fraction, salt=domain)
+                             spec.held_out_fraction)
     seed_heldout = evaluate_loss(model, data.heldout, batch_size=settings.batch_size,
                                  max_blocks=settings.eval_blocks, precision=settings.precision)
     checkpoints = StoreCheckpoints(store, layout.expert_checkpoints(config, domain),
@@ -209,13 +213,15 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
 # --- shared pieces -------------------------------------------------------------------------------
 
 def prepared_data(config: BTXConfig, store: Store, source: DataSource, tokenizer_dir: Path,
-                  seq_len: int, held_out_fraction: float, salt: str) -> TokenizedSplits:
+                  seq_len: int, held_out_fraction: float) -> TokenizedSplits:
     """Tokenized, packed, split data, cached in the store so a retried branch skips tokenizing."""
-    key = data_cache_key(source, tokenizer_fingerprint(tokenizer_dir), seq_len, held_out_fraction, salt)
+    key = data_cache_key(source, tokenizer_fingerprint(tokenizer_dir), seq_len, held_out_fraction,
+                         SPLIT_SALT)
     location = layout.data_cache(config, key)
     if store.is_complete(location):
         return TokenizedSplits.load(store.fetch(location, cache_dir(config)))
-    splits = prepare_domain_data(source, _load_tokenizer(tokenizer_dir), seq_len, held_out_fraction, salt)
+    splits = prepare_domain_data(source, _load_tokenizer(tokenizer_dir), seq_len, held_out_fraction,
+                                 SPLIT_SALT, cache_dir=str(cache_dir(config) / "datasets"))
     with tempfile.TemporaryDirectory(prefix="btx-data-") as tmp:
         splits.save(Path(tmp))
         store.write_dir(Path(tmp), location, stage="data", config_hash=key,
