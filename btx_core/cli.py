@@ -60,6 +60,10 @@ class _ProgressBar:
             self.bar.close()
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
+
+
 def _report(title: str, output) -> None:
     state = "already complete (same config and inputs): nothing to do" if output.skipped else "done"
     typer.echo(f"{title}: {state}\n  location: {output.location}\n  manifest: {output.manifest.hash[:16]}")
@@ -86,6 +90,8 @@ def seed(config: Path = ConfigArg) -> None:
         out = build_seed(cfg, on_progress=bar)
     finally:
         bar.close()
+    if not _is_main_process():
+        return
     _report("seed", out)
     if "heldout_loss" in out.metrics:
         typer.echo(f"  held-out loss (general): {out.metrics['heldout_loss']:.4f}")
@@ -104,6 +110,8 @@ def train_expert(config: Path = ConfigArg,
         out = run(cfg, domain, on_progress=bar)
     finally:
         bar.close()
+    if not _is_main_process():
+        return
     _report(f"expert[{domain}]", out)
     m = out.metrics
     typer.echo(f"  held-out {domain} loss: seed {m['seed_heldout_loss']:.4f} -> expert "

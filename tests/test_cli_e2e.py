@@ -1,5 +1,6 @@
 """End to end through the `btx` command, as a user runs it: seed, expert, kill, resume, rerun."""
 
+import json
 import os
 import shutil
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from safetensors.torch import load_file
@@ -110,3 +112,28 @@ def test_bad_config_exits_with_a_clear_message_and_writes_nothing(tmp_path):
     assert "expert_training.steps" in out.stderr and "did you mean `batch_size`" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_expert_under_torchrun_with_two_gloo_processes(seeded):
+    """The whole stage under DDP: one writer, no deadlock, same curve as one process."""
+    work, store_a, _ = seeded
+    one_store, two_store = work / "store-one", work / "store-ddp"
+    for target in (one_store, two_store):
+        shutil.copytree(store_a / "ci" / "seed", target / "ci" / "seed")
+    one = write_config(work, one_store, expert_steps=8, checkpoint_every=4)
+    raw = yaml.safe_load(Path(write_config(work, two_store, expert_steps=8, checkpoint_every=4)).read_text())
+    raw["expert_training"]["batch_size"] //= 2   # per process: the global batch stays the same
+    two = work / "cfg-ddp.yaml"
+    two.write_text(yaml.safe_dump(raw))
+    btx("train-expert", str(one), "--domain", "math", cwd=work)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(29600 + os.getpid() % 1000),
+                           "-m", "btx_core.cli", "train-expert", str(two), "--domain", "math"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("expert[math]: done") == 1      # only rank 0 reports
+    manifests = [json.loads((s / "ci" / "experts" / "math" / "model" / "_manifest.json").read_text())
+                 for s in (one_store, two_store)]
+    np.testing.assert_allclose(manifests[1]["metrics"]["train_losses"], manifests[0]["metrics"]["train_losses"],
+                               rtol=1e-4)
