@@ -64,12 +64,25 @@ def load_causal_lm(model_dir: str, *, trust_remote_code: bool = False,
         raise BTXError(f"cannot read a model config from {model_dir!r}: {exc}. Point `seed.model` "
                        "at a Hugging Face model directory or Hub id") from exc
     check_architecture(config, repr(model_dir))
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     saved_dtype = getattr(config, "dtype", None)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
     model.config.dtype = saved_dtype or dtype
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
+    """The model's own tokenizer; it must be a fast one (data packing relies on tokenizers)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise BTXError(f"cannot load a tokenizer from {model_dir!r} ({exc.__class__.__name__}): "
+                       "save the tokenizer with the model (`tokenizer.save_pretrained(dir)`)") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise BTXError(f"the tokenizer in {model_dir!r} is not a fast tokenizer: save one with "
+                       "tokenizer.json (AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
+    return tokenizer
 
 
 def create_tiny_llama(spec: TinyModelSpec, tokenizer, seed: int) -> LlamaForCausalLM:

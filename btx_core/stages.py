@@ -20,7 +20,8 @@ from btx_core.config import BTXConfig, DataSource, TrainSettings, stable_hash
 from btx_core.data.packing import TokenizedSplits, data_cache_key, prepare_domain_data, tokenizer_fingerprint
 from btx_core.data.sources import load_documents
 from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
-from btx_core.seed import create_tiny_llama, inspect_model_dir, load_causal_lm, parameter_breakdown
+from btx_core.seed import (create_tiny_llama, inspect_model_dir, load_causal_lm, load_tokenizer,
+                           parameter_breakdown)
 from btx_core.store import Manifest, Store, checkpoint_location
 from btx_core.tokenizer import train_tokenizer
 from btx_core.train import (Progress, evaluate_loss, init_distributed, main_rank_first,
@@ -107,6 +108,7 @@ def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: st
     with tempfile.TemporaryDirectory(prefix="btx-seed-") as tmp:
         local = _local_model_dir(source, store, cache_dir(config), Path(tmp))
         breakdown = inspect_model_dir(str(local), trust_remote_code=config.seed.trust_remote_code)
+        load_tokenizer(str(local), trust_remote_code=config.seed.trust_remote_code)
         staged = Path(tmp) / "staged"
         _copy_model_files(local, staged)
         manifest = store.write_dir(staged, location, stage="seed", config_hash=config_hash,
@@ -123,7 +125,7 @@ def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: 
         tokenizer_dir = _seed_tokenizer(config, store)
         data = prepared_data(config, store, config.seed.pretrain_data, tokenizer_dir, settings.seq_len,
                              config.seed.held_out_fraction)
-    tokenizer = _load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
     model = create_tiny_llama(spec, tokenizer, seed=settings.seed)
     breakdown = parameter_breakdown(model)
     log.info("seed: %s", breakdown.describe())
@@ -197,7 +199,7 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
                                    keep=settings.keep_checkpoints, cache_dir=cache_dir(config))
     result = train(model, data.train, settings, checkpoints=checkpoints, on_progress=on_progress,
                    stop_after=stop_after)
-    if result.steps < settings.total_steps():
+    if result.steps < settings.total_steps(ranks.world_size):
         raise BTXError(f"expert {domain} stopped at step {result.steps} (stop_after); rerun to resume")
     heldout = evaluate_loss(model, data.heldout, batch_size=settings.batch_size,
                             max_blocks=settings.eval_blocks, precision=settings.precision)
@@ -220,19 +222,13 @@ def prepared_data(config: BTXConfig, store: Store, source: DataSource, tokenizer
     location = layout.data_cache(config, key)
     if store.is_complete(location):
         return TokenizedSplits.load(store.fetch(location, cache_dir(config)))
-    splits = prepare_domain_data(source, _load_tokenizer(tokenizer_dir), seq_len, held_out_fraction,
+    splits = prepare_domain_data(source, load_tokenizer(str(tokenizer_dir)), seq_len, held_out_fraction,
                                  SPLIT_SALT, cache_dir=str(cache_dir(config) / "datasets"))
     with tempfile.TemporaryDirectory(prefix="btx-data-") as tmp:
         splits.save(Path(tmp))
         store.write_dir(Path(tmp), location, stage="data", config_hash=key,
                         metrics={"train_blocks": len(splits.train), "heldout_blocks": len(splits.heldout)})
     return splits
-
-
-def _load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(directory))
 
 
 def _save_model(store: Store, model, tokenizer, location: str, *, stage: str, config_hash: str,

@@ -1,0 +1,117 @@
+"""Seeds users bring: Llama/Mistral directories (GQA, tied embeddings, bf16) are imported and
+branched; other architectures, pickle-only weights and missing tokenizers are refused early."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM)
+
+from btx_core.config import TinyModelSpec, environment_problems, parse_config
+from btx_core.data.builtin import builtin_documents
+from btx_core.errors import BTXError, UnsupportedArchitectureError
+from btx_core.seed import create_tiny_llama, load_causal_lm, parameter_breakdown
+from btx_core.stages import build_seed, train_expert
+from btx_core.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    docs = builtin_documents("general", max_bytes=300_000)
+    return train_tokenizer(docs, 400, tmp_path_factory.mktemp("tok"))
+
+
+def save_seed(directory: Path, model, tokenizer) -> str:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def pico(kind: str, tokenizer, tie=True):
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                  max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(sliding_window=32, **common))
+    return LlamaForCausalLM(LlamaConfig(**common))
+
+
+def config_for(tmp_path, seed_dir: str):
+    return parse_config({
+        "run_name": "import", "store": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache"),
+        "seed": {"model": seed_dir},
+        "domains": [{"name": "math", "data": {"builtin": "math", "max_bytes": 150_000}}],
+        "expert_training": {"steps": 6, "lr": 1e-3, "warmup_steps": 2, "seq_len": 32, "batch_size": 4,
+                            "precision": "bf16", "checkpoint_every": 3, "eval_blocks": 8},
+    }, base_dir=tmp_path)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind,tie", [("mistral", False), ("llama", True)])
+def test_imported_bf16_seed_is_branched_and_saved_the_way_it_came(tmp_path, tokenizer, kind, tie):
+    model = pico(kind, tokenizer, tie=tie).to(torch.bfloat16)
+    seed_dir = save_seed(tmp_path / "seed", model, tokenizer)
+    config = config_for(tmp_path, seed_dir)
+    seed = build_seed(config)
+    assert not seed.skipped and seed.manifest.extra["source"] == seed_dir
+    assert build_seed(config).skipped
+    expert = train_expert(config, "math")
+    out = Path(expert.location)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == kind and saved["num_key_value_heads"] == 2
+    assert saved.get("sliding_window") == (32 if kind == "mistral" else None)
+    weights = load_file(out / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    assert ("lm_head.weight" in weights) == (not tie)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded).__name__ == type(model).__name__
+    assert expert.metrics["heldout_loss"] < expert.metrics["seed_heldout_loss"]
+
+
+@pytest.mark.unit
+def test_unsupported_architecture_is_refused_before_any_work(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
+    seed_dir = save_seed(tmp_path / "gpt2", gpt2, tokenizer)
+    problems = environment_problems(config_for(tmp_path, seed_dir))
+    assert len(problems) == 1 and problems[0].startswith("seed.model:")
+    assert "'gpt2' model" in problems[0] and "llama, mistral" in problems[0]
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
+        load_causal_lm(seed_dir)
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.unit
+def test_pickle_only_weights_are_refused(tmp_path, tokenizer):
+    seed_dir = Path(save_seed(tmp_path / "seed", pico("llama", tokenizer), tokenizer))
+    (seed_dir / "model.safetensors").rename(seed_dir / "pytorch_model.bin")
+    with pytest.raises(BTXError, match="no .safetensors weights"):
+        build_seed(config_for(tmp_path, str(seed_dir)))
+    assert not (tmp_path / "store" / "import" / "seed" / "model" / "_manifest.json").exists()
+
+
+@pytest.mark.unit
+def test_seed_without_tokenizer_is_refused_with_the_fix(tmp_path, tokenizer):
+    seed_dir = tmp_path / "seed"
+    pico("llama", tokenizer).save_pretrained(seed_dir)
+    with pytest.raises(BTXError, match="tokenizer.save_pretrained"):
+        build_seed(config_for(tmp_path, str(seed_dir)))
+    assert not (tmp_path / "store" / "import" / "seed" / "model" / "_manifest.json").exists()
+
+
+@pytest.mark.unit
+def test_demo_shape_keeps_most_parameters_in_ffns(tokenizer):
+    class FakeTokenizer:
+        bos_token_id = eos_token_id = 0
+        pad_token_id = 1
+
+        def __len__(self):
+            return 4096
+
+    breakdown = parameter_breakdown(create_tiny_llama(TinyModelSpec(), FakeTokenizer(), seed=0))
+    assert breakdown.ffn_share >= 0.55
+    assert breakdown.ffn == 6 * 3 * 256 * 1024
