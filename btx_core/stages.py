@@ -11,9 +11,11 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 from typing import Callable
+
+import fsspec
 
 from btx_core import layout
 from btx_core.config import BTXConfig, DataSource, TrainSettings, stable_hash
@@ -24,7 +26,7 @@ from btx_core.seed import (create_tiny_llama, inspect_model_dir, load_causal_lm,
                            parameter_breakdown)
 from btx_core.store import Manifest, Store, checkpoint_location
 from btx_core.tokenizer import train_tokenizer
-from btx_core.train import (Progress, evaluate_loss, init_distributed, main_rank_first,
+from btx_core.train import (Dist, Progress, evaluate_loss, init_distributed, main_rank_first,
                             pick_device, train)
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,49 @@ class StoreCheckpoints:
         self.store.prune_checkpoints(self.prefix, keep=self.keep)
 
 
+@dataclass
+class TrainingRun:
+    """The shared recipe of every training stage: resume from the store, train, measure the
+    held-out loss, save the model once (rank 0) with its manifest and metrics."""
+
+    store: Store
+    config: BTXConfig
+    settings: TrainSettings
+    ranks: Dist
+    location: str
+    checkpoints: str
+    stage: str
+    config_hash: str
+    inputs: dict[str, str]
+
+    def heldout_loss(self, model, data: TokenizedSplits) -> float:
+        s = self.settings
+        return evaluate_loss(model, data.heldout, batch_size=s.batch_size, max_blocks=s.eval_blocks,
+                             precision=s.precision)
+
+    def train_and_save(self, model, tokenizer, data: TokenizedSplits, *, metrics: dict,
+                       on_progress: ProgressCallback | None = None,
+                       stop_after: int | None = None) -> StageOutput:
+        sink = StoreCheckpoints(self.store, self.checkpoints, config_hash=self.config_hash,
+                                inputs=self.inputs, keep=self.settings.keep_checkpoints,
+                                cache_dir=cache_dir(self.config))
+        result = train(model, data.train, self.settings, checkpoints=sink, on_progress=on_progress,
+                       stop_after=stop_after)
+        if result.steps < self.settings.total_steps(self.ranks.world_size):
+            raise BTXError(f"{self.stage} stopped at step {result.steps} (stop_after); rerun to resume")
+        metrics = {"final_train_loss": result.final_loss, "heldout_loss": self.heldout_loss(model, data),
+                   "steps": result.steps, "tokens": result.tokens, "resumed_from_step": result.resumed_from,
+                   "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
+                   "train_losses": result.losses, **metrics}
+        with main_rank_first(self.ranks):  # one writer; the other ranks then read its manifest
+            if self.ranks.is_main:
+                _save_model(self.store, model, tokenizer, self.location, stage=self.stage,
+                            config_hash=self.config_hash, inputs=self.inputs, metrics=metrics)
+        notes = [f"resumed from step {result.resumed_from}"] if result.resumed_from else []
+        return StageOutput(self.location, self.store.read_manifest(self.location), skipped=False,
+                           notes=notes)
+
+
 def open_store(config: BTXConfig) -> Store:
     return Store(config.store)
 
@@ -129,19 +174,12 @@ def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: 
     model = create_tiny_llama(spec, tokenizer, seed=settings.seed)
     breakdown = parameter_breakdown(model)
     log.info("seed: %s", breakdown.describe())
-    checkpoints = StoreCheckpoints(store, layout.seed_checkpoints(config), config_hash=config_hash,
-                                   inputs={}, keep=settings.keep_checkpoints, cache_dir=cache_dir(config))
-    result = train(model, data.train, settings, checkpoints=checkpoints, on_progress=on_progress)
-    heldout = evaluate_loss(model, data.heldout, batch_size=settings.batch_size,
-                            max_blocks=settings.eval_blocks, precision=settings.precision)
-    metrics = {**_train_metrics(result), "heldout_loss": heldout, "parameters": breakdown.total,
-               "ffn_share": breakdown.ffn_share}
-    with main_rank_first(ranks):
-        if ranks.is_main:
-            _save_model(store, model, tokenizer, location, stage="seed", config_hash=config_hash,
-                        inputs={}, metrics=metrics)
-    notes = [f"seed: {breakdown.describe()}", *_resume_note(result)]
-    return StageOutput(location, store.read_manifest(location), skipped=False, notes=notes)
+    run = TrainingRun(store, config, settings, ranks, location=location,
+                      checkpoints=layout.seed_checkpoints(config), stage="seed",
+                      config_hash=config_hash, inputs={})
+    out = run.train_and_save(model, tokenizer, data, on_progress=on_progress,
+                             metrics={"parameters": breakdown.total, "ffn_share": breakdown.ffn_share})
+    return replace(out, notes=[f"seed: {breakdown.describe()}", *out.notes])
 
 
 def _seed_tokenizer(config: BTXConfig, store: Store) -> Path:
@@ -192,24 +230,13 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
     with main_rank_first(ranks):
         data = prepared_data(config, store, spec.data, seed_dir, settings.seq_len,
                              spec.held_out_fraction)
-    seed_heldout = evaluate_loss(model, data.heldout, batch_size=settings.batch_size,
-                                 max_blocks=settings.eval_blocks, precision=settings.precision)
-    checkpoints = StoreCheckpoints(store, layout.expert_checkpoints(config, domain),
-                                   config_hash=config_hash, inputs=inputs,
-                                   keep=settings.keep_checkpoints, cache_dir=cache_dir(config))
-    result = train(model, data.train, settings, checkpoints=checkpoints, on_progress=on_progress,
-                   stop_after=stop_after)
-    if result.steps < settings.total_steps(ranks.world_size):
-        raise BTXError(f"expert {domain} stopped at step {result.steps} (stop_after); rerun to resume")
-    heldout = evaluate_loss(model, data.heldout, batch_size=settings.batch_size,
-                            max_blocks=settings.eval_blocks, precision=settings.precision)
-    metrics = {**_train_metrics(result), "heldout_loss": heldout, "seed_heldout_loss": seed_heldout,
-               "domain": domain}
-    with main_rank_first(ranks):  # one writer; the other ranks then read its manifest
-        if ranks.is_main:
-            _save_model(store, model, tokenizer, location, stage="expert", config_hash=config_hash,
-                        inputs=inputs, metrics=metrics)
-    return StageOutput(location, store.read_manifest(location), skipped=False, notes=_resume_note(result))
+    run = TrainingRun(store, config, settings, ranks, location=location,
+                      checkpoints=layout.expert_checkpoints(config, domain), stage="expert",
+                      config_hash=config_hash, inputs=inputs)
+    # Measured before training (a resumed run loads its checkpoint inside train()).
+    seed_heldout = run.heldout_loss(model, data)
+    return run.train_and_save(model, tokenizer, data, on_progress=on_progress, stop_after=stop_after,
+                              metrics={"seed_heldout_loss": seed_heldout, "domain": domain})
 
 
 # --- shared pieces -------------------------------------------------------------------------------
@@ -245,26 +272,33 @@ def _save_model(store: Store, model, tokenizer, location: str, *, stage: str, co
                                inputs=inputs, metrics=metrics)
 
 
-def _train_metrics(result) -> dict:
-    return {"final_train_loss": result.final_loss, "steps": result.steps, "tokens": result.tokens,
-            "resumed_from_step": result.resumed_from, "wall_s": result.wall_s,
-            "tokens_per_s": result.tokens_per_s, "train_losses": result.losses}
-
-
-def _resume_note(result) -> list[str]:
-    return [f"resumed from step {result.resumed_from}"] if result.resumed_from else []
 
 
 def _local_model_dir(source: str, store: Store, cache: Path, scratch: Path) -> Path:
     """A local directory holding the model: itself, a verified copy from the store, or a Hub snapshot."""
     if "://" in source and not source.startswith("file://"):
-        return Store(source.rsplit("/", 1)[0]).fetch(source, cache)
+        store = Store(source.rsplit("/", 1)[0])
+        if store.is_complete(source):  # a btx output: verified against its manifest
+            return store.fetch(source, cache)
+        return _download_model_files(source, scratch / "download")
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download  # a Hub id: real users only, never offline tests
 
     return Path(snapshot_download(source, allow_patterns=list(MODEL_FILES), cache_dir=str(scratch)))
+
+
+def _download_model_files(source: str, target: Path) -> Path:
+    """A plain HF directory in object storage (no manifest): copy its model files."""
+    fs, root = fsspec.core.url_to_fs(source)
+    names = {PurePosixPath(p).name: p for pattern in MODEL_FILES for p in fs.glob(f"{root}/{pattern}")}
+    if "config.json" not in names:
+        raise BTXError(f"{source} holds no config.json: point `seed.model` at a Hugging Face model "
+                       "directory")
+    target.mkdir(parents=True)
+    fs.get(list(names.values()), [str(target / n) for n in names])
+    return target
 
 
 def _copy_model_files(source: Path, target: Path) -> None:

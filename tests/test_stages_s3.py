@@ -70,3 +70,29 @@ def test_changed_training_config_refuses_stale_checkpoints(s3_root, tmp_path):
     changed = ci_config(s3_root, tmp_path / "cache", steps=8, checkpoint_every=4, lr=0.5)
     with pytest.raises(BTXError, match="different config"):
         train_expert(changed, "code")
+
+
+def test_seed_from_a_plain_hf_directory_in_s3(s3_root, tmp_path):
+    import fsspec
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from btx_core.data.builtin import builtin_documents
+    from btx_core.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(builtin_documents("general", max_bytes=200_000), 400, tmp_path / "tok")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    fs, root = fsspec.core.url_to_fs(s3_root)
+    fs.put(str(tmp_path / "hf") + "/", f"{root}/models/pico/", recursive=True)
+
+    config = parse_config({"run_name": "s3seed", "store": s3_root + "/store", "cache_dir": str(tmp_path / "c"),
+                           "seed": {"model": s3_root + "/models/pico"},
+                           "domains": [{"name": "math", "data": {"builtin": "math", "max_bytes": 50_000}}],
+                           "expert_training": {"steps": 2, "seq_len": 16, "batch_size": 2, "warmup_steps": 1}})
+    seed = build_seed(config)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(seed.manifest.files)
+    assert seed.metrics["parameters"] > 0
