@@ -30,6 +30,10 @@ def main() -> None:
     except BTXError as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         sys.exit(1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: run the same command again to resume from the newest checkpoint",
+                    err=True, fg="yellow")
+        sys.exit(130)
 
 
 def _load(config_path: Path):

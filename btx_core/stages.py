@@ -286,7 +286,12 @@ def _local_model_dir(source: str, store: Store, cache: Path, scratch: Path) -> P
         return path
     from huggingface_hub import snapshot_download  # a Hub id: real users only, never offline tests
 
-    return Path(snapshot_download(source, allow_patterns=list(MODEL_FILES), cache_dir=str(scratch)))
+    try:
+        return Path(snapshot_download(source, allow_patterns=list(MODEL_FILES), cache_dir=str(scratch)))
+    except Exception as exc:  # offline, unknown repo, gated model: all end here
+        raise BTXError(f"cannot download {source!r} from the Hugging Face Hub ({type(exc).__name__}): "
+                       "check the id and network access (HF_HUB_OFFLINE must be unset; gated models "
+                       "need HF_TOKEN), or point `seed.model` at a local directory") from exc
 
 
 def _download_model_files(source: str, target: Path) -> Path:

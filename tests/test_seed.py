@@ -115,3 +115,12 @@ def test_demo_shape_keeps_most_parameters_in_ffns(tokenizer):
     breakdown = parameter_breakdown(create_tiny_llama(TinyModelSpec(), FakeTokenizer(), seed=0))
     assert breakdown.ffn_share >= 0.55
     assert breakdown.ffn == 6 * 3 * 256 * 1024
+
+
+@pytest.mark.unit
+def test_hub_id_while_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = config_for(tmp_path, "someone/some-model")
+    with pytest.raises(BTXError, match="cannot download 'someone/some-model'.*HF_HUB_OFFLINE"):
+        build_seed(config)
+    assert not (tmp_path / "store" / "import" / "seed" / "model").exists()
