@@ -37,7 +37,7 @@ def main() -> None:
 
 
 def _load(config_path: Path):
-    from btx_core.config import load_config
+    from btx_core.validation import load_config
 
     return load_config(config_path)
 

@@ -7,30 +7,33 @@ everything before any heavy work and reports every problem at once, each with it
 
 from __future__ import annotations
 
-import difflib
-import glob
 import hashlib
 import json
 import math
-import os
 import re
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from btx_core.errors import ConfigError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-BUILTIN_CORPORA = ("code", "math", "knowledge", "general")
+CREDENTIALS_IN_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s]+@")
 # Keys that would put a secret into a config file (and so into manifests and the Prefect UI).
 SECRET_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
-               "aws_session_token", "session_token", "access_key", "secret_key"}
+               "aws_session_token", "session_token", "access_key", "secret_key", "authorization"}
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        problems = cross_field_problems(type(self), self.model_dump())
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class DataSource(StrictModel):
@@ -59,14 +62,6 @@ class DataSource(StrictModel):
     """fsspec storage options for `path` (e.g. `{client_kwargs: {endpoint_url: ...}}`).
     Credentials are not allowed here: they come from the environment."""
 
-    @model_validator(mode="after")
-    def _exactly_one_source(self) -> DataSource:
-        given = [k for k in ("builtin", "path", "hub") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("set exactly one of `builtin`, `path` or `hub` "
-                             f"(got {', '.join(given) or 'none'})")
-        return self
-
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +69,14 @@ class DataSource(StrictModel):
         if found:
             raise ValueError(f"credentials ({', '.join(found)}) must not be in a config file; "
                              "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment")
+        for v in _walk_values(value):
+            _no_credentials_in_url(v)
         return value
+
+    @field_validator("path")
+    @classmethod
+    def _no_secrets_in_path(cls, value: str | None) -> str | None:
+        return _no_credentials_in_url(value)
 
 
 class DomainSpec(StrictModel):
@@ -137,12 +139,6 @@ class TrainSettings(StrictModel):
     # Fields that change how a run is observed or stored, not what it computes.
     _not_hashed = ("checkpoint_every", "keep_checkpoints", "log_every", "threads")
 
-    @model_validator(mode="after")
-    def _budget(self) -> TrainSettings:
-        if (self.steps is None) == (self.tokens is None):
-            raise ValueError("set exactly one of `steps` and `tokens` (the training budget)")
-        return self
-
     @property
     def tokens_per_step(self) -> int:
         """Tokens per optimizer step in one process (multiply by the world size under DDP)."""
@@ -185,16 +181,6 @@ class TinyModelSpec(StrictModel):
     tokenizer_max_bytes: int = Field(default=8_000_000, gt=0)
     """Bytes of the pretraining corpus used to train the tokenizer."""
 
-    @model_validator(mode="after")
-    def _heads(self) -> TinyModelSpec:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
-                             f"({self.num_heads})")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
-                             f"({self.num_kv_heads})")
-        return self
-
 
 class SeedSpec(StrictModel):
     """The seed LLM: an existing model (`model`) or a tiny one created and pretrained (`create`)."""
@@ -205,22 +191,12 @@ class SeedSpec(StrictModel):
     """Run code shipped with the model. Off: only transformers' own Llama/Mistral code runs."""
     create: TinyModelSpec | None = None
     """Create a tiny Llama with this shape and pretrain it on `pretrain_data`."""
-    pretrain_data: DataSource = DataSource(builtin="general")
+    pretrain_data: DataSource = Field(default_factory=lambda: DataSource(builtin="general"))
     """Corpus for the tokenizer and pretraining of a created seed."""
     pretrain: TrainSettings | None = None
     """Pretraining of a created seed (required with `create`)."""
     held_out_fraction: float = Field(default=0.05, gt=0, lt=1)
     """Held-out fraction of the pretraining corpus."""
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> SeedSpec:
-        if (self.model is None) == (self.create is None):
-            raise ValueError("set exactly one of `model` (an existing seed) and `create` (a tiny one)")
-        if self.create is not None and self.pretrain is None:
-            raise ValueError("`create` needs `pretrain` settings (at least `steps` or `tokens`)")
-        if self.model is not None and self.pretrain is not None:
-            raise ValueError("`pretrain` applies only to a created seed: remove it, or use `create`")
-        return self
 
 
 class BTXConfig(StrictModel):
@@ -243,9 +219,10 @@ class BTXConfig(StrictModel):
     @field_validator("store")
     @classmethod
     def _known_scheme(cls, store: str) -> str:
-        scheme = _scheme(store)
-        if scheme not in ("file", "local", "s3"):
-            raise ValueError(f"unknown scheme '{scheme}://' in {store!r}; use a local path, "
+        _no_credentials_in_url(store)
+        kind = scheme(store)
+        if kind not in ("file", "local", "s3"):
+            raise ValueError(f"unknown scheme '{kind}://' in {store!r}; use a local path, "
                              "file:///abs/path or s3://bucket/prefix")
         return store
 
@@ -267,57 +244,72 @@ class BTXConfig(StrictModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and validation
+# Cross-field checks, written over plain mappings so that they also run on a raw config whose
+# other fields failed validation: every problem is reported at once.
 
 
-def load_config(path: str | Path, *, check_environment: bool = True) -> BTXConfig:
-    """Read and validate a YAML config. Raises ConfigError listing every problem."""
-    path = Path(path)
+def _source_problems(d: Mapping) -> list[str]:
+    given = [k for k in ("builtin", "path", "hub") if d.get(k) is not None]
+    if len(given) != 1:
+        return [f"set exactly one of `builtin`, `path` or `hub` (got {', '.join(given) or 'none'})"]
+    return []
+
+
+def _budget_problems(d: Mapping) -> list[str]:
+    if (d.get("steps") is None) == (d.get("tokens") is None):
+        return ["set exactly one of `steps` and `tokens` (the training budget)"]
+    return []
+
+
+def _head_problems(d: Mapping) -> list[str]:
+    hidden, heads, kv = d["hidden_size"], d["num_heads"], d["num_kv_heads"]
+    if hidden % heads:
+        return [f"hidden_size ({hidden}) must be divisible by num_heads ({heads})"]
+    if heads % kv:
+        return [f"num_heads ({heads}) must be divisible by num_kv_heads ({kv})"]
+    return []
+
+
+def _seed_problems(d: Mapping) -> list[str]:
+    if (d.get("model") is None) == (d.get("create") is None):
+        return ["set exactly one of `model` (an existing seed) and `create` (a tiny one)"]
+    if d.get("create") is not None and d.get("pretrain") is None:
+        return ["`create` needs `pretrain` settings (at least `steps` or `tokens`)"]
+    if d.get("model") is not None and d.get("pretrain") is not None:
+        return ["`pretrain` applies only to a created seed: remove it, or use `create`"]
+    return []
+
+
+def _leak_problems(d: Mapping) -> list[str]:
+    # The split is by document hash, the same in every stage: a domain's held-out documents are
+    # outside the seed's pretraining data only if its fraction is not above the seed's.
+    seed = d.get("seed") if isinstance(d.get("seed"), Mapping) else {}
+    if seed.get("create") is None:
+        return []
+    limit = seed.get("held_out_fraction", SeedSpec.model_fields["held_out_fraction"].default)
+    default = DomainSpec.model_fields["held_out_fraction"].default
+    return [f"domains[{i}].held_out_fraction: {f} is above seed.held_out_fraction ({limit}), so "
+            "some of its held-out documents would be in the seed's pretraining data; lower it "
+            "or raise seed.held_out_fraction"
+            for i, dom in enumerate(d.get("domains") or []) if isinstance(dom, Mapping)
+            for f in [dom.get("held_out_fraction", default)] if f > limit]
+
+
+CROSS_CHECKS = {DataSource: _source_problems, TrainSettings: _budget_problems,
+                TinyModelSpec: _head_problems, SeedSpec: _seed_problems, BTXConfig: _leak_problems}
+
+
+def cross_field_problems(model: type[BaseModel], data: Mapping) -> list[str]:
+    """The cross-field problems of one model's data; defaults fill what `data` leaves out."""
+    check = CROSS_CHECKS.get(model)
+    if check is None:
+        return []
+    defaults = {name: f.get_default(call_default_factory=True)
+                for name, f in model.model_fields.items() if not f.is_required()}
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"config file {path} does not exist: check the path"]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(["the file must hold a mapping of fields (run_name, store, seed, ...)"],
-                          source=str(path))
-    config = parse_config(raw, source=str(path), base_dir=Path.cwd())
-    if check_environment:
-        problems = environment_problems(config)
-        if problems:
-            raise ConfigError(problems, source=str(path))
-    return config
-
-
-def parse_config(raw: dict[str, Any], source: str | None = None,
-                 base_dir: Path | None = None) -> BTXConfig:
-    """Validate a mapping. Relative local paths are made absolute against `base_dir` (the
-    current directory for files, as with any CLI), so they stay valid on a worker elsewhere."""
-    try:
-        config = BTXConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError([_explain(err) for err in exc.errors()], source=source) from None
-    return _resolve_paths(config, base_dir) if base_dir is not None else config
-
-
-def environment_problems(config: BTXConfig) -> list[str]:
-    """Cheap checks against the world (paths, schemes, the seed's architecture); no heavy work."""
-    from btx_core.seed import seed_architecture_problem  # model-family knowledge lives there
-
-    problems = []
-    sources = [("seed.pretrain_data", config.seed.pretrain_data)] if config.seed.create else []
-    sources += [(f"domains[{i}].data", d.data) for i, d in enumerate(config.domains)]
-    for field, source in sources:
-        if source.path is not None and _scheme(source.path) in ("file", "local"):
-            if not _local_matches(source.path):
-                problems.append(f"{field}.path: {source.path!r} does not exist: fix the path, or "
-                                "use `builtin:` for a shipped corpus")
-    if config.seed.model is not None:
-        problem = seed_architecture_problem(config.seed.model)
-        if problem:
-            problems.append(f"seed.model: {problem}")
-    return problems
+        return check({**defaults, **data})
+    except (TypeError, ValueError, KeyError, ZeroDivisionError):
+        return []  # wrongly typed fields: already reported by the field checks
 
 
 def stable_hash(data: Any) -> str:
@@ -326,56 +318,11 @@ def stable_hash(data: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _explain(err: dict[str, Any]) -> str:
-    field = _field_path(err["loc"])
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        name = str(err["loc"][-1])
-        parent = _model_at(err["loc"][:-1])
-        close = difflib.get_close_matches(name, list(parent.model_fields) if parent else [], n=1)
-        hint = f"did you mean `{close[0]}`?" if close else "remove it"
-        return f"{field}: unknown field; {hint}"
-    if kind == "missing":
-        return f"{field}: required field is missing; add it"
-    message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{field}: {message} (got {err.get('input')!r}); change the value"
-    if kind == "literal_error":
-        return f"{field}: {message} (got {err.get('input')!r})"
-    if kind == "string_pattern_mismatch":
-        return (f"{field}: {err.get('input')!r} is not a valid name; use lowercase letters, digits, "
-                "'-' and '_' (it becomes part of store paths)")
-    return f"{field or 'config'}: {message}"
-
-
-def _field_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class at a location of the config (for field-name suggestions)."""
-    model: type[BaseModel] | None = BTXConfig
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        model = _model_in(field.annotation)
-    return model
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found:
-            return found
-    return None
+def _no_credentials_in_url(value: Any) -> Any:
+    if isinstance(value, str) and CREDENTIALS_IN_URL.match(value):
+        raise ValueError("a URL with credentials (user:password@) must not be in a config file: "
+                         "remove them and set them in the environment")
+    return value
 
 
 def _walk_keys(value: Any):
@@ -385,27 +332,15 @@ def _walk_keys(value: Any):
             yield from _walk_keys(v)
 
 
-def _scheme(uri: str) -> str:
+def _walk_values(value: Any):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _walk_values(v)
+    else:
+        yield value
+
+
+def scheme(uri: str) -> str:
+    """`s3`, `file`, ... or `local` for a plain path."""
     match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
     return match.group(1).lower() if match else "local"
-
-
-def _local_matches(path: str) -> bool:
-    return bool(glob.glob(os.path.expanduser(path.removeprefix("file://"))))
-
-
-def _resolve_paths(config: BTXConfig, base_dir: Path) -> BTXConfig:
-
-    def fix(path: str | None) -> str | None:
-        if path is None or _scheme(path) != "local" or Path(path).expanduser().is_absolute():
-            return path
-        return str((base_dir / path).resolve())
-
-    def fix_source(src: DataSource) -> DataSource:
-        return src.model_copy(update={"path": fix(src.path)})
-
-    seed = config.seed.model_copy(update={"pretrain_data": fix_source(config.seed.pretrain_data)})
-    if seed.model is not None and (Path(base_dir) / seed.model).exists():
-        seed = seed.model_copy(update={"model": fix(seed.model)})
-    domains = [d.model_copy(update={"data": fix_source(d.data)}) for d in config.domains]
-    return config.model_copy(update={"store": fix(config.store), "seed": seed, "domains": domains})

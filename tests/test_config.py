@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from btx_core.config import BTXConfig, load_config
+from btx_core.config import BTXConfig
+from btx_core.validation import load_config
 from btx_core.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -65,6 +66,12 @@ BAD = [
     ("seed without a kind", lambda r, t: r.update(seed={}), "seed", "exactly one of `model`"),
     ("missing run name", lambda r, t: r.pop("run_name"), "run_name", "missing"),
     ("wrong type", lambda r, t: _set(r, "expert_training.lr", "fast"), "expert_training.lr", "valid number"),
+    ("held-out leak", lambda r, t: _set(r, "domains.1.held_out_fraction", 0.3), "domains[1].held_out_fraction",
+     "above seed.held_out_fraction"),
+    ("credentials in store URL", lambda r, t: _set(r, "store", "s3://AKIA:s3cr3t@bucket/x"), "store", "environment"),
+    ("authorization header", lambda r, t: _set(r, "domains.0.data", {"path": "s3://b/x", "storage_options": {
+        "headers": {"Authorization": "Bearer x"}}}), "domains[0].data.storage_options", "environment"),
+    ("heads do not divide", lambda r, t: _set(r, "seed.create.num_kv_heads", 3), "seed.create", "divisible by num_kv_heads"),
 ]
 
 
@@ -95,6 +102,22 @@ def test_every_problem_is_reported_at_once(tmp_path):
         load_config(path)
     fields = sorted(p.split(":")[0] for p in info.value.problems)
     assert fields == ["expert_training.stepz", "seed.pretrain.lr", "store"]
+
+
+def test_cross_field_and_path_problems_are_not_hidden_by_field_errors(tmp_path):
+    raw = _base()
+    raw["expert_training"]["stepz"] = 1                                 # a field error ...
+    raw["expert_training"].pop("steps")                                  # ... beside a cross-field one
+    raw["seed"]["pretrain"]["lr"] = -1
+    raw["seed"]["pretrain"]["tokens"] = 10                               # both budgets, beside a bad lr
+    raw["domains"][0]["data"] = {"path": str(tmp_path / "missing.jsonl")}  # and a world problem
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    fields = sorted(p.split(":")[0] for p in info.value.problems)
+    assert fields == ["domains[0].data.path", "expert_training", "expert_training.stepz",
+                      "seed.pretrain", "seed.pretrain.lr"], info.value.problems
 
 
 def test_relative_paths_resolve_against_the_current_directory(tmp_path, monkeypatch):

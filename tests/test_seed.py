@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM)
 
-from btx_core.config import TinyModelSpec, environment_problems, parse_config
+from btx_core.config import TinyModelSpec
+from btx_core.validation import environment_problems, parse_config
 from btx_core.data.builtin import builtin_documents
 from btx_core.errors import BTXError, UnsupportedArchitectureError
 from btx_core.seed import create_tiny_llama, load_causal_lm, parameter_breakdown
@@ -77,7 +78,7 @@ def test_unsupported_architecture_is_refused_before_any_work(tmp_path, tokenizer
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
     seed_dir = save_seed(tmp_path / "gpt2", gpt2, tokenizer)
-    problems = environment_problems(config_for(tmp_path, seed_dir))
+    problems = environment_problems({"seed": {"model": seed_dir}}, tmp_path)
     assert len(problems) == 1 and problems[0].startswith("seed.model:")
     assert "'gpt2' model" in problems[0] and "llama, mistral" in problems[0]
     with pytest.raises(UnsupportedArchitectureError, match="gpt2"):

@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from btx_core import layout
-from btx_core.config import parse_config
+from btx_core.validation import parse_config
 from btx_core.errors import BTXError
 from btx_core.stages import build_seed, open_store, train_expert
 
