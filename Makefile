@@ -6,15 +6,17 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit bench clean-demo
+.PHONY: setup demo test test-unit test-gpu bench
 
 setup: $(VENV)/.installed
 
-# torch first, pinned: the CPU build that lies on these machines. A bare `torch` requirement
-# resolved by pip would otherwise pull a multi-GB CUDA build.
+# torch first, pinned: on our machines a CPU build of it lies on disk, and a bare `torch`
+# requirement resolved later by pip would pull a multi-GB CUDA build. Elsewhere choose the
+# build with e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_PIP_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
@@ -28,6 +30,9 @@ test: setup
 
 test-unit: setup
 	$(VENV)/bin/pytest -m unit -q
+
+test-gpu: setup
+	$(VENV)/bin/pytest -m gpu -q
 
 bench: setup
 	$(PY) bench/train_throughput.py

@@ -135,9 +135,12 @@ class TrainSettings(StrictModel):
     """Report progress every this many steps."""
     threads: int | None = Field(default=None, gt=0)
     """CPU threads for torch (default: torch's choice)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
 
-    # Fields that change how a run is observed or stored, not what it computes.
-    _not_hashed = ("checkpoint_every", "keep_checkpoints", "log_every", "threads")
+    # Fields that change how a run is observed, stored or scheduled, not what it computes.
+    _not_hashed = ("checkpoint_every", "keep_checkpoints", "log_every", "threads",
+                   "gradient_checkpointing")
 
     @property
     def tokens_per_step(self) -> int:

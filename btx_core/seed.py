@@ -66,7 +66,7 @@ def load_causal_lm(model_dir: str, *, trust_remote_code: bool = False,
     check_architecture(config, repr(model_dir))
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     saved_dtype = getattr(config, "dtype", None)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     model.config.dtype = saved_dtype or dtype
     return model, tokenizer

@@ -18,8 +18,9 @@ from typing import Callable
 import fsspec
 
 from btx_core import layout
-from btx_core.config import BTXConfig, DataSource, TrainSettings, stable_hash
-from btx_core.data.packing import TokenizedSplits, data_cache_key, prepare_domain_data, tokenizer_fingerprint
+from btx_core.config import BTXConfig, TrainSettings, stable_hash
+from btx_core.data.cache import SPLIT_SALT, content_id, ensure_prepared, tokenizer_id
+from btx_core.data.packing import TokenizedSplits, split_documents
 from btx_core.data.sources import load_documents
 from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
 from btx_core.seed import (create_tiny_llama, inspect_model_dir, load_causal_lm, load_tokenizer,
@@ -31,9 +32,6 @@ from btx_core.train import (Dist, Progress, evaluate_loss, init_distributed, mai
 
 log = logging.getLogger(__name__)
 STAGE_FORMAT = 1  # bump when a stage's output changes for the same config
-# One salt for every stage: a document lands on the same side of the train/held-out split in the
-# seed's general corpus and in its domain, so no domain's held-out text is seen in pretraining.
-SPLIT_SALT = "btx-split-1"
 MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",  # older layouts too
                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -141,9 +139,9 @@ def build_seed(config: BTXConfig, *, on_progress: ProgressCallback | None = None
     config_hash = stable_hash({"stage": "seed", "format": STAGE_FORMAT,
                                "seed": config.seed.model_dump(mode="json", exclude={"pretrain"}),
                                "pretrain": config.seed.pretrain and config.seed.pretrain.result_hash()})
-    if (done := store.exists_with(location, config_hash, {})) is not None:
-        return StageOutput(location, done, skipped=True)
     if config.seed.model is not None:
+        if (done := store.exists_with(location, config_hash, {})) is not None:
+            return StageOutput(location, done, skipped=True)
         return _import_seed(config, store, location, config_hash)
     return _pretrain_seed(config, store, location, config_hash, on_progress)
 
@@ -167,35 +165,46 @@ def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: 
     spec, settings = config.seed.create, config.seed.pretrain
     ranks = init_distributed(settings.device)
     with main_rank_first(ranks):
-        tokenizer_dir = _seed_tokenizer(config, store)
-        data = prepared_data(config, store, config.seed.pretrain_data, tokenizer_dir, settings.seq_len,
-                             config.seed.held_out_fraction)
+        tokenizer_manifest = _seed_tokenizer(config, store)
+        prepared = ensure_prepared(
+            config, store, config.seed.pretrain_data, tokenizer=tokenizer_id(tokenizer_manifest),
+            tokenizer_dir=lambda: store.fetch(layout.seed_tokenizer(config), cache_dir(config)),
+            seq_len=settings.seq_len, held_out_fraction=config.seed.held_out_fraction,
+            cache_dir=cache_dir(config))
+    inputs = {"tokenizer": content_id(tokenizer_manifest), "data": prepared.content_id}
+    if (done := store.exists_with(location, config_hash, inputs)) is not None:
+        return StageOutput(location, done, skipped=True)
+    with main_rank_first(ranks):
+        tokenizer_dir = store.fetch(layout.seed_tokenizer(config), cache_dir(config))
+        data = prepared.load(store, cache_dir(config))
     tokenizer = load_tokenizer(str(tokenizer_dir))
     model = create_tiny_llama(spec, tokenizer, seed=settings.seed)
     breakdown = parameter_breakdown(model)
     log.info("seed: %s", breakdown.describe())
     run = TrainingRun(store, config, settings, ranks, location=location,
                       checkpoints=layout.seed_checkpoints(config), stage="seed",
-                      config_hash=config_hash, inputs={})
+                      config_hash=config_hash, inputs=inputs)
     out = run.train_and_save(model, tokenizer, data, on_progress=on_progress,
                              metrics={"parameters": breakdown.total, "ffn_share": breakdown.ffn_share})
     return replace(out, notes=[f"seed: {breakdown.describe()}", *out.notes])
 
 
-def _seed_tokenizer(config: BTXConfig, store: Store) -> Path:
-    """Train (once) the created seed's byte-level BPE tokenizer on its pretraining corpus."""
+def _seed_tokenizer(config: BTXConfig, store: Store) -> Manifest:
+    """Train (once) the created seed's byte-level BPE tokenizer on the training split of its
+    pretraining corpus (held-out text stays unseen by every part of the model)."""
     spec, source = config.seed.create, config.seed.pretrain_data
     location = layout.seed_tokenizer(config)
     config_hash = stable_hash({"stage": "tokenizer", "format": STAGE_FORMAT, "source": source.model_dump(mode="json"),
                                "vocab_size": spec.vocab_size, "max_bytes": spec.tokenizer_max_bytes})
-    if store.exists_with(location, config_hash, {}) is None:
-        docs = load_documents(source.model_copy(update={"max_bytes": min(
-            source.max_bytes or spec.tokenizer_max_bytes, spec.tokenizer_max_bytes)}),
-            cache_dir=str(cache_dir(config) / "datasets"))
-        with tempfile.TemporaryDirectory(prefix="btx-tok-") as tmp:
-            train_tokenizer(docs, spec.vocab_size, Path(tmp))
-            store.write_dir(Path(tmp), location, stage="tokenizer", config_hash=config_hash)
-    return store.fetch(location, cache_dir(config))
+    if (done := store.exists_with(location, config_hash, {})) is not None:
+        return done
+    docs = load_documents(source.model_copy(update={"max_bytes": min(
+        source.max_bytes or spec.tokenizer_max_bytes, spec.tokenizer_max_bytes)}),
+        cache_dir=str(cache_dir(config) / "datasets"))
+    train_docs, _ = split_documents(docs, config.seed.held_out_fraction, SPLIT_SALT)
+    with tempfile.TemporaryDirectory(prefix="btx-tok-") as tmp:
+        train_tokenizer(train_docs, spec.vocab_size, Path(tmp))
+        return store.write_dir(Path(tmp), location, stage="tokenizer", config_hash=config_hash)
 
 
 # --- experts -------------------------------------------------------------------------------------
@@ -218,18 +227,24 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
         seed_manifest = store.read_manifest(seed_location)
     except IncompleteOutputError:
         raise BTXError(f"no complete seed at {seed_location}: run `btx seed CONFIG` first") from None
+    ranks = init_distributed(settings.device)
+    cache = cache_dir(config)
+    with main_rank_first(ranks):  # rank 0 tokenizes and fetches; the others reuse its work
+        prepared = ensure_prepared(config, store, spec.data, tokenizer=tokenizer_id(seed_manifest),
+                                   tokenizer_dir=lambda: store.fetch(seed_location, cache),
+                                   seq_len=settings.seq_len, held_out_fraction=spec.held_out_fraction,
+                                   cache_dir=cache)
     location = layout.expert_model(config, domain)
-    config_hash, inputs = expert_config_hash(config, domain), {"seed": seed_manifest.hash}
+    config_hash = expert_config_hash(config, domain)
+    inputs = {"seed": seed_manifest.hash, "data": prepared.content_id}
     if (done := store.exists_with(location, config_hash, inputs)) is not None:
         return StageOutput(location, done, skipped=True)
 
-    ranks = init_distributed(settings.device)
-    seed_dir = store.fetch(seed_location, cache_dir(config))
-    model, tokenizer = load_causal_lm(str(seed_dir), trust_remote_code=config.seed.trust_remote_code)
-    model.to(pick_device(settings.device, ranks))
     with main_rank_first(ranks):
-        data = prepared_data(config, store, spec.data, seed_dir, settings.seq_len,
-                             spec.held_out_fraction)
+        seed_dir = store.fetch(seed_location, cache)
+        data = prepared.load(store, cache)
+    model, tokenizer = load_causal_lm(str(seed_dir), trust_remote_code=config.seed.trust_remote_code)
+    model.to(pick_device(settings.device, ranks, settings.precision))
     run = TrainingRun(store, config, settings, ranks, location=location,
                       checkpoints=layout.expert_checkpoints(config, domain), stage="expert",
                       config_hash=config_hash, inputs=inputs)
@@ -240,23 +255,6 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
 
 
 # --- shared pieces -------------------------------------------------------------------------------
-
-def prepared_data(config: BTXConfig, store: Store, source: DataSource, tokenizer_dir: Path,
-                  seq_len: int, held_out_fraction: float) -> TokenizedSplits:
-    """Tokenized, packed, split data, cached in the store so a retried branch skips tokenizing."""
-    key = data_cache_key(source, tokenizer_fingerprint(tokenizer_dir), seq_len, held_out_fraction,
-                         SPLIT_SALT)
-    location = layout.data_cache(config, key)
-    if store.is_complete(location):
-        return TokenizedSplits.load(store.fetch(location, cache_dir(config)))
-    splits = prepare_domain_data(source, load_tokenizer(str(tokenizer_dir)), seq_len, held_out_fraction,
-                                 SPLIT_SALT, cache_dir=str(cache_dir(config) / "datasets"))
-    with tempfile.TemporaryDirectory(prefix="btx-data-") as tmp:
-        splits.save(Path(tmp))
-        store.write_dir(Path(tmp), location, stage="data", config_hash=key,
-                        metrics={"train_blocks": len(splits.train), "heldout_blocks": len(splits.heldout)})
-    return splits
-
 
 def _save_model(store: Store, model, tokenizer, location: str, *, stage: str, config_hash: str,
                 inputs: dict[str, str], metrics: dict) -> Manifest:

@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -29,6 +30,8 @@ from btx_core.config import TrainSettings
 from btx_core.train_state import TrainState, load_checkpoint, read_train_state, save_checkpoint
 
 log = logging.getLogger(__name__)
+BARRIER_TIMEOUT = timedelta(hours=2)
+FINAL_LOSS_WINDOW = 10  # steps averaged for the reported final training loss
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,14 @@ def init_distributed(device: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if cuda:
+            torch.cuda.set_device(local_rank)  # before NCCL starts, or every rank uses GPU 0
+        # The other ranks wait in a barrier while rank 0 uploads a checkpoint: give big models time.
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 @contextlib.contextmanager
@@ -99,11 +106,14 @@ def main_rank_first(ranks: Dist):
         dist.barrier()
 
 
-def pick_device(setting: str, ranks: Dist) -> torch.device:
+def pick_device(setting: str, ranks: Dist, precision: str = "fp32") -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("device: cuda was asked for but no CUDA device is visible; "
                                "use `device: auto` or `cpu`")
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise RuntimeError(f"{torch.cuda.get_device_name()} has no bf16 support: use "
+                               "`precision: fp32` (pre-Ampere GPUs such as V100 and T4)")
         return torch.device("cuda", ranks.local_rank)
     return torch.device("cpu")
 
@@ -144,21 +154,25 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
     if settings.threads:
         torch.set_num_threads(settings.threads)
     ranks = init_distributed(settings.device)
-    device = pick_device(settings.device, ranks)
+    device = pick_device(settings.device, ranks, settings.precision)
     model.to(device).train()
+    if settings.gradient_checkpointing:
+        # Non-reentrant checkpointing is the variant that works under DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     total_steps = settings.total_steps(ranks.world_size)
-    optimizer = _optimizer(model, settings)
+    optimizer = _optimizer(model, settings, fused=device.type == "cuda")
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=min(settings.warmup_steps, total_steps),
         num_training_steps=total_steps, min_lr_rate=settings.min_lr_ratio)
     state = TrainState(step=0, sequences_seen=0, tokens_seen=0, world_size=ranks.world_size, losses=[])
-    latest = checkpoints.latest() if checkpoints else None
+    with main_rank_first(ranks):  # rank 0 fetches into the shared cache; the others reuse it
+        latest = checkpoints.latest() if checkpoints else None
     if latest is not None:
         state = _resume(latest, model, optimizer, scheduler, ranks)
     resumed_from = state.step
     wrapped = _wrap_ddp(model, device, ranks)
     autocast = _autocast(settings.precision, device)
-    data = torch.from_numpy(blocks.astype(np.int64, copy=False))
+    data = torch.from_numpy(np.ascontiguousarray(blocks))  # int32 in memory; int64 per micro-batch
     tokens_per_step = settings.tokens_per_step * ranks.world_size
 
     started = window_start = time.perf_counter()
@@ -185,8 +199,9 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
 
     wall = time.perf_counter() - started
     trained_tokens = (state.step - resumed_from) * tokens_per_step
+    recent = state.losses[-FINAL_LOSS_WINDOW:]
     return TrainResult(steps=state.step, tokens=state.tokens_seen,
-                       final_loss=state.losses[-1] if state.losses else math.nan,
+                       final_loss=sum(recent) / len(recent) if recent else math.nan,
                        losses=list(state.losses), resumed_from=resumed_from, wall_s=wall,
                        tokens_per_s=trained_tokens / wall if wall > 0 else 0.0)
 
@@ -196,7 +211,7 @@ def _step(model, data: torch.Tensor, step: int, settings: TrainSettings, ranks: 
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all ranks."""
     total = torch.zeros((), device=device)
     for micro in range(settings.grad_accum):
-        ids = data[batch_indices(len(data), step, micro, settings, ranks)].to(device, non_blocking=True)
+        ids = data[batch_indices(len(data), step, micro, settings, ranks)].to(device, non_blocking=True).long()
         # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
         sync = micro == settings.grad_accum - 1 or not hasattr(model, "no_sync")
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
@@ -212,12 +227,13 @@ def _step(model, data: torch.Tensor, step: int, settings: TrainSettings, ranks: 
     return float(total)
 
 
-def _optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+def _optimizer(model: torch.nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.AdamW:
     # No weight decay on norms and biases (1-d tensors), as in Llama's and GPT's recipes.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                             fused=fused or None)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -263,11 +279,11 @@ def evaluate_loss(model: torch.nn.Module, blocks: np.ndarray, *, batch_size: int
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    data = torch.from_numpy(blocks[:max_blocks].astype(np.int64, copy=False))
+    data = torch.from_numpy(np.ascontiguousarray(blocks[:max_blocks]))
     total, count = 0.0, 0
     with _autocast(precision, device):
         for start in range(0, len(data), batch_size):
-            ids = data[start:start + batch_size].to(device)
+            ids = data[start:start + batch_size].to(device).long()
             # .loss is a mean over the batch's predicted tokens; weigh batches by their size.
             n = ids.shape[0] * (ids.shape[1] - 1)
             total += float(model(input_ids=ids, labels=ids).loss) * n

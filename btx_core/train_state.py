@@ -110,18 +110,18 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[
 # --- random number generators ------------------------------------------------------------------
 
 def _torch_rng_state() -> dict[str, torch.Tensor]:
+    # Only this process's own GPU: touching every visible device would create a CUDA context
+    # (and take memory) on each of them from every rank.
     states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"cuda.{i}"] = s
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
 def _set_torch_rng_state(states: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(states["cpu"])
-    cuda = [states[k] for k in sorted(states) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,7 +1,10 @@
 """The Branch and Train stages against a real S3 server (moto on 127.0.0.1): a branch that is
 interrupted resumes from its newest checkpoint in the bucket, and reruns are skipped."""
 
+import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -43,7 +46,8 @@ def test_expert_on_s3_resumes_after_an_interruption_and_skips_when_done(s3_root,
     progress = []
     out = train_expert(config, "math", on_progress=progress.append)
     assert progress[0].resumed_from == 4 and out.metrics["resumed_from_step"] == 4
-    assert out.metrics["steps"] == 12 and out.manifest.inputs == {"seed": seed.manifest.hash}
+    assert out.metrics["steps"] == 12 and out.manifest.inputs["seed"] == seed.manifest.hash
+    assert set(out.manifest.inputs) == {"seed", "data"}
     assert out.metrics["heldout_loss"] < out.metrics["seed_heldout_loss"]
     assert [s for s, _ in store.list_checkpoints(layout.expert_checkpoints(config, "math"))] == [8, 12]
     store.verify(out.location)
@@ -96,3 +100,23 @@ def test_seed_from_a_plain_hf_directory_in_s3(s3_root, tmp_path):
     seed = build_seed(config)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(seed.manifest.files)
     assert seed.metrics["parameters"] > 0
+
+
+def test_changed_data_is_a_new_input_and_unchanged_data_is_not(tmp_path):
+    """An expert records the content of the blocks it trained on: touching its files changes
+    nothing, editing them retrains."""
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": f"Document {i}: " + "the quick brown fox jumps. " * 20}) for i in range(60)]
+    corpus.write_text("\n".join(lines))
+    raw = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
+    raw.update(store=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    raw["domains"] = [{"name": "fox", "data": {"path": str(corpus)}}]
+    raw["expert_training"].update(steps=4, checkpoint_every=2)
+    config = parse_config(raw)
+    build_seed(config)
+    first = train_expert(config, "fox")
+    os.utime(corpus, (time.time() + 100, time.time() + 100))             # touched, same content
+    assert train_expert(config, "fox").skipped
+    corpus.write_text("\n".join(lines + [json.dumps({"text": "A new document. " * 40})]))
+    with pytest.raises(BTXError, match="different config"):              # old checkpoints refused
+        train_expert(config, "fox")

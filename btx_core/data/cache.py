@@ -1,0 +1,73 @@
+"""Prepared (tokenized, packed, split) corpora, cached in the store.
+
+A retried branch, or a branch on another machine, finds its domain's blocks in the store and
+does not tokenize again. A prepared corpus is named by everything that goes into it (source,
+tokenizer, sequence length, held-out fraction, split salt) and identified downstream by its
+content: a stage records the sha256s of the blocks it trained on, so an expert is retrained
+when its data really changed, and only then.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from btx_core import layout
+from btx_core.config import BTXConfig, DataSource, stable_hash
+from btx_core.data.packing import TokenizedSplits, data_cache_key, prepare_domain_data
+from btx_core.seed import load_tokenizer
+from btx_core.store import Manifest, Store
+
+# One salt for every stage: a document lands on the same side of the train/held-out split in the
+# seed's general corpus and in its domain, so no domain's held-out text is seen in pretraining.
+SPLIT_SALT = "btx-split-1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def tokenizer_id(model_manifest: Manifest) -> str:
+    """The tokenizer of a stored model, from its manifest's hashes: nothing to download."""
+    return stable_hash({f: model_manifest.files[f].sha256 for f in TOKENIZER_FILES
+                        if f in model_manifest.files})
+
+
+def content_id(manifest: Manifest) -> str:
+    """What an output holds, independent of when it was written."""
+    return stable_hash({rel: entry.sha256 for rel, entry in manifest.files.items()})
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    location: str
+    manifest: Manifest
+
+    @property
+    def content_id(self) -> str:
+        return content_id(self.manifest)
+
+    def load(self, store: Store, cache_dir: Path) -> TokenizedSplits:
+        return TokenizedSplits.load(store.fetch(self.location, cache_dir))
+
+
+def ensure_prepared(config: BTXConfig, store: Store, source: DataSource, *, tokenizer: str,
+                    tokenizer_dir: Callable[[], Path], seq_len: int, held_out_fraction: float,
+                    cache_dir: Path) -> PreparedData:
+    """The prepared corpus in the store, tokenizing it first if it is not there yet.
+
+    `tokenizer` identifies the tokenizer (`tokenizer_id`); `tokenizer_dir` is called only when
+    the corpus must be prepared, so a cached corpus never needs the model fetched.
+    """
+    key = data_cache_key(source, tokenizer, seq_len, held_out_fraction, SPLIT_SALT)
+    location = layout.data_cache(config, key)
+    if not store.is_complete(location):
+        splits = prepare_domain_data(source, load_tokenizer(str(tokenizer_dir())), seq_len,
+                                     held_out_fraction, SPLIT_SALT,
+                                     cache_dir=str(cache_dir / "datasets"))
+        with tempfile.TemporaryDirectory(prefix="btx-data-") as tmp:
+            splits.save(Path(tmp))
+            store.write_dir(Path(tmp), location, stage="data", config_hash=key,
+                            metrics={"train": asdict(splits.train_stats),
+                                     "heldout": asdict(splits.heldout_stats)})
+    return PreparedData(location, store.read_manifest(location))
