@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
@@ -37,6 +39,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 _STEP_RE = re.compile(r"step-(\d{8,})")  # 8 digits sort as text too; wider still parses
+# A local write's temp dirs: `.<name>.tmp-<host>-<pid>-<hex>` (and `.old-`), so a writer can tell
+# a killed process's leftovers from a live writer's work in progress.
+_LEFTOVER_RE = re.compile(r"(?:tmp|old)-(?P<host>[\w.]+)-(?P<pid>\d{1,7})-[0-9a-f]{12}")
+_HOST = re.sub(r"[^\w.]", "_", socket.gethostname()) or "localhost"  # no '-': parses back
+_LEGACY_AGE_S = 24 * 3600  # untagged (older btx): no pid to check, so age decides
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                "InvalidToken", "AllAccessDisabled", "403"}
 
@@ -124,14 +131,28 @@ def _scan_local_dir(local_dir: Path) -> dict[str, Path]:
         if path.is_symlink():
             # Following it would store whatever it points at today; the manifest could not say so.
             raise ValueError(f"{path} is a symlink: copy the target into {local_dir} instead")
-        if path.is_dir():
-            continue
-        if not path.is_file() or rel == MANIFEST:
+        if path.is_file() and rel != MANIFEST:
+            files[rel] = path
+        elif not path.is_dir():
             raise ValueError(f"{path}: only regular files not named {MANIFEST} can be stored")
-        files[rel] = path
     if not files:
         raise ValueError(f"{local_dir} holds no files: refusing to store an empty output")
     return files
+
+
+def _is_dead_leftover(entry: os.DirEntry, name: str) -> bool:
+    """A temp dir of a write to `name` that will never finish; other hosts' are left alone."""
+    if not entry.name.startswith((f".{name}.tmp-", f".{name}.old-")):
+        return False
+    tagged = _LEFTOVER_RE.fullmatch(entry.name, len(name) + 2)
+    try:
+        if tagged is None:
+            return time.time() - entry.stat(follow_symlinks=False).st_mtime > _LEGACY_AGE_S
+        if tagged["host"] == _HOST:
+            os.kill(int(tagged["pid"]), 0)  # signal 0 only checks that the process exists
+    except OSError as exc:  # PermissionError: alive, another user's; others: removed meanwhile
+        return isinstance(exc, ProcessLookupError)
+    return False
 
 
 def _is_cached_copy(dest: Path, manifest: Manifest) -> bool:
@@ -153,10 +174,8 @@ def _cause_chain(exc: BaseException | None) -> Iterator[BaseException]:
 
 def _error_code(exc: BaseException) -> str | None:
     """The S3 error code behind an exception (s3fs chains the botocore ClientError)."""
-    for e in _cause_chain(exc):
-        if isinstance(e, ClientError):
-            return str(e.response.get("Error", {}).get("Code"))
-    return None
+    return next((str(e.response.get("Error", {}).get("Code")) for e in _cause_chain(exc)
+                 if isinstance(e, ClientError)), None)
 
 
 @contextlib.contextmanager
@@ -233,9 +252,8 @@ class Store:
             # so the original error stays out of tracebacks and logs.
             return (f"access denied ({where}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in "
                     "the environment and the bucket's permissions"), False
-        down = [e for e in chain if isinstance(e, (BotoConnectionError, HTTPClientError,
-                                                   ConnectionError))]
-        if down:
+        if down := [e for e in chain
+                    if isinstance(e, (BotoConnectionError, HTTPClientError, ConnectionError))]:
             u = urlsplit(getattr(down[0], "kwargs", {}).get("endpoint_url")
                          or os.environ.get("AWS_ENDPOINT_URL_S3", ""))
             host = f"{u.scheme}://{u.hostname}:{u.port}" if u.hostname else "(AWS default)"
@@ -275,15 +293,12 @@ class Store:
             return None
         with self._errors(location, "listing"):
             sizes = self._stored_sizes(self._path(location))
-        ok = all(sizes.get(rel) == e.size for rel, e in manifest.files.items())
-        return manifest if ok else None
+        return manifest if all(sizes.get(r) == e.size for r, e in manifest.files.items()) else None
 
     def is_complete(self, location: str) -> bool:
         """Manifest valid and every listed file present with its size. Cheap: nothing is hashed.
-
         A missing bucket or bad credentials raise StoreError rather than answer False, so a
-        misconfigured run fails before its work, not after.
-        """
+        misconfigured run fails before its work, not after."""
         return self._complete_manifest(location) is not None
 
     def exists_with(self, location: str, config_hash: str,
@@ -311,11 +326,9 @@ class Store:
                   metrics: Mapping[str, Any] | None = None,
                   extra: Mapping[str, Any] | None = None) -> Manifest:
         """Store `local_dir` at `location`, replacing any older output; return its manifest.
-
         Files are hashed, uploaded in one concurrent batch, their stored sizes checked by one
         listing, and only then is the manifest written: a failure anywhere leaves none. Empty
-        subdirectories are not kept (object stores have no directories).
-        """
+        subdirectories are not kept (object stores have no directories)."""
         path = self._path(location, allow_root=False)
         files = _scan_local_dir(Path(local_dir))
         entries = {}
@@ -324,8 +337,7 @@ class Store:
                 entries[rel] = FileEntry(size=os.fstat(f.fileno()).st_size, sha256=_sha256_of(f))
         manifest = Manifest(stage=stage, config_hash=config_hash, files=entries,
                             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            inputs=dict(inputs or {}), metrics=dict(metrics or {}),
-                            extra=dict(extra or {}))
+                            inputs=inputs or {}, metrics=metrics or {}, extra=extra or {})
         try:
             data = manifest.to_json()
         except ValueError as exc:
@@ -356,25 +368,33 @@ class Store:
 
     def _write_local(self, files, entries, path: str, location: str, data: bytes) -> None:
         # Built beside the target and renamed into place: the old output stays whole until the
-        # swap, and the new one appears together with its manifest.
+        # swap, and the new one appears with its manifest. Others may write it at once (runs
+        # sharing a data cache, a retry): only dead writers' temp dirs go, never a live one's.
         parent, name = os.path.split(path)
         os.makedirs(parent, exist_ok=True)
-        for entry in os.scandir(parent):  # leftovers of a killed earlier write
-            if entry.name.startswith((f".{name}.tmp-", f".{name}.old-")):
+        for entry in os.scandir(parent):
+            if _is_dead_leftover(entry, name):
                 shutil.rmtree(entry.path, ignore_errors=True)
-        tag = uuid.uuid4().hex[:12]
+        tag = f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         tmp, old = f"{parent}/.{name}.tmp-{tag}", f"{parent}/.{name}.old-{tag}"
         try:
             self._upload(files, entries, tmp, location, data)
-            had_old = os.path.lexists(path)
-            if had_old:  # os.replace cannot replace a non-empty directory
-                os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                if had_old:
-                    os.rename(old, path)
-                raise
+            for _ in range(5):  # a concurrent writer may rename its output in between: retry
+                with contextlib.suppress(FileNotFoundError):  # none, or another writer moved it
+                    os.rename(path, old)  # os.replace cannot replace a non-empty directory
+                try:
+                    return os.rename(tmp, path)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        with contextlib.suppress(OSError):  # fails if another output landed
+                            os.rename(old, path)
+                        raise
+                with contextlib.suppress(OSError):  # another output landed: the last rename wins
+                    if Path(path, MANIFEST).read_bytes() == data:
+                        return None  # ...but it is this very output, so nothing to replace
+                shutil.rmtree(old, ignore_errors=True)
+            raise StoreError(f"{location} kept being replaced by other writers (5 tries): "
+                             "let one run at a time write it, then retry")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
@@ -410,14 +430,12 @@ class Store:
 
     def fetch(self, location: str, cache_dir: str | os.PathLike) -> Path:
         """A verified local copy of the output at `location`.
-
         Local stores: every file is hashed and the store's own directory is returned in place
         (`cache_dir` is unused); do not modify it. Remote stores: the output is downloaded in
         one concurrent batch into `cache_dir/<manifest hash>/`, each file's sha256 checked, and
         `_manifest.json` written last; a later fetch of the same manifest reuses that copy if
         its manifest and file sizes still match (sizes only: re-hashing gigabytes on every
-        reuse is not cheap). A damaged copy is downloaded again.
-        """
+        reuse is not cheap). A damaged copy is downloaded again."""
         if self.is_local:
             self.verify(location)
             return Path(self._path(location))
@@ -460,22 +478,17 @@ class Store:
 
     def latest_checkpoint(self, prefix: str) -> tuple[int, str] | None:
         """The newest complete checkpoint under `prefix`, or None."""
-        checkpoints = self.list_checkpoints(prefix)
-        return checkpoints[-1] if checkpoints else None
+        return (self.list_checkpoints(prefix) or [None])[-1]
 
     def prune_checkpoints(self, prefix: str, keep: int) -> list[str]:
         """Delete all but the newest `keep` complete checkpoints; return the deleted locations.
-
         Incomplete ones older than the newest complete one are debris of killed writes and go
-        too; newer incomplete ones may be a write in progress and are left alone.
-        """
+        too; newer incomplete ones may be a write in progress and are left alone."""
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep}")
         children = [(s, loc, self.is_complete(loc)) for s, loc in self._step_children(prefix)]
         complete = [loc for _, loc, ok in children if ok]
-        if not complete:
-            return []
-        newest = max(s for s, _, ok in children if ok)
+        newest = max((s for s, _, ok in children if ok), default=-1)  # none complete: prune none
         kept = set(complete[-keep:]) if keep else set()
         doomed = [loc for s, loc, ok in children
                   if (ok and loc not in kept) or (not ok and s < newest)]

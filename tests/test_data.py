@@ -51,6 +51,24 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     return train_tokenizer(docs, 600, tmp_path_factory.mktemp("tok"))
 
 
+def with_specials(tokenizer, bos: str | None, eos: str):
+    """The same vocabulary with other BOS/EOS tokens (added to the vocab when new), e.g. a
+    Llama/Mistral-style `<s>` ... `</s>`, whose BOS differs from EOS."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos,
+                                   pad_token="<|pad|>", clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(scope="module")
+def llama_style(tokenizer):
+    tok = with_specials(tokenizer, "<s>", "</s>")
+    assert tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id
+    return tok
+
+
 # ---------------------------------------------------------------------------------------------
 # Built-in corpora
 
@@ -282,6 +300,7 @@ def test_pack_places_eos_and_loses_only_the_tail(tokenizer) -> None:
     docs = ["def f(x):\n    return x + 1\n", "Problem: Compute 2 + 2.", "France: Geography"]
     encoded = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
     eos = tokenizer.eos_token_id
+    assert tokenizer.bos_token_id == eos  # GPT-2 style: no BOS of its own, so none is added
     expected = [t for ids in encoded for t in (*ids, eos)]
     assert token_stream(docs, tokenizer).tolist() == expected
     assert tokens_in(docs, tokenizer) == len(expected)
@@ -289,6 +308,34 @@ def test_pack_places_eos_and_loses_only_the_tail(tokenizer) -> None:
     assert blocks.dtype == np.int32 and blocks.shape == (len(expected) // 5, 5)
     assert blocks.reshape(-1).tolist() == expected[: blocks.size]
     assert len(expected) - blocks.size < 5
+
+
+@unit
+def test_pack_opens_each_document_with_a_distinct_bos(llama_style) -> None:
+    docs = ["def f(x):\n    return x + 1\n", "Problem: Compute 2 + 2.", "France: Geography"]
+    bos, eos = llama_style.bos_token_id, llama_style.eos_token_id
+    encoded = [llama_style(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert all(bos not in ids and eos not in ids for ids in encoded)
+    stream = token_stream(docs, llama_style).tolist()
+    assert stream == [t for ids in encoded for t in (bos, *ids, eos)]
+    assert tokens_in(docs, llama_style) == len(stream)
+    ends = [i for i, t in enumerate(stream) if t == eos]
+    starts = [0] + [i + 1 for i in ends[:-1]]
+    assert len(ends) == len(docs) and ends[-1] == len(stream) - 1
+    for start, end, ids in zip(starts, ends, encoded, strict=True):
+        assert stream[start] == bos and stream[start + 1:end] == ids
+    blocks = pack(docs, llama_style, seq_len=4)
+    assert blocks.reshape(-1).tolist() == stream[: blocks.size]
+
+
+@unit
+def test_pack_adds_no_bos_when_it_is_missing_or_equals_eos(tokenizer) -> None:
+    docs = ["a short one", "a somewhat longer document than the first"]
+    expected = token_stream(docs, tokenizer).tolist()
+    eos = tokenizer.eos_token
+    for tok in (with_specials(tokenizer, None, eos), with_specials(tokenizer, eos, eos)):
+        assert token_stream(docs, tok).tolist() == expected
+    assert expected.count(tokenizer.eos_token_id) == len(docs)
 
 
 @unit
@@ -361,6 +408,12 @@ def test_tokenizer_fingerprint_is_the_same_for_a_directory_and_the_tokenizer(tmp
     assert tokenizer_fingerprint(str(tmp_path / "a")) == tokenizer_fingerprint(tok)
     other = train_tokenizer(docs, 320, tmp_path / "b")
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+    # Packing depends on BOS too: the same vocabulary with a distinct BOS is another key.
+    no_bos, bos = (with_specials(tok, b, tok.eos_token) for b in (None, "<|pad|>"))
+    assert no_bos.backend_tokenizer.to_str() == bos.backend_tokenizer.to_str()
+    assert tokenizer_fingerprint(bos) != tokenizer_fingerprint(no_bos)
+    bos.save_pretrained(tmp_path / "c")
+    assert tokenizer_fingerprint(tmp_path / "c") == tokenizer_fingerprint(bos)
 
 
 @unit

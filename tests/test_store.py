@@ -5,13 +5,20 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 import traceback
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+import btx_core.store as store_module
 from btx_core.errors import IncompleteOutputError, IntegrityError, StoreError
 from btx_core.store import MANIFEST, Manifest, Store, checkpoint_location
 
@@ -261,6 +268,120 @@ def test_write_dir_refuses_symlinks_empty_dirs_and_bad_metrics(tmp_path):
     with pytest.raises(ValueError, match="JSON"):
         store.write_dir(src, store.child("x"), stage="s", config_hash="c", metrics={"t": object()})
     assert not store.is_complete(store.child("x"))
+
+
+# -- concurrent local writers ------------------------------------------------------------------
+
+
+def temp_dirs(store: Store, location: str) -> list[str]:
+    parent, name = os.path.split(store.fs._strip_protocol(location))
+    return [n for n in os.listdir(parent) if n.startswith((f".{name}.tmp-", f".{name}.old-"))]
+
+
+@pytest.mark.unit
+def test_concurrent_local_writers_both_succeed(tmp_path, monkeypatch):
+    """Two runs sharing a data cache write the same key at once: neither deletes the other's
+    temp dir, both finish, and the last rename leaves one complete output."""
+    store = Store(str(tmp_path / "store"))
+    loc = store.child("_data", "key")
+    write(store, tmp_path, loc, config_hash="earlier")
+    a_uploading, b_uploading = threading.Event(), threading.Event()
+    both_uploaded = threading.Barrier(2, timeout=10)
+    real_put = store.fs.put
+
+    def slow_put(lpaths, rpaths, **kw):
+        # A holds its upload open (temp dir made, nothing in it yet) until B, started only now,
+        # has swept for leftovers and begun its own; both then swap into place together.
+        if threading.current_thread().name == "a":
+            a_uploading.set()
+            assert b_uploading.wait(30)
+        else:
+            b_uploading.set()
+        real_put(lpaths, rpaths, **kw)
+        both_uploaded.wait()
+
+    monkeypatch.setattr(store.fs, "put", slow_put)  # fsspec shares the instance: undo after
+    files = {w: {rel: data + w.encode() for rel, data in FILES.items()} for w in "ab"}
+    results: dict[str, Manifest | BaseException] = {}
+
+    def writer(w: str) -> None:
+        try:
+            results[w] = write(store, tmp_path, loc, files=files[w], config_hash=w)
+        except BaseException as exc:  # reported by the asserts below
+            results[w] = exc
+
+    threads = {w: threading.Thread(target=writer, args=(w,), name=w) for w in "ab"}
+    threads["a"].start()
+    assert a_uploading.wait(30)
+    threads["b"].start()
+    for t in threads.values():
+        t.join(60)
+    assert all(isinstance(results.get(w), Manifest) for w in "ab"), results
+    final = store.verify(loc)
+    assert final in (results["a"], results["b"])
+    winner = final.config_hash
+    for rel, data in files[winner].items():
+        assert store.fs.cat_file(stored_path(store, loc, rel)) == data
+    assert temp_dirs(store, loc) == []
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("same_output", [False, True])
+def test_writer_overtaken_between_its_renames_still_succeeds(tmp_path, monkeypatch, same_output):
+    """Another writer's output lands after this one moved the old output aside: this one
+    retries and its later rename wins, or, when the output landed is this very one, stops."""
+    store = Store(str(tmp_path / "store"))
+    loc = store.child("out")
+    write(store, tmp_path, loc, config_hash="earlier")
+    path, real_rename, other = store.fs._strip_protocol(loc), os.rename, {}
+
+    class Frozen(datetime):  # same second for both writers, so equal outputs hash the same
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 1, tzinfo=tz)
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        if src == path and not other:  # the old output was just moved aside: overtake
+            other["started"] = True
+            other["m"] = write(store, tmp_path, loc, config_hash="same" if same_output else "o")
+
+    monkeypatch.setattr(store_module, "datetime", Frozen)
+    monkeypatch.setattr(os, "rename", rename)
+    mine = write(store, tmp_path, loc, config_hash="same" if same_output else "mine")
+    monkeypatch.undo()
+    assert (mine == other["m"]) is same_output
+    assert store.verify(loc) == mine
+    assert temp_dirs(store, loc) == []
+
+
+@pytest.mark.unit
+def test_only_dead_writers_leftovers_are_cleaned(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    loc = store.child("out")
+    parent = Path(store.fs._strip_protocol(loc)).parent
+    parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host = store_module._HOST
+
+    def leftover(kind: str, tag: str, age_s: float = 0) -> Path:
+        d = parent / f".out.{kind}-{tag}"
+        make_dir(d, {"config.json": b"partial"})
+        os.utime(d, (time.time() - age_s,) * 2)
+        return d
+
+    gone = [leftover("tmp", f"{host}-{dead.pid}-{'a' * 12}"),  # killed writer, this host
+            leftover("old", f"{host}-{dead.pid}-{'b' * 12}"),
+            leftover("tmp", "c" * 12, age_s=2 * 86400)]  # untagged (older btx), a day old
+    kept = [leftover("tmp", f"{host}-{os.getpid()}-{'d' * 12}"),  # a live writer: this process
+            leftover("tmp", f"{host}-1-{'e' * 12}"),  # alive, maybe another user's
+            leftover("tmp", f"other_host-{dead.pid}-{'f' * 12}"),  # its pid cannot be checked
+            leftover("tmp", "0" * 12)]  # untagged but recent: may still be filling
+    m = write(store, tmp_path, loc)
+    assert [d.name for d in gone if d.exists()] == []
+    assert [d.name for d in kept if not d.exists()] == []
+    assert store.verify(loc) == m
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

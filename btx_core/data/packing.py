@@ -1,7 +1,8 @@
 """From documents to training blocks: a held-out split, tokenization, packing, and a cache key.
 
 Packing follows standard LM pretraining (and the paper's continued pretraining): documents
-are tokenized, each followed by EOS, concatenated, and cut into full `seq_len` blocks; the
+are tokenized, each preceded by BOS (when the tokenizer has one distinct from EOS, as Llama and
+Mistral do) and followed by EOS, concatenated, and cut into full `seq_len` blocks; the
 ragged tail is dropped, so every block is a full-length training example and no padding is
 ever trained on. The held-out split is made per document, before packing, so that no block
 mixes train and held-out text.
@@ -24,7 +25,7 @@ from btx_core.data.sources import load_documents, source_fingerprint
 from btx_core.errors import DataError
 
 # Bump when splitting or packing changes, so cached blocks are rebuilt.
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 2  # 2: BOS before each document when the tokenizer's BOS != EOS
 SPLITS_FILE = "splits.safetensors"
 STATS_FILE = "stats.json"
 ENCODE_BATCH = 1000  # documents per tokenizer call: bounds the Python lists held at once
@@ -55,11 +56,19 @@ def _position(doc: str, salt: str) -> float:
 
 
 def token_stream(docs: Sequence[str], tokenizer) -> np.ndarray:
-    """All documents' tokens, each document followed by EOS, as one int32 array."""
+    """All documents' tokens as one int32 array: each document as [BOS,] tokens..., EOS.
+
+    BOS is prepended only when the tokenizer has one that differs from EOS: Llama and Mistral
+    were pretrained with BOS opening every document, and continued pretraining without it is off
+    their distribution. GPT-2-style tokenizers (the demo's) set BOS == EOS, where the previous
+    document's EOS already marks the start, so a second copy would only waste a token.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token, which separates packed documents: use a "
                         "tokenizer with `eos_token` set")
+    bos = tokenizer.bos_token_id
+    head = (bos,) if bos is not None and bos != eos else ()
     backend = _plain_backend(tokenizer)
     pieces = []
     for start in range(0, len(docs), ENCODE_BATCH):
@@ -70,7 +79,8 @@ def token_stream(docs: Sequence[str], tokenizer) -> np.ndarray:
         else:
             ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
                             verbose=False)["input_ids"]
-        pieces.append(np.fromiter((t for doc_ids in ids for t in (*doc_ids, eos)), dtype=np.int32))
+        pieces.append(np.fromiter((t for doc_ids in ids for t in (*head, *doc_ids, eos)),
+                                  dtype=np.int32))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
 
@@ -103,7 +113,7 @@ def _blocks(stream: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def tokens_in(docs: Sequence[str], tokenizer) -> int:
-    """Tokens the documents make when packed (EOS included), before cutting into blocks."""
+    """Tokens the documents make when packed (BOS and EOS included), before cutting into blocks."""
     return len(token_stream(docs, tokenizer))
 
 
@@ -112,7 +122,7 @@ class SplitStats:
     documents: int
     """Documents in the split."""
     tokens: int
-    """Tokens before cutting into blocks, one EOS per document included."""
+    """Tokens before cutting into blocks, each document's EOS (and BOS, if any) included."""
     blocks: int
     """Full blocks of seq_len tokens (the ragged tail is dropped)."""
 
@@ -204,13 +214,13 @@ def _describe(source: DataSource) -> str:
 
 
 def tokenizer_fingerprint(tokenizer_or_dir) -> str:
-    """sha256 of the tokenizer's canonical tokenizer.json and its EOS token: the same for a
-    directory and for the tokenizer loaded from it."""
+    """sha256 of the tokenizer's canonical tokenizer.json and its BOS and EOS tokens (packing
+    uses both): the same for a directory and for the tokenizer loaded from it."""
     if isinstance(tokenizer_or_dir, str | Path):
         directory = Path(tokenizer_or_dir)
         if (directory / "tokenizer.json").is_file():
             spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
-            return _fingerprint(spec, _eos_from_config(directory))
+            return _fingerprint(spec, *_bos_eos_from_config(directory))
         from transformers import AutoTokenizer  # e.g. a sentencepiece-only seed: convert it
 
         tokenizer_or_dir = AutoTokenizer.from_pretrained(directory)
@@ -218,22 +228,24 @@ def tokenizer_fingerprint(tokenizer_or_dir) -> str:
     if backend is None:
         raise DataError(f"{type(tokenizer_or_dir).__name__} is not a fast tokenizer: btx packs "
                         "data with fast (tokenizers-backed) tokenizers only")
-    return _fingerprint(json.loads(backend.to_str()), tokenizer_or_dir.eos_token)
+    return _fingerprint(json.loads(backend.to_str()), tokenizer_or_dir.bos_token,
+                        tokenizer_or_dir.eos_token)
 
 
-def _fingerprint(spec: dict, eos_token: str | None) -> str:
+def _fingerprint(spec: dict, bos_token: str | None, eos_token: str | None) -> str:
     # Padding and truncation are call-time settings that transformers writes into the backend;
     # they do not change how documents are tokenized here.
     spec = {k: v for k, v in spec.items() if k not in ("padding", "truncation")}
-    return stable_hash({"tokenizer": spec, "eos_token": eos_token})
+    return stable_hash({"tokenizer": spec, "bos_token": bos_token, "eos_token": eos_token})
 
 
-def _eos_from_config(directory: Path) -> str | None:
+def _bos_eos_from_config(directory: Path) -> tuple[str | None, str | None]:
     config_file = directory / "tokenizer_config.json"
     if not config_file.is_file():
-        return None
-    eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
-    return eos.get("content") if isinstance(eos, dict) else eos
+        return None, None
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    bos, eos = config.get("bos_token"), config.get("eos_token")
+    return tuple(t.get("content") if isinstance(t, dict) else t for t in (bos, eos))
 
 
 def data_cache_key(source: DataSource, tokenizer_fingerprint: str, seq_len: int,
