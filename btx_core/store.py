@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import logging
 import os
 import re
@@ -23,7 +21,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
@@ -31,13 +29,14 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoC
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import PartialCredentialsError
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from btx_core.errors import IncompleteOutputError, IntegrityError, StoreError
+from btx_core.manifest import MANIFEST, FileEntry, Manifest, check_hash, checkpoint_location, sha256_of
+
+__all__ = ["MANIFEST", "FileEntry", "Manifest", "Store", "checkpoint_location"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "_manifest.json"
 _STEP_RE = re.compile(r"step-(\d{8,})")  # 8 digits sort as text too; wider still parses
 # A local write's temp dirs: `.<name>.tmp-<host>-<pid>-<hex>` (and `.old-`), so a writer can tell
 # a killed process's leftovers from a live writer's work in progress.
@@ -46,79 +45,6 @@ _HOST = re.sub(r"[^\w.]", "_", socket.gethostname()) or "localhost"  # no '-': p
 _LEGACY_AGE_S = 24 * 3600  # untagged (older btx): no pid to check, so age decides
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                "InvalidToken", "AllAccessDisabled", "403"}
-
-
-class FileEntry(BaseModel):
-    """One stored file: its size in bytes and the hex sha256 of its content."""
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class Manifest(BaseModel):
-    """What a stage output holds and how it was made; written last, so its presence means done."""
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    format_version: Literal[1] = 1
-    stage: str
-    created_at: str
-    """ISO 8601, UTC."""
-    config_hash: str
-    inputs: dict[str, str] = {}
-    """Input name -> that input's `Manifest.hash`, so a changed upstream invalidates this output."""
-    files: dict[str, FileEntry]
-    """Relative POSIX path -> entry; the manifest itself is not listed."""
-    metrics: dict[str, Any] = {}
-    """JSON data; NaN and inf are stored as null (JSON has neither)."""
-    extra: dict[str, Any] = {}
-    """Free JSON metadata for the stage's own use."""
-
-    @field_validator("files")
-    @classmethod
-    def _relative_paths(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
-        # fetch() writes these paths under a cache dir: "../x" or "/x" would escape it.
-        for rel in files:
-            if rel == MANIFEST or any(p in ("", ".", "..") for p in rel.split("/")):
-                raise ValueError(f"file path {rel!r} must be relative, without '.', '..' or '//'")
-        return files
-
-    def _dumps(self, **layout: Any) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False,
-                          **layout).encode()
-
-    @property
-    def hash(self) -> str:
-        """sha256 of the canonical JSON (sorted keys, no whitespace); inputs are recorded so."""
-        return hashlib.sha256(self._dumps(separators=(",", ":"))).hexdigest()
-
-    def to_json(self) -> bytes:
-        """Indented for people reading the store; `hash` does not depend on the layout."""
-        return self._dumps(indent=2) + b"\n"
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Manifest:
-        """Parse and validate; raises `ValueError` (pydantic's ValidationError) when invalid."""
-        return cls.model_validate_json(data)
-
-
-def checkpoint_location(prefix: str, step: int) -> str:
-    """`prefix/step-00000100`: the location of training checkpoint `step` under `prefix`."""
-    if step < 0:
-        raise ValueError(f"checkpoint step must be >= 0, got {step}")
-    return f"{prefix.rstrip('/')}/step-{step:08d}"
-
-
-def _sha256_of(f) -> str:
-    digest = hashlib.sha256()
-    while chunk := f.read(8 << 20):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_hash(location: str, rel: str, expected: str, actual: str) -> None:
-    if actual != expected:
-        raise IntegrityError(f"{location}/{rel} is corrupt: sha256 expected {expected}, actual "
-                             f"{actual}; delete the output and rerun its stage (if it was being "
-                             "rewritten meanwhile, just retry)")
 
 
 def _scan_local_dir(local_dir: Path) -> dict[str, Path]:
@@ -315,7 +241,7 @@ class Store:
             for rel, entry in manifest.files.items():
                 try:
                     with self.fs.open(f"{path}/{rel}", "rb") as f:
-                        _check_hash(location, rel, entry.sha256, _sha256_of(f))
+                        check_hash(location, rel, entry.sha256, sha256_of(f))
                 except FileNotFoundError:
                     raise IntegrityError(f"{location}/{rel} is in the manifest but missing: "
                                          "delete the output and rerun its stage") from None
@@ -334,7 +260,7 @@ class Store:
         entries = {}
         for rel, src in files.items():
             with open(src, "rb") as f:
-                entries[rel] = FileEntry(size=os.fstat(f.fileno()).st_size, sha256=_sha256_of(f))
+                entries[rel] = FileEntry(size=os.fstat(f.fileno()).st_size, sha256=sha256_of(f))
         manifest = Manifest(stage=stage, config_hash=config_hash, files=entries,
                             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             inputs=inputs or {}, metrics=metrics or {}, extra=extra or {})
@@ -452,7 +378,7 @@ class Store:
                 self.fs.get([f"{path}/{r}" for r in rels], [str(tmp / r) for r in rels])
             for rel in rels:
                 with open(tmp / rel, "rb") as f:
-                    _check_hash(location, rel, manifest.files[rel].sha256, _sha256_of(f))
+                    check_hash(location, rel, manifest.files[rel].sha256, sha256_of(f))
             (tmp / MANIFEST).write_bytes(manifest.to_json())
             if dest.exists():
                 if _is_cached_copy(dest, manifest):  # another process fetched it meanwhile

@@ -18,8 +18,7 @@ from btx_core.config import DataSource
 from btx_core.data.builtin import (EXCLUDED_DIRS, builtin_documents, cap_documents, clean_html,
                                    interleave_by_bytes, stdlib_files)
 from btx_core.data.packing import (SPLITS_FILE, TokenizedSplits, data_cache_key, pack,
-                                   prepare_domain_data, split_documents, token_stream,
-                                   tokenizer_fingerprint, tokens_in)
+                                   prepare_domain_data, split_documents, token_stream)
 from btx_core.data.sources import load_documents
 from btx_core.errors import DataError
 from btx_core.tokenizer import train_tokenizer
@@ -303,7 +302,6 @@ def test_pack_places_eos_and_loses_only_the_tail(tokenizer) -> None:
     assert tokenizer.bos_token_id == eos  # GPT-2 style: no BOS of its own, so none is added
     expected = [t for ids in encoded for t in (*ids, eos)]
     assert token_stream(docs, tokenizer).tolist() == expected
-    assert tokens_in(docs, tokenizer) == len(expected)
     blocks = pack(docs, tokenizer, seq_len=5)
     assert blocks.dtype == np.int32 and blocks.shape == (len(expected) // 5, 5)
     assert blocks.reshape(-1).tolist() == expected[: blocks.size]
@@ -318,7 +316,6 @@ def test_pack_opens_each_document_with_a_distinct_bos(llama_style) -> None:
     assert all(bos not in ids and eos not in ids for ids in encoded)
     stream = token_stream(docs, llama_style).tolist()
     assert stream == [t for ids in encoded for t in (bos, *ids, eos)]
-    assert tokens_in(docs, llama_style) == len(stream)
     ends = [i for i, t in enumerate(stream) if t == eos]
     starts = [0] + [i + 1 for i in ends[:-1]]
     assert len(ends) == len(docs) and ends[-1] == len(stream) - 1
@@ -401,29 +398,13 @@ def test_one_document_cannot_be_split(tokenizer, tmp_path: Path) -> None:
 
 
 @unit
-def test_tokenizer_fingerprint_is_the_same_for_a_directory_and_the_tokenizer(tmp_path: Path) -> None:
-    docs = builtin_documents("math", max_documents=200)
-    tok = train_tokenizer(docs, 300, tmp_path / "a")
-    assert tokenizer_fingerprint(tmp_path / "a") == tokenizer_fingerprint(tok)
-    assert tokenizer_fingerprint(str(tmp_path / "a")) == tokenizer_fingerprint(tok)
-    other = train_tokenizer(docs, 320, tmp_path / "b")
-    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
-    # Packing depends on BOS too: the same vocabulary with a distinct BOS is another key.
-    no_bos, bos = (with_specials(tok, b, tok.eos_token) for b in (None, "<|pad|>"))
-    assert no_bos.backend_tokenizer.to_str() == bos.backend_tokenizer.to_str()
-    assert tokenizer_fingerprint(bos) != tokenizer_fingerprint(no_bos)
-    bos.save_pretrained(tmp_path / "c")
-    assert tokenizer_fingerprint(tmp_path / "c") == tokenizer_fingerprint(bos)
-
-
-@unit
 def test_cache_key_changes_with_every_input(tmp_path: Path) -> None:
-    base = dict(source=DataSource(builtin="code"), tokenizer_fingerprint="t", seq_len=128,
+    base = dict(source=DataSource(builtin="code"), tokenizer_id="t", seq_len=128,
                 held_out_fraction=0.05, salt="code")
     key = data_cache_key(**base)
     assert key == data_cache_key(**base) and re.fullmatch(r"[0-9a-f]{64}", key)
     changes = [dict(source=DataSource(builtin="math")),
-               dict(source=DataSource(builtin="code", max_bytes=10)), dict(tokenizer_fingerprint="u"),
+               dict(source=DataSource(builtin="code", max_bytes=10)), dict(tokenizer_id="u"),
                dict(seq_len=256), dict(held_out_fraction=0.1), dict(salt="x")]
     for change in changes:
         assert data_cache_key(**{**base, **change}) != key, change

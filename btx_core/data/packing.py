@@ -112,11 +112,6 @@ def _blocks(stream: np.ndarray, seq_len: int) -> np.ndarray:
     return stream[: n_blocks * seq_len].reshape(n_blocks, seq_len)
 
 
-def tokens_in(docs: Sequence[str], tokenizer) -> int:
-    """Tokens the documents make when packed (BOS and EOS included), before cutting into blocks."""
-    return len(token_stream(docs, tokenizer))
-
-
 @dataclass(frozen=True)
 class SplitStats:
     documents: int
@@ -213,50 +208,17 @@ def _describe(source: DataSource) -> str:
 # Cache keys
 
 
-def tokenizer_fingerprint(tokenizer_or_dir) -> str:
-    """sha256 of the tokenizer's canonical tokenizer.json and its BOS and EOS tokens (packing
-    uses both): the same for a directory and for the tokenizer loaded from it."""
-    if isinstance(tokenizer_or_dir, str | Path):
-        directory = Path(tokenizer_or_dir)
-        if (directory / "tokenizer.json").is_file():
-            spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
-            return _fingerprint(spec, *_bos_eos_from_config(directory))
-        from transformers import AutoTokenizer  # e.g. a sentencepiece-only seed: convert it
-
-        tokenizer_or_dir = AutoTokenizer.from_pretrained(directory)
-    backend = getattr(tokenizer_or_dir, "backend_tokenizer", None)
-    if backend is None:
-        raise DataError(f"{type(tokenizer_or_dir).__name__} is not a fast tokenizer: btx packs "
-                        "data with fast (tokenizers-backed) tokenizers only")
-    return _fingerprint(json.loads(backend.to_str()), tokenizer_or_dir.bos_token,
-                        tokenizer_or_dir.eos_token)
-
-
-def _fingerprint(spec: dict, bos_token: str | None, eos_token: str | None) -> str:
-    # Padding and truncation are call-time settings that transformers writes into the backend;
-    # they do not change how documents are tokenized here.
-    spec = {k: v for k, v in spec.items() if k not in ("padding", "truncation")}
-    return stable_hash({"tokenizer": spec, "bos_token": bos_token, "eos_token": eos_token})
-
-
-def _bos_eos_from_config(directory: Path) -> tuple[str | None, str | None]:
-    config_file = directory / "tokenizer_config.json"
-    if not config_file.is_file():
-        return None, None
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    bos, eos = config.get("bos_token"), config.get("eos_token")
-    return tuple(t.get("content") if isinstance(t, dict) else t for t in (bos, eos))
-
-
-def data_cache_key(source: DataSource, tokenizer_fingerprint: str, seq_len: int,
+def data_cache_key(source: DataSource, tokenizer_id: str, seq_len: int,
                    held_out_fraction: float, salt: str) -> str:
     """sha256 naming the prepared data: every input of `prepare_domain_data`, plus what the
-    source's content depends on (corpus versions, file sizes and stamps)."""
+    source's content depends on (corpus versions, file sizes and stamps). `tokenizer_id` must
+    change with anything that changes tokenization, BOS/EOS included (`data.cache.tokenizer_id`
+    hashes tokenizer.json and tokenizer_config.json)."""
     return stable_hash({
         "format_version": DATA_FORMAT_VERSION,
         "source": source.model_dump(mode="json"),
         "content": source_fingerprint(source),
-        "tokenizer": tokenizer_fingerprint,
+        "tokenizer": tokenizer_id,
         "seq_len": seq_len,
         "held_out_fraction": held_out_fraction,
         "salt": salt,
