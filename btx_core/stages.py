@@ -285,7 +285,8 @@ def _local_model_dir(source: str, store: Store, cache: Path, scratch: Path) -> P
     from huggingface_hub import snapshot_download  # a Hub id: real users only, never offline tests
 
     try:
-        return Path(snapshot_download(source, allow_patterns=list(MODEL_FILES), cache_dir=str(scratch)))
+        # The user's HF cache: a model downloaded once (by btx or anything else) is reused.
+        return Path(snapshot_download(source, allow_patterns=list(MODEL_FILES)))
     except Exception as exc:  # offline, unknown repo, gated model: all end here
         raise BTXError(f"cannot download {source!r} from the Hugging Face Hub ({type(exc).__name__}): "
                        "check the id and network access (HF_HUB_OFFLINE must be unset; gated models "

@@ -170,5 +170,6 @@ def test_unknown_family_is_refused() -> None:
 def test_twenty_thousand_documents_are_fast() -> None:
     start = time.perf_counter()
     docs = math_documents(20_000, seed=0)
-    assert time.perf_counter() - start < 5
+    # 0.25 s measured; the bound only catches an accidental quadratic, not a slow shared CI core.
+    assert time.perf_counter() - start < 20
     assert len(set(docs)) > 0.85 * len(docs)  # not a handful of repeated problems
