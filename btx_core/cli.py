@@ -30,10 +30,16 @@ def main() -> None:
     except BTXError as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         sys.exit(1)
-    except KeyboardInterrupt:
-        typer.secho("interrupted: run the same command again to resume from the newest checkpoint",
-                    err=True, fg="yellow")
-        sys.exit(130)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under torchrun, leave the process group cleanly (NCCL warns about leaked groups)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _load(config_path: Path):
@@ -59,9 +65,16 @@ class _ProgressBar:
         self.bar.update(p.step - self.bar.n)
         self.bar.set_postfix(loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:,.0f}", eta=f"{p.eta_s:,.0f}s")
 
-    def close(self) -> None:
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
         if self.bar is not None:
             self.bar.close()
+        if kind is KeyboardInterrupt:  # typer would exit 130 without a word
+            typer.secho("interrupted: run the same command again to resume from the newest "
+                        "checkpoint", err=True, fg="yellow")
+            raise typer.Exit(130)
 
 
 def _is_main_process() -> bool:
@@ -89,11 +102,8 @@ def seed(config: Path = ConfigArg) -> None:
     from btx_core.stages import build_seed
 
     cfg = _load(config)
-    bar = _ProgressBar("seed")
-    try:
+    with _ProgressBar("seed") as bar:
         out = build_seed(cfg, on_progress=bar)
-    finally:
-        bar.close()
     if not _is_main_process():
         return
     _report("seed", out)
@@ -109,11 +119,8 @@ def train_expert(config: Path = ConfigArg,
 
     cfg = _load(config)
     cfg.domain(domain)
-    bar = _ProgressBar(f"expert[{domain}]")
-    try:
+    with _ProgressBar(f"expert[{domain}]") as bar:
         out = run(cfg, domain, on_progress=bar)
-    finally:
-        bar.close()
     if not _is_main_process():
         return
     _report(f"expert[{domain}]", out)
