@@ -7,7 +7,10 @@ shared and averaged. Adding a family (Qwen2, Qwen3) is a table entry plus tests.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,25 @@ def unsupported_message(model_type: str | None, where: str) -> str:
     known = ", ".join(sorted(DENSE_FAMILIES))
     return (f"{where} is a {model_type or 'unknown'!r} model; btx branches dense decoder-only "
             f"models of the families: {known}. Convert the model or pick a supported seed")
+
+
+# Checked before any heavy import, so `btx validate` stays fast.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def seed_architecture_problem(ref: str) -> str | None:
+    """A cheap pre-flight check of a local seed directory; None when fine or not checkable here."""
+    if "://" in ref and not ref.startswith("file://"):
+        return None  # a store URI: checked when fetched
+    path = Path(ref.removeprefix("file://")).expanduser()
+    if not path.exists():
+        if HUB_ID.match(ref):
+            return None  # a Hub id: checked when loaded
+        return f"{ref!r} is neither an existing directory nor a Hub id (owner/name): fix the path"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return f"{ref!r} has no config.json: point it at a Hugging Face model directory"
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if dense_family(model_type) is None:
+        return unsupported_message(model_type, repr(ref))
+    return None

@@ -14,7 +14,7 @@ from btx_core.errors import BTXError, ConfigError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Branch-Train-MiX: one seed LLM -> N domain experts -> one Mixture-of-Experts LLM.")
 
-ConfigArg = typer.Argument(..., exists=False, help="Pipeline config (YAML), e.g. configs/demo.yaml")
+ConfigArg = typer.Argument(..., help="Pipeline config (YAML), e.g. configs/demo.yaml")
 
 
 def main() -> None:
@@ -36,9 +36,8 @@ def main() -> None:
 
 def _close_process_group() -> None:
     """Under torchrun, leave the process group cleanly (NCCL warns about leaked groups)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not imported by validate/status: keep them fast
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

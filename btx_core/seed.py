@@ -8,11 +8,8 @@ before any weights are read.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -22,27 +19,6 @@ from btx_core.config import TinyModelSpec
 from btx_core.errors import BTXError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def seed_architecture_problem(ref: str) -> str | None:
-    """A cheap pre-flight check of a local seed directory; None when fine or not checkable here."""
-    if "://" in ref and not ref.startswith("file://"):
-        return None  # a store URI: checked when fetched
-    path = Path(ref.removeprefix("file://")).expanduser()
-    if not path.exists():
-        if HUB_ID.match(ref):
-            return None  # a Hub id: checked when loaded
-        return f"{ref!r} is neither an existing directory nor a Hub id (owner/name): fix the path"
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        return f"{ref!r} has no config.json: point it at a Hugging Face model directory"
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if dense_family(model_type) is None:
-        return unsupported_message(model_type, repr(ref))
-    return None
-
 
 def check_architecture(config, where: str) -> DenseFamily:
     family = dense_family(getattr(config, "model_type", None))

@@ -2,7 +2,8 @@
 wires library pieces: set up, (resume and) train, save to the store with a manifest.
 
 Every stage is idempotent: an output whose manifest records the same config hash and the same
-input manifests is returned without any work, so rerunning a finished pipeline trains nothing.
+inputs (the seed's manifest, the content of the data) is returned without any work, so rerunning
+a finished pipeline trains nothing.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from btx_core.train import (Dist, Progress, evaluate_loss, init_distributed, mai
 
 log = logging.getLogger(__name__)
 STAGE_FORMAT = 1  # bump when a stage's output changes for the same config
+# What a seed directory contributes: weights, configs, and the tokenizer in any of its layouts.
 MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",  # older layouts too
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 ProgressCallback = Callable[[Progress], None]
@@ -69,7 +71,7 @@ class StoreCheckpoints:
         manifest = self.store.read_manifest(location)
         if manifest.config_hash != self.config_hash or manifest.inputs != self.inputs:
             raise CheckpointMismatchError(
-                f"checkpoint {location} was made with a different config or seed. Delete "
+                f"checkpoint {location} was made with a different config, seed or data. Delete "
                 f"{self.prefix} to start this stage over, or restore the config it was made with")
         return step, self.store.fetch(location, self.cache_dir)
 
@@ -149,7 +151,7 @@ def build_seed(config: BTXConfig, *, on_progress: ProgressCallback | None = None
 def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: str) -> StageOutput:
     source = config.seed.model
     with tempfile.TemporaryDirectory(prefix="btx-seed-") as tmp:
-        local = _local_model_dir(source, store, cache_dir(config), Path(tmp))
+        local = _local_model_dir(source, cache_dir(config), Path(tmp))
         breakdown = inspect_model_dir(str(local), trust_remote_code=config.seed.trust_remote_code)
         load_tokenizer(str(local), trust_remote_code=config.seed.trust_remote_code)
         staged = Path(tmp) / "staged"
@@ -270,9 +272,7 @@ def _save_model(store: Store, model, tokenizer, location: str, *, stage: str, co
                                inputs=inputs, metrics=metrics)
 
 
-
-
-def _local_model_dir(source: str, store: Store, cache: Path, scratch: Path) -> Path:
+def _local_model_dir(source: str, cache: Path, scratch: Path) -> Path:
     """A local directory holding the model: itself, a verified copy from the store, or a Hub snapshot."""
     if "://" in source and not source.startswith("file://"):
         store = Store(source.rsplit("/", 1)[0])

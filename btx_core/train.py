@@ -27,6 +27,7 @@ import torch.distributed as dist
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from btx_core.config import TrainSettings
+from btx_core.errors import BTXError, CheckpointMismatchError, DataError
 from btx_core.train_state import TrainState, load_checkpoint, read_train_state, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,10 @@ def main_rank_first(ranks: Dist):
 def pick_device(setting: str, ranks: Dist, precision: str = "fp32") -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("device: cuda was asked for but no CUDA device is visible; "
+            raise BTXError("device: cuda was asked for but no CUDA device is visible; "
                                "use `device: auto` or `cpu`")
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise RuntimeError(f"{torch.cuda.get_device_name()} has no bf16 support: use "
+            raise BTXError(f"{torch.cuda.get_device_name()} has no bf16 support: use "
                                "`precision: fp32` (pre-Ampere GPUs such as V100 and T4)")
         return torch.device("cuda", ranks.local_rank)
     return torch.device("cpu")
@@ -253,7 +254,7 @@ def _resume(latest: tuple[int, Path], model, optimizer, scheduler, ranks: Dist) 
     step, directory = latest
     saved = read_train_state(directory)
     if saved.world_size != ranks.world_size:
-        raise RuntimeError(f"checkpoint at step {step} was trained with {saved.world_size} "
+        raise CheckpointMismatchError(f"checkpoint at step {step} was trained with {saved.world_size} "
                            f"process(es), this run has {ranks.world_size}: resume with the same "
                            "number of processes (the data order depends on it)")
     state = load_checkpoint(directory, model, optimizer, scheduler)
@@ -275,7 +276,7 @@ def evaluate_loss(model: torch.nn.Module, blocks: np.ndarray, *, batch_size: int
                   precision: str = "fp32", device: torch.device | None = None) -> float:
     """Mean next-token loss (nats per token) over the first `max_blocks` held-out blocks."""
     if len(blocks) == 0:
-        raise ValueError("no held-out blocks to evaluate: add data or raise held_out_fraction")
+        raise DataError("no held-out blocks to evaluate: add data or raise held_out_fraction")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from btx_core.errors import CheckpointMismatchError
+
 FORMAT_VERSION = 1
 MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = (
     "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -63,12 +65,13 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
                     scheduler) -> TrainState:
     meta = json.loads((directory / STATE_FILE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory} has training-state format {meta.get('format_version')}, "
+        raise CheckpointMismatchError(f"{directory} has training-state format {meta.get('format_version')}, "
                          f"this btx reads {FORMAT_VERSION}: resume with the btx that wrote it")
     missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {directory} does not fit the model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+        raise CheckpointMismatchError(
+            f"checkpoint {directory} does not fit the model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): delete the stage's checkpoints to start it over")
     tensors = load_file(str(directory / OPTIMIZER_FILE))
     optimizer.load_state_dict(_join_optimizer_state(tensors, meta["optimizer"]))
     scheduler_state = dict(meta["scheduler"], lr_lambdas=[None] * len(meta["scheduler"]["base_lrs"]))

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from btx_core.config import (BTXConfig, DataSource, SeedSpec, TinyModelSpec, TrainSettings,
                              cross_field_problems, scheme)
+from btx_core.arch import seed_architecture_problem
 from btx_core.errors import ConfigError
 
 
@@ -61,8 +62,6 @@ def parse_config(raw: Mapping[str, Any], source: str | None = None, base_dir: Pa
 
 def environment_problems(raw: Mapping[str, Any], base_dir: Path) -> list[str]:
     """Cheap checks against the world (data paths, the seed's architecture); no heavy work."""
-    from btx_core.seed import seed_architecture_problem  # model-family knowledge lives there
-
     problems = []
     seed = raw.get("seed") if isinstance(raw.get("seed"), Mapping) else {}
     sources = [("seed.pretrain_data", seed.get("pretrain_data"))] if seed.get("create") else []

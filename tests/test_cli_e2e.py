@@ -14,6 +14,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from tests.test_train import free_port
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[1]
 BTX = [sys.executable, "-m", "btx_core.cli"]
@@ -128,7 +130,7 @@ def test_expert_under_torchrun_with_two_gloo_processes(seeded):
     btx("train-expert", str(one), "--domain", "math", cwd=work)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(29600 + os.getpid() % 1000),
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                            "-m", "btx_core.cli", "train-expert", str(two), "--domain", "math"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

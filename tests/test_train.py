@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,13 @@ if int(os.environ.get("RANK", "0")) == 0:
 """
 
 
+def free_port() -> int:
+    """A port nobody listens on now: a fixed one can still be in TIME_WAIT from the last run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun(tmp_path, name, world, ckpt="", stop_after=None):
     import json
 
@@ -141,7 +149,7 @@ def _torchrun(tmp_path, name, world, ckpt="", stop_after=None):
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), ckpt=ckpt,
                                         stop_after=stop_after))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_addr", "127.0.0.1", "--master_port", str(29500 + world + os.getpid() % 1000), str(script)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)]
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180, capture_output=True)
     return json.loads(out.read_text())
 
