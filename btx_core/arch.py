@@ -1,16 +1,35 @@
-"""Model families btx can branch, declared as data.
+"""Model families btx can branch and mix, declared as data.
 
-Each entry names a dense family's FFN projections (the tensors that become experts when
-mixing) by template; everything else in a layer, plus embeddings, final norm and lm_head, is
-shared and averaged. Adding a family (Qwen2, Qwen3) is a table entry plus tests.
+Each dense family names its FFN projections (the tensors that become experts when mixing) and
+its shared tensors (attention, norms, embeddings, lm_head: averaged) by template, and the MoE
+architecture it mixes into with that architecture's router and expert tensor names. Adding a
+family (Qwen2 -> Qwen2-MoE, Qwen3 -> Qwen3-MoE) is a table entry plus tests.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MoETarget:
+    """The MoE model a dense family mixes into, in the on-disk layout of transformers'
+    `save_pretrained` (what every consumer of such checkpoints reads)."""
+
+    model_type: str
+    architecture: str
+    router: str
+    """Per-layer router weight [num_experts, hidden]; `{layer}` is the layer index."""
+    experts: Mapping[str, str]
+    """FFN role (gate_proj, up_proj, down_proj) -> expert tensor; `{layer}`, `{expert}`."""
+
+    def expert_name(self, role: str, layer: int, expert: int) -> str:
+        return self.experts[role].format(layer=layer, expert=expert)
 
 
 @dataclass(frozen=True)
@@ -19,19 +38,60 @@ class DenseFamily:
     """`config.json`'s model_type."""
     architecture: str
     """The transformers class a checkpoint of this family is loaded as."""
-    ffn_templates: tuple[str, ...]
-    """Per-layer FFN weights, `{layer}` standing for the layer index: the future experts."""
+    ffn: Mapping[str, str]
+    """FFN role -> per-layer weight, `{layer}` standing for the layer index: the future experts."""
+    shared_layer: tuple[str, ...]
+    """The other per-layer tensors: averaged when mixing, same name in the MoE."""
+    shared_global: tuple[str, ...]
+    """Tensors outside the layers (lm_head is absent when tied to the embeddings)."""
+    moe: MoETarget
+    carried_config: tuple[str, ...]
+    """config.json keys the MoE takes over unchanged; all experts must agree on them."""
+    required_config: Mapping[str, Any]
+    """config.json values the MoE architecture needs (e.g. no attention bias in Mixtral)."""
+
+    @property
+    def ffn_templates(self) -> tuple[str, ...]:
+        return tuple(self.ffn.values())
 
     def is_ffn(self, name: str, num_layers: int) -> bool:
         return any(name == t.format(layer=i) for t in self.ffn_templates for i in range(num_layers))
 
+    def ffn_name(self, role: str, layer: int) -> str:
+        return self.ffn[role].format(layer=layer)
 
-_LLAMA_FFN = tuple(f"model.layers.{{layer}}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+    def shared_names(self, num_layers: int, tied: bool) -> list[str]:
+        """Every non-FFN tensor a checkpoint of this family holds, in model order."""
+        names = [n for n in self.shared_global if n.startswith("model.embed")]
+        names += [t.format(layer=i) for i in range(num_layers) for t in self.shared_layer]
+        names += [n for n in self.shared_global if not n.startswith("model.embed")
+                  and not (tied and n == "lm_head.weight")]
+        return names
+
+
+_LLAMA_FFN = {p: f"model.layers.{{layer}}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+_LLAMA_SHARED = tuple(f"model.layers.{{layer}}.{t}.weight" for t in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "input_layernorm", "post_attention_layernorm"))
+_LLAMA_GLOBAL = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+_MOE = "model.layers.{layer}.block_sparse_moe"
+# Mixtral's w1/w3/w2 are Llama's gate/up/down projections (transformers' conversion mapping).
+MIXTRAL = MoETarget("mixtral", "MixtralForCausalLM", router=f"{_MOE}.gate.weight", experts={
+    "gate_proj": f"{_MOE}.experts.{{expert}}.w1.weight",
+    "up_proj": f"{_MOE}.experts.{{expert}}.w3.weight",
+    "down_proj": f"{_MOE}.experts.{{expert}}.w2.weight"})
+_LLAMA_CARRIED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                  "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_parameters",
+                  "sliding_window", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")
 
 DENSE_FAMILIES: dict[str, DenseFamily] = {
-    "llama": DenseFamily("llama", "LlamaForCausalLM", _LLAMA_FFN),
-    "mistral": DenseFamily("mistral", "MistralForCausalLM", _LLAMA_FFN),
+    "llama": DenseFamily("llama", "LlamaForCausalLM", _LLAMA_FFN, _LLAMA_SHARED, _LLAMA_GLOBAL,
+                         MIXTRAL, _LLAMA_CARRIED, {"attention_bias": False, "mlp_bias": False}),
+    "mistral": DenseFamily("mistral", "MistralForCausalLM", _LLAMA_FFN, _LLAMA_SHARED, _LLAMA_GLOBAL,
+                           MIXTRAL, _LLAMA_CARRIED, {}),
 }
+MOE_TARGETS: dict[str, MoETarget] = {MIXTRAL.model_type: MIXTRAL}
 
 
 def dense_family(model_type: str | None) -> DenseFamily | None:

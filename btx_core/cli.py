@@ -128,6 +128,74 @@ def train_expert(config: Path = ConfigArg,
                f"{m['heldout_loss']:.4f} ({m['heldout_loss'] - m['seed_heldout_loss']:+.4f} nats/token)")
 
 
+class _StageBars:
+    """One tqdm bar per training stage of a `btx run`, stacked in the order stages start.
+    Branches call it from their own threads."""
+
+    def __init__(self):
+        import threading
+
+        self.bars: list[_ProgressBar] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, label: str):
+        from tqdm import tqdm
+
+        with self.lock:
+            bar = _ProgressBar(label)
+            bar.position = len(self.bars)
+            self.bars.append(bar)
+
+        def show(p) -> None:
+            with self.lock:
+                if bar.bar is None:
+                    bar.bar = tqdm(total=p.total_steps, initial=p.resumed_from, desc=label, unit="step",
+                                   position=bar.position, dynamic_ncols=True, leave=True)
+                    if p.resumed_from:
+                        bar.bar.write(f"{label}: resumed from step {p.resumed_from}")
+                bar(p)
+
+        return show
+
+    def close(self) -> None:
+        for bar in self.bars:
+            if bar.bar is not None:
+                bar.bar.close()
+
+
+@app.command()
+def run(config: Path = ConfigArg) -> None:
+    """Run the whole pipeline (seed -> experts in parallel -> ...) as the Prefect flow
+    `btx-pipeline`: embedded (a temporary local Prefect API, no server to start) unless
+    PREFECT_API_URL names a server. Finished stages are reused; failed branches resume."""
+    cfg = _load(config)
+    for name, value in (("DO_NOT_TRACK", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
+        os.environ.setdefault(name, value)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    from transformers.utils import logging as hf_logging
+
+    from flows.pipeline import btx_pipeline
+    from flows.progress import display
+
+    hf_logging.disable_progress_bar()  # per-load bars would scroll the stage bars away
+    bars = _StageBars()
+    try:
+        with display(bars), logging_redirect_tqdm():
+            state = btx_pipeline(cfg, return_state=True)
+    except KeyboardInterrupt:
+        bars.close()
+        typer.secho("interrupted: run the same command again; finished stages are reused and "
+                    "unfinished ones resume from their newest checkpoint", err=True, fg="yellow")
+        raise typer.Exit(130)
+    bars.close()
+    if not state.is_completed():
+        typer.secho(f"error: pipeline {state.type.value.lower()}: {state.message}\nrun the same "
+                    "command again to retry: finished stages are reused", err=True, fg="red")
+        raise typer.Exit(1)
+    typer.echo(f"pipeline {cfg.run_name!r} complete; artifacts under the key prefix {cfg.run_name}-")
+    status(config)
+
+
 @app.command()
 def status(config: Path = ConfigArg) -> None:
     """Show which stages of a run are complete in the store."""
@@ -146,6 +214,133 @@ def status(config: Path = ConfigArg) -> None:
             latest = store.latest_checkpoint(checkpoints)
             state = f"in progress (checkpoint at step {latest[0]})" if latest else "not started"
         typer.echo(f"{name:<24} {state:<40} {location}")
+
+
+# --- MiX -------------------------------------------------------------------------------------------
+
+_MIX_HELP = {
+    "expert": "A dense expert directory (HF layout); repeat, in expert order",
+    "name": "Names for the experts, in order (default: directory names)",
+    "top_k": "Experts per token",
+    "shared": "Merge of non-FFN tensors: mean, weighted or copy",
+    "weight": "weighted: NAME=WEIGHT, repeat per expert",
+    "copy_from": "copy: the expert (name) whose non-FFN tensors are taken",
+    "exclude": "An expert (name) whose non-FFN tensors stay out of the merge; repeatable",
+    "router_init": "normal, zeros, uniform or centroid (centroid needs --data)",
+    "data": "Text per expert, in expert order (file, dir or glob; '-' for a generalist), for the "
+            "centroid init and the routing report",
+    "seq_len": "Block length of the --data samples",
+    "shard_size": "Largest output shard, e.g. 2GB",
+    "dtype": "Output dtype (default: the experts')",
+}
+
+
+def _option(default, help_key: str, *flags: str):
+    return typer.Option(default, *flags, help=_MIX_HELP[help_key])
+
+
+def _mix_options(top_k: int, shared: str, weight: list[str], copy_from: str | None, exclude: list[str],
+                 router_init: str, shard_size: str, dtype: str | None):
+    import torch
+
+    from btx_core.config import parse_bytes
+    from btx_core.mix import MixOptions
+
+    weights = {}
+    for item in weight:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise BTXError(f"--weight {item!r}: write NAME=WEIGHT, e.g. --weight math=0.5") from None
+    torch_dtype = getattr(torch, dtype, None) if dtype else None
+    if dtype and not isinstance(torch_dtype, torch.dtype):
+        raise BTXError(f"--dtype {dtype!r} is not a torch dtype: use bfloat16, float16 or float32")
+    try:
+        size = parse_bytes(shard_size)
+    except ValueError as exc:
+        raise BTXError(f"--shard-size: {exc}") from None
+    return MixOptions(top_k=top_k, shared_policy=shared, weights=weights or None, copy_from=copy_from,
+                      shared_exclude=tuple(exclude), router_init=router_init, shard_size=size,
+                      dtype=torch_dtype)
+
+
+@app.command("mix")
+def mix_command(
+        config: Path = typer.Argument(None, help="Pipeline config: mix the run's trained experts"),
+        expert: list[Path] = _option([], "expert", "--expert", "-e"),
+        out: str = typer.Option(None, "--out", "-o", help="Output directory or s3:// location (with --expert)"),
+        name: list[str] = _option([], "name", "--name"),
+        top_k: int = _option(2, "top_k", "--top-k"),
+        shared: str = _option("mean", "shared", "--shared-policy"),
+        weight: list[str] = _option([], "weight", "--weight"),
+        copy_from: str = _option(None, "copy_from", "--copy-from"),
+        exclude: list[str] = _option([], "exclude", "--exclude-from-merge"),
+        router_init: str = _option("normal", "router_init", "--router-init"),
+        data: list[str] = _option([], "data", "--data"),
+        seq_len: int = _option(256, "seq_len", "--seq-len"),
+        shard_size: str = _option("2GB", "shard_size", "--shard-size"),
+        dtype: str = _option(None, "dtype", "--dtype")) -> None:
+    """Mix dense experts into one Mixtral MoE: a run's experts (CONFIG), or any directories."""
+    if (config is None) == (not expert):
+        raise BTXError("give either CONFIG (mix a run's experts) or --expert DIR ... --out DIR")
+    if config is not None:
+        from btx_core.mix_stage import mix_stage
+
+        _report("mix", mix_stage(_load(config)))
+        return
+    if not out:
+        raise BTXError("--expert needs --out DIR (where the MoE is written)")
+    from btx_core.mix import experts_from_dirs
+    from btx_core.mix_stage import mix_dirs, samples_from_paths
+
+    experts = experts_from_dirs(expert, name)
+    names = [e.name for e in experts]
+    if copy_from and copy_from.isdigit() and copy_from not in names and int(copy_from) < len(names):
+        copy_from = names[int(copy_from)]  # an index, as mergekit users write it
+    options = _mix_options(top_k, shared, weight, copy_from, exclude, router_init, shard_size, dtype)
+    samples = samples_from_paths(experts, data, seq_len=seq_len, count=32) if data else None
+    _report("mix", mix_dirs(experts, out, options, samples=samples))
+
+
+@app.command()
+def upcycle(config: Path = typer.Argument(None, help="Pipeline config: upcycle the run's seed"),
+            model: Path = typer.Option(None, "--model", "-m", help="A dense model directory to upcycle"),
+            experts: int = typer.Option(4, "--experts", "-n", help="Number of copies (with --model)"),
+            out: str = typer.Option(None, "--out", "-o", help="Output directory (with --model)"),
+            top_k: int = _option(2, "top_k", "--top-k"),
+            router_init: str = _option("normal", "router_init", "--router-init"),
+            shard_size: str = _option("2GB", "shard_size", "--shard-size")) -> None:
+    """Sparse upcycling: an MoE of N copies of one dense model (the same code path as mix)."""
+    if (config is None) == (model is None):
+        raise BTXError("give either CONFIG (upcycle the run's seed) or --model DIR --out DIR")
+    if config is not None:
+        from btx_core.mix_stage import mix_stage
+
+        _report("upcycle", mix_stage(_load(config), upcycle=True))
+        return
+    if not out:
+        raise BTXError("--model needs --out DIR (where the MoE is written)")
+    from btx_core.mix import experts_from_dirs
+    from btx_core.mix_stage import mix_dirs
+
+    sources = experts_from_dirs([model] * experts, [f"copy{i}" for i in range(experts)])
+    options = _mix_options(top_k, "mean", [], None, [], router_init, shard_size, None)
+    _report("upcycle", mix_dirs(sources, out, options, stage="upcycle"))
+
+
+moe_app = typer.Typer(no_args_is_help=True, help="Edit a mixed MoE.")
+app.add_typer(moe_app, name="moe")
+
+
+@moe_app.command("drop-expert")
+def drop_expert(moe: str = typer.Argument(..., help="The MoE directory"),
+                expert: str = typer.Option(..., "--expert", "-e", help="Expert to drop (name or index)"),
+                out: str = typer.Option(..., "--out", "-o", help="Output directory")) -> None:
+    """Write the MoE without one expert (its FFNs and router rows removed), as an opt-out."""
+    from btx_core.mix_stage import drop_expert_dir
+
+    _report("drop-expert", drop_expert_dir(moe, expert, out))
 
 
 if __name__ == "__main__":

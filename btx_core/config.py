@@ -14,11 +14,12 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from btx_core.errors import ConfigError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # a Prefect work pool (and deployment) name
 CREDENTIALS_IN_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s]+@")
 # Keys that would put a secret into a config file (and so into manifests and the Prefect UI).
 SECRET_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
@@ -202,6 +203,76 @@ class SeedSpec(StrictModel):
     """Held-out fraction of the pretraining corpus."""
 
 
+class MixSettings(StrictModel):
+    """MiX: dense experts -> one Mixtral (BTX section 2.3). Paper defaults: the seed joins as a
+    generalist expert, top-2 routing, load balancing with alpha = 0.01 per layer."""
+
+    include_seed: bool = True
+    """Add the seed as an extra "generalist" expert (the paper mixes 3 domain experts + the seed)."""
+    seed_in_shared_mean: bool = False
+    """Whether the seed's non-FFN tensors join the mean (a pilot found the mean over the domain
+    experts alone slightly better after finetuning)."""
+    shared_policy: Literal["mean", "weighted", "copy"] = "mean"
+    """How non-FFN tensors (attention, embeddings, norms, lm_head) are merged."""
+    weights: dict[str, float] | None = None
+    """`weighted` policy: expert name -> weight (normalised to sum 1)."""
+    copy_from: str | None = None
+    """`copy` policy: the expert whose non-FFN tensors are copied."""
+    router_init: Literal["normal", "zeros", "uniform", "centroid"] = "normal"
+    """New routers: `normal` (std = the model's initializer_range), `zeros` (uniform routing),
+    `uniform` (nn.Linear's default), `centroid` (each expert's mean router input on its domain)."""
+    top_k: int = Field(default=2, ge=1)
+    """Experts per token."""
+    load_balancing_alpha: float = Field(default=0.01, ge=0)
+    """The paper's load-balancing coefficient per layer; the Mixtral config gets
+    alpha x num_layers (transformers averages the loss over layers, the paper sums it)."""
+    sample_blocks: int = Field(default=32, gt=0)
+    """Blocks per domain for the centroid init and the routing report."""
+    shard_size: str = "2GB"
+    """Largest output shard, e.g. `2GB`, `500MB`."""
+
+    @field_validator("shard_size")
+    @classmethod
+    def _byte_size(cls, value: str) -> str:
+        parse_bytes(value)
+        return value
+
+
+class Orchestration(StrictModel):
+    """How Prefect runs the pipeline (`flows/`). Nothing here changes what is computed, so none
+    of it enters a stage's config hash: a run can move between modes and keep its outputs."""
+
+    expert_runner: Literal["local", "deployments"] = "local"
+    """`local`: expert branches run as concurrent tasks in the pipeline flow's process (embedded
+    mode, `btx run`). `deployments`: each branch is a run of the `train-expert/<pool>` deployment
+    on its own work pool, launched with `run_deployment`; the pipeline waits on the store."""
+    expert_pool: str = Field(default="btx-experts", pattern=POOL_PATTERN)
+    """Default work pool of the expert branches (`deployments` mode); the branch runs the
+    deployment `train-expert/<pool>`."""
+    domain_pools: dict[str, str] = Field(default_factory=dict)
+    """Per-domain work pool overrides (domain name -> pool), e.g. one pool per hardware class."""
+    mix_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
+    """Work pool of the MiX stage; null runs it in the pipeline flow's process."""
+    finetune_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
+    """Work pool of the MoE-finetune stage; null runs it in the pipeline flow's process."""
+    retries: int = Field(default=3, ge=0)
+    """Retries of a failed expert branch; each retry resumes from the branch's newest checkpoint."""
+    retry_delay_s: float = Field(default=10.0, ge=0)
+    """Exponential backoff base: retry r waits retry_delay_s x 2^r seconds, +-50 % jitter."""
+    max_parallel_branches: int | None = Field(default=None, gt=0)
+    """`local` mode: expert branches trained at once (default: all). Each gets its share of the
+    CPU cores as torch threads (cores // branches at once), unless `expert_training.threads` is set."""
+
+    @field_validator("domain_pools")
+    @classmethod
+    def _pool_names(cls, pools: dict[str, str]) -> dict[str, str]:
+        bad = sorted(p for p in pools.values() if not re.fullmatch(POOL_PATTERN, p))
+        if bad:
+            raise ValueError(f"work pool name(s) {', '.join(map(repr, bad))} are not valid: use letters, "
+                             "digits, '-', '_' and '.' (the pool names a deployment, `train-expert/<pool>`)")
+        return pools
+
+
 class BTXConfig(StrictModel):
     """A whole BTX pipeline run."""
 
@@ -218,6 +289,10 @@ class BTXConfig(StrictModel):
     """The domains, one expert each."""
     expert_training: TrainSettings
     """Continued pretraining of each expert on its domain (Branch + Train)."""
+    mix: MixSettings = Field(default_factory=MixSettings)
+    """How the experts are mixed into one MoE."""
+    orchestration: Orchestration = Field(default_factory=Orchestration)
+    """How Prefect runs the stages (embedded or on work pools, retries, parallelism)."""
 
     @field_validator("store")
     @classmethod
@@ -237,6 +312,16 @@ class BTXConfig(StrictModel):
         if dupes:
             raise ValueError(f"duplicate domain name(s) {', '.join(dupes)}: give each domain a unique name")
         return domains
+
+    @field_validator("orchestration")
+    @classmethod
+    def _pools_of_known_domains(cls, orchestration: Orchestration, info: ValidationInfo) -> Orchestration:
+        names = [d.name for d in info.data.get("domains") or []]  # absent if `domains` failed
+        unknown = sorted(set(orchestration.domain_pools) - set(names))
+        if names and unknown:
+            raise ValueError(f"domain_pools names unknown domain(s) {', '.join(unknown)}; the "
+                             f"domains are: {', '.join(names)}")
+        return orchestration
 
     def domain(self, name: str) -> DomainSpec:
         for d in self.domains:
@@ -298,8 +383,40 @@ def _leak_problems(d: Mapping) -> list[str]:
             for f in [dom.get("held_out_fraction", default)] if f > limit]
 
 
+def _mix_problems(d: Mapping) -> list[str]:
+    mix = d.get("mix") if isinstance(d.get("mix"), Mapping) else {}
+    names = [dom.get("name") for dom in d.get("domains") or [] if isinstance(dom, Mapping)]
+    include_seed = mix.get("include_seed", True)
+    names += ["seed"] * include_seed
+    problems = []
+    if include_seed and names.count("seed") > 1:
+        problems.append("mix.include_seed adds an expert named 'seed', and a domain has that name: "
+                        "rename the domain")
+    top_k = mix.get("top_k", 2)
+    if len(names) > include_seed and top_k > len(names):  # no domains: reported on its own
+        problems.append(f"mix.top_k ({top_k}) is larger than the number of experts ({len(names)}: "
+                        f"{', '.join(map(str, names))}); lower it")
+    policy, weights, copy_from = mix.get("shared_policy", "mean"), mix.get("weights"), mix.get("copy_from")
+    if policy == "weighted":
+        if not weights:
+            problems.append("mix.shared_policy 'weighted' needs mix.weights (expert name -> weight)")
+        elif unknown := sorted(set(weights) - set(names)):
+            problems.append(f"mix.weights names unknown expert(s) {', '.join(unknown)} (experts: "
+                            f"{', '.join(map(str, names))})")
+        elif sum(weights.values()) <= 0 or min(weights.values()) < 0:
+            problems.append("mix.weights must be >= 0 with a positive sum")
+    elif weights:
+        problems.append("mix.weights applies only to shared_policy 'weighted'")
+    if policy == "copy" and copy_from not in names:
+        problems.append(f"mix.shared_policy 'copy' needs mix.copy_from, one of: {', '.join(map(str, names))}")
+    elif policy != "copy" and copy_from is not None:
+        problems.append("mix.copy_from applies only to shared_policy 'copy'")
+    return problems
+
+
 CROSS_CHECKS = {DataSource: _source_problems, TrainSettings: _budget_problems,
-                TinyModelSpec: _head_problems, SeedSpec: _seed_problems, BTXConfig: _leak_problems}
+                TinyModelSpec: _head_problems, SeedSpec: _seed_problems,
+                BTXConfig: lambda d: _leak_problems(d) + _mix_problems(d)}
 
 
 def cross_field_problems(model: type[BaseModel], data: Mapping) -> list[str]:
@@ -347,3 +464,15 @@ def scheme(uri: str) -> str:
     """`s3`, `file`, ... or `local` for a plain path."""
     match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
     return match.group(1).lower() if match else "local"
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: str | int) -> int:
+    """`2GB` -> 2_000_000_000 (decimal units, as transformers' max_shard_size; KiB/MiB/GiB binary)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a size: write e.g. 2GB, 500MB or 1GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])

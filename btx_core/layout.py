@@ -5,6 +5,8 @@
     <store>/<run_name>/seed/checkpoints/step-N    resumable pretraining checkpoints
     <store>/<run_name>/experts/<domain>/model     a trained expert, HF layout
     <store>/<run_name>/experts/<domain>/checkpoints/step-N
+    <store>/<run_name>/mix/model                  the mixed MoE (BTX), HF layout
+    <store>/<run_name>/upcycle/model              sparse upcycling: the MoE of seed copies
     <store>/_data/<key>                           tokenized, packed and split corpora (shared by runs)
 """
 
@@ -39,6 +41,14 @@ def expert_model(config: BTXConfig, domain: str) -> str:
 
 def expert_checkpoints(config: BTXConfig, domain: str) -> str:
     return _join(run_root(config), "experts", domain, "checkpoints")
+
+
+def mix_model(config: BTXConfig) -> str:
+    return _join(run_root(config), "mix", "model")
+
+
+def upcycle_model(config: BTXConfig) -> str:
+    return _join(run_root(config), "upcycle", "model")
 
 
 def data_cache(config: BTXConfig, key: str) -> str:

@@ -250,17 +250,25 @@ class Store:
     def write_dir(self, local_dir: str | os.PathLike, location: str, *, stage: str,
                   config_hash: str, inputs: Mapping[str, str] | None = None,
                   metrics: Mapping[str, Any] | None = None,
-                  extra: Mapping[str, Any] | None = None) -> Manifest:
+                  extra: Mapping[str, Any] | None = None,
+                  known: Mapping[str, FileEntry] | None = None, move: bool = False) -> Manifest:
         """Store `local_dir` at `location`, replacing any older output; return its manifest.
         Files are hashed, uploaded in one concurrent batch, their stored sizes checked by one
         listing, and only then is the manifest written: a failure anywhere leaves none. Empty
-        subdirectories are not kept (object stores have no directories)."""
+        subdirectories are not kept (object stores have no directories).
+        `known`: entries the caller computed while writing the files (checked by size, not
+        hashed again). `move`: a local store takes the files by rename (a staging directory on
+        the same filesystem: no copy of large outputs); `local_dir` is consumed."""
         path = self._path(location, allow_root=False)
         files = _scan_local_dir(Path(local_dir))
         entries = {}
         for rel, src in files.items():
             with open(src, "rb") as f:
-                entries[rel] = FileEntry(size=os.fstat(f.fileno()).st_size, sha256=sha256_of(f))
+                size = os.fstat(f.fileno()).st_size
+                if known and rel in known and known[rel].size == size:
+                    entries[rel] = known[rel]
+                else:
+                    entries[rel] = FileEntry(size=size, sha256=sha256_of(f))
         manifest = Manifest(stage=stage, config_hash=config_hash, files=entries,
                             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             inputs=inputs or {}, metrics=metrics or {}, extra=extra or {})
@@ -271,19 +279,23 @@ class Store:
                              f"or .tolist()): {exc}") from exc
         write = self._write_local if self.is_local else self._write_remote
         with self._errors(location, "writing"):
-            write(files, entries, path, location, data)
+            write(files, entries, path, location, data, move=move and self.is_local)
         log.info("wrote %s: %d files, %d bytes, manifest %s", location, len(entries),
                  sum(e.size for e in entries.values()), manifest.hash[:12])
         return manifest
 
     def _upload(self, files: dict[str, Path], entries: dict[str, FileEntry], dest: str,
-                location: str, manifest_data: bytes) -> None:
+                location: str, manifest_data: bytes, move: bool = False) -> None:
         """Batch `put` (concurrent on object stores), check stored sizes, then the manifest."""
         rels = sorted(files)
         if self.is_local:  # LocalFileSystem.put_file does not create parents
             for parent in {os.path.dirname(f"{dest}/{rel}") for rel in rels}:
                 os.makedirs(parent, exist_ok=True)
-        self.fs.put([str(files[r]) for r in rels], [f"{dest}/{r}" for r in rels])
+        if move:
+            for r in rels:
+                shutil.move(files[r], f"{dest}/{r}")  # a rename on one filesystem, else a copy
+        else:
+            self.fs.put([str(files[r]) for r in rels], [f"{dest}/{r}" for r in rels])
         sizes = self._stored_sizes(dest)
         for rel in rels:
             if sizes.get(rel) != entries[rel].size:
@@ -292,7 +304,8 @@ class Store:
         self.fs.pipe_file(f"{dest}/{MANIFEST}", manifest_data)
         self.fs.invalidate_cache(dest)
 
-    def _write_local(self, files, entries, path: str, location: str, data: bytes) -> None:
+    def _write_local(self, files, entries, path: str, location: str, data: bytes,
+                     move: bool = False) -> None:
         # Built beside the target and renamed into place: the old output stays whole until the
         # swap, and the new one appears with its manifest. Others may write it at once (runs
         # sharing a data cache, a retry): only dead writers' temp dirs go, never a live one's.
@@ -304,7 +317,7 @@ class Store:
         tag = f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         tmp, old = f"{parent}/.{name}.tmp-{tag}", f"{parent}/.{name}.old-{tag}"
         try:
-            self._upload(files, entries, tmp, location, data)
+            self._upload(files, entries, tmp, location, data, move)
             for _ in range(5):  # a concurrent writer may rename its output in between: retry
                 with contextlib.suppress(FileNotFoundError):  # none, or another writer moved it
                     os.rename(path, old)  # os.replace cannot replace a non-empty directory
@@ -325,7 +338,8 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
 
-    def _write_remote(self, files, entries, path: str, location: str, data: bytes) -> None:
+    def _write_remote(self, files, entries, path: str, location: str, data: bytes,
+                      move: bool = False) -> None:
         # No rename on S3: the old manifest goes first so the old output stops being valid, then
         # its files (none may survive as stale), then the upload, and the new manifest last.
         self._remove(path)
@@ -347,6 +361,25 @@ class Store:
                 self.fs.rm(path, recursive=True)
         finally:
             self.fs.invalidate_cache(path)
+
+    @contextlib.contextmanager
+    def staging_dir(self, location: str, scratch: str | os.PathLike) -> Iterator[Path]:
+        """A private directory to build an output in before `write_dir(..., move=True)`: beside
+        the target for local stores (same filesystem: committing is a rename; a killed writer's
+        leftover is removed by the next write), under `scratch` for object stores. Removed on exit."""
+        if self.is_local:
+            parent, name = os.path.split(self._path(location, allow_root=False))
+            base = Path(parent)
+            prefix = f".{name}.tmp-{_HOST}-{os.getpid()}-"
+            path = base / f"{prefix}{uuid.uuid4().hex[:12]}"
+        else:
+            base = Path(scratch)
+            path = base / f".staging-{uuid.uuid4().hex[:12]}"
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def delete(self, location: str) -> None:
         """Delete the output at `location` (manifest first); a missing one is not an error."""
