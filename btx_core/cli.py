@@ -207,11 +207,12 @@ def status(config: Path = ConfigArg) -> None:
     rows = [("seed", layout.seed_model(cfg), layout.seed_checkpoints(cfg))]
     rows += [(f"expert[{d.name}]", layout.expert_model(cfg, d.name), layout.expert_checkpoints(cfg, d.name))
              for d in cfg.domains]
+    rows += [("mix", layout.mix_model(cfg), None), ("upcycle", layout.upcycle_model(cfg), None)]
     for name, location, checkpoints in rows:
         if store.is_complete(location):
             state = "complete"
         else:
-            latest = store.latest_checkpoint(checkpoints)
+            latest = checkpoints and store.latest_checkpoint(checkpoints)
             state = f"in progress (checkpoint at step {latest[0]})" if latest else "not started"
         typer.echo(f"{name:<24} {state:<40} {location}")
 
