@@ -6,7 +6,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit test-gpu bench
+.PHONY: setup system-deps demo test test-unit test-gpu bench
 
 setup: $(VENV)/.installed
 
@@ -20,12 +20,28 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# What the integration tests run besides Python: PostgreSQL (under the Prefect server) and
+# Chromium (renders the Prefect UI). apt-get only for what is missing, so this is instant on a
+# machine that has both; `apt-get update` only when something must be installed.
+SYSTEM_PACKAGES := postgresql chromium
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    command -v apt-get >/dev/null || { echo "install these first: $$missing" >&2; exit 1; }; \
+	    sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    echo "+ apt-get install $$missing"; \
+	    $$sudo apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
 demo: setup
 	$(BTX) seed configs/demo.yaml
 	for domain in math code knowledge; do $(BTX) train-expert configs/demo.yaml --domain $$domain || exit 1; done
+	$(BTX) mix configs/demo.yaml
 	$(BTX) status configs/demo.yaml
 
-test: setup
+test: setup system-deps
 	$(VENV)/bin/pytest -m "unit or integration" -q
 
 test-unit: setup
