@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 from btx_core import layout
 from btx_core.errors import BTXError, IntegrityError
 from btx_core.mix import MixOptions, experts_from_dirs
-from btx_core.mix_stage import mix_dirs, mix_stage
+from btx_core.mix_stage import mix_dirs, mix_stage, samples_from_paths
 from btx_core.stages import build_seed, open_store, train_expert
 from btx_core.validation import parse_config
 from tests.test_cli_e2e import btx
@@ -149,3 +149,21 @@ def test_mix_stage_on_s3(s3_root, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(local)
     assert model.config.num_local_experts == 2 and model.config.num_experts_per_tok == 1
     assert out.metrics["routing"]["init"] == "normal"
+
+
+def test_centroid_init_from_text_files_for_experts_trained_anywhere(trained, tmp_path):
+    work, config = trained
+    dirs = [layout.expert_model(config, d) for d in ("math", "code")] + [layout.seed_model(config)]
+    math_docs = [f"Problem: {a} + {b} = ? Answer: {a + b}." for a in range(40) for b in range(3)]
+    code_docs = [f"def f{i}(x):\n    return x * {i} + len(str(x))\n" for i in range(120)]
+    for name, docs in (("math", math_docs), ("code", code_docs)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    experts = experts_from_dirs(dirs, ["math", "code", "seed"])
+    samples = samples_from_paths(experts, [str(tmp_path / "math.jsonl"), str(tmp_path / "code.jsonl"), "-"],
+                                 seq_len=32, count=8)
+    assert samples.centroid["seed"] is None and set(samples.heldout) == {"math", "code"}
+    out = mix_dirs(experts, str(tmp_path / "moe"), MixOptions(router_init="centroid"), samples=samples)
+    routing = out.metrics["routing"]
+    assert routing["init"] == "centroid" and set(routing["by_domain_top1"]) == {"math", "code"}
+    with pytest.raises(BTXError, match="one --data per expert"):
+        samples_from_paths(experts, [str(tmp_path / "math.jsonl")], seq_len=32, count=8)
