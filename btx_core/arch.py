@@ -49,6 +49,9 @@ class DenseFamily:
     """config.json keys the MoE takes over unchanged; all experts must agree on them."""
     required_config: Mapping[str, Any]
     """config.json values the MoE architecture needs (e.g. no attention bias in Mixtral)."""
+    embedding: str = "model.embed_tokens.weight"
+    layer_prefix: str = "model.layers.{layer}."
+    """What every tensor of one decoder layer starts with."""
 
     @property
     def ffn_templates(self) -> tuple[str, ...]:
@@ -62,11 +65,14 @@ class DenseFamily:
 
     def shared_names(self, num_layers: int, tied: bool) -> list[str]:
         """Every non-FFN tensor a checkpoint of this family holds, in model order."""
-        names = [n for n in self.shared_global if n.startswith("model.embed")]
-        names += [t.format(layer=i) for i in range(num_layers) for t in self.shared_layer]
-        names += [n for n in self.shared_global if not n.startswith("model.embed")
-                  and not (tied and n == "lm_head.weight")]
-        return names
+        return [self.embedding, *self.layer_shared(range(num_layers)), *self.final_shared(tied)]
+
+    def layer_shared(self, layers) -> list[str]:
+        return [t.format(layer=i) for i in layers for t in self.shared_layer]
+
+    def final_shared(self, tied: bool) -> list[str]:
+        """The shared tensors after the last layer (final norm, an untied lm_head)."""
+        return [n for n in self.shared_global if n != self.embedding and not (tied and n == "lm_head.weight")]
 
 
 _LLAMA_FFN = {p: f"model.layers.{{layer}}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}

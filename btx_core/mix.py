@@ -125,7 +125,7 @@ def plan_mix(experts: Sequence[Expert], options: MixOptions, *, samples: Routing
     problems += _tokenizer_problems(experts)
     if problems:
         raise MixInputError(problems)
-    dtype = options.dtype or readers[0].meta["model.embed_tokens.weight"].dtype
+    dtype = options.dtype or readers[0].meta[family.embedding].dtype
     plan = _Plan(family, list(experts), readers, configs, layers, tied, dtype,
                  _shared_weights(experts, options), [])
     plan.outputs = _output_layout(plan, readers[0])
@@ -223,17 +223,18 @@ def _output_layout(plan: _Plan, reader: CheckpointReader) -> list[tuple[str, Ten
     """Every output tensor in write order: embeddings, then per layer its shared tensors, router
     and experts, then the final norm and lm_head."""
     fam, n, dtype = plan.family, len(plan.experts), plan.dtype
-    shared = fam.shared_names(plan.layers, plan.tied)
-    meta = {name: TensorMeta(dtype, reader.meta[name].shape) for name in shared}
-    hidden = reader.meta["model.embed_tokens.weight"].shape[1]
-    out = [(name, meta[name]) for name in shared if ".layers." not in name and "embed" in name]
+
+    def same_shape(name: str, source: str | None = None) -> tuple[str, TensorMeta]:
+        return name, TensorMeta(dtype, reader.meta[source or name].shape)
+
+    hidden = reader.meta[fam.embedding].shape[1]
+    out = [same_shape(fam.embedding)]
     for layer in range(plan.layers):
-        out += [(name, meta[name]) for name in shared if f".layers.{layer}." in name]
+        out += [same_shape(name) for name in fam.layer_shared([layer])]
         out.append((fam.moe.router.format(layer=layer), TensorMeta(dtype, (n, hidden))))
-        out += [(fam.moe.expert_name(role, layer, e), TensorMeta(dtype, reader.meta[fam.ffn_name(role, layer)].shape))
+        out += [same_shape(fam.moe.expert_name(role, layer, e), fam.ffn_name(role, layer))
                 for e in range(n) for role in fam.ffn]
-    out += [(name, meta[name]) for name in shared if ".layers." not in name and "embed" not in name]
-    return out
+    return out + [same_shape(name) for name in fam.final_shared(plan.tied)]
 
 
 # --- mixing --------------------------------------------------------------------------------------
@@ -282,16 +283,14 @@ def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: Laye
             hf_config: MixtralConfig) -> dict:
     fam, readers = plan.family, plan.readers
     init = ROUTER_INITS[options.router_init]
-    shared = fam.shared_names(plan.layers, plan.tied)
-    embed = "model.embed_tokens.weight"
-    merged = _merge(plan, embed)
-    writer.write(embed, merged)
+    merged = _merge(plan, fam.embedding)
+    writer.write(fam.embedding, merged)
     if probe is not None:
         probe.embed(merged)
     del merged
     for layer in range(plan.layers):
-        prefix = f"model.layers.{layer}."
-        layer_shared = {name: _merge(plan, name) for name in shared if name.startswith(prefix)}
+        prefix = fam.layer_prefix.format(layer=layer)
+        layer_shared = {name: _merge(plan, name) for name in fam.layer_shared([layer])}
         ffns = [{role: r.get(fam.ffn_name(role, layer)).to(plan.dtype) for role in fam.ffn} for r in readers]
         ctx = RouterContext(layer, len(plan.experts), hf_config.hidden_size, hf_config.initializer_range,
                             torch.Generator().manual_seed(options.router_seed * 100_003 + layer))
@@ -311,9 +310,8 @@ def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: Laye
             for role in fam.ffn:
                 writer.write(fam.moe.expert_name(role, layer, e), ffn[role])
         del layer_shared, ffns
-    for name in shared:
-        if ".layers." not in name and name != embed:
-            writer.write(name, _merge(plan, name))
+    for name in fam.final_shared(plan.tied):
+        writer.write(name, _merge(plan, name))
     if probe is None or not probe.report["entropy"]:
         return {}
     return {"experts": [e.name for e in plan.experts], "init": options.router_init,
