@@ -21,16 +21,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # What the integration tests run besides Python: PostgreSQL (under the Prefect server) and
-# Chromium (renders the Prefect UI). apt-get only for what is missing, so this is instant on a
-# machine that has both; `apt-get update` only when something must be installed.
-SYSTEM_PACKAGES := postgresql chromium
+# Chromium (renders the Prefect UI), found where the tests look for them. apt-get only for what
+# is missing, so this is instant on a machine that has both; `apt-get update` only then.
 system-deps:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@missing=""; \
+	{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	{ command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
-	    command -v apt-get >/dev/null || { echo "install these first: $$missing" >&2; exit 1; }; \
+	    command -v apt-get >/dev/null || { echo "install these first:$$missing" >&2; exit 1; }; \
 	    sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	    echo "+ apt-get install $$missing"; \
+	    echo "+ apt-get install$$missing"; \
 	    $$sudo apt-get update -q && \
 	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
 	fi

@@ -1,0 +1,101 @@
+"""The BTX pipeline as one Prefect flow, `btx-pipeline`: seed -> one expert branch per domain,
+in parallel -> (MiX -> MoE-finetune -> evaluate) -> report. Its one parameter is the typed
+config, so the Prefect UI renders it as a form.
+
+Expert branches run one of two ways (`orchestration.expert_runner`), from the same flow code:
+- `local` (default; `btx run`, embedded mode): concurrent tasks in this process, at most
+  `max_parallel_branches` at once, each on its share of the cores as torch threads;
+- `deployments`: each branch is a run of `train-expert/<pool>` on the branch's work pool.
+Stages hand each other store locations; every stage finds its own finished output by manifest.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from btx_core import layout
+from btx_core.config import BTXConfig
+from btx_core.errors import BTXError, IncompleteOutputError
+from btx_core.stages import expert_config_hash, open_store
+from flows.local import branch_processes
+from flows.progress import forward_library_logs, run_name
+from flows.remote import run_child
+from flows.tasks import cores, expert_task_for, report_task, seed_task
+
+
+class BranchesFailed(BTXError):
+    """One or more expert branches failed (the others finished and are kept)."""
+
+
+@flow(name="btx-pipeline", flow_run_name=run_name(), task_runner=ThreadPoolTaskRunner())
+def btx_pipeline(config: BTXConfig) -> dict[str, str]:
+    """Branch-Train-MiX: seed -> experts (in parallel) -> report. Returns stage -> store location."""
+    forward_library_logs()
+    seed = seed_task.submit(config)
+    seed.result()  # a failed seed fails the run here, with its own error
+    run_branches = _local_branches if config.orchestration.expert_runner == "local" else _remote_branches
+    experts = run_branches(config, seed)
+    report_task.submit(config, wait_for=list(experts.values())).result()
+    return {"seed": seed.result(), **{f"expert[{d}]": f.result() for d, f in experts.items()}}
+
+
+def _local_branches(config: BTXConfig, seed) -> dict:
+    """Every domain's expert as a task of this flow run, at most `max_parallel_branches` at once,
+    each in a process of its own (see flows.local). Branches alone in this process run in a
+    thread instead, with no process to start: one at a time, or already complete (their
+    manifest matches: the stage only confirms it)."""
+    o = config.orchestration
+    done = [d.name for d in config.domains if _looks_complete(config, d.name, seed.result())]
+    todo = [d.name for d in config.domains if d.name not in done]
+    parallel = max(1, min(o.max_parallel_branches or len(todo), len(todo)))
+    train, futures = expert_task_for(config), {}
+    for names, runner in ((done, ThreadPoolTaskRunner(max_workers=1)),
+                          (todo, branch_processes(parallel) if parallel > 1 else ThreadPoolTaskRunner(max_workers=1))):
+        if names:
+            with runner as r:
+                futures |= {d: r.submit(train, {"config": config, "domain": d, "seed_location": seed,
+                                                "threads": max(1, cores() // parallel)}) for d in names}
+                wait(list(futures.values()))
+    return _all_or_raise(futures)
+
+
+def _looks_complete(config: BTXConfig, domain: str, seed_location: str) -> bool:
+    store = open_store(config)
+    try:
+        made = store.read_manifest(layout.expert_model(config, domain))
+        return (made.config_hash == expert_config_hash(config, domain)
+                and made.inputs.get("seed") == store.read_manifest(seed_location).hash)
+    except IncompleteOutputError:
+        return False
+
+
+@task(name="expert-branch", task_run_name="expert[{domain}]", persist_result=True, result_serializer="json")
+def expert_branch_task(config: BTXConfig, domain: str, seed_location: str) -> str:
+    """Run one expert branch as a `train-expert/<pool>` deployment run; return its location."""
+    pool = config.orchestration.domain_pools.get(domain, config.orchestration.expert_pool)
+    run_child(f"train-expert/{pool}", {"config": config.model_dump(mode="json"), "domain": domain}, domain)
+    location = layout.expert_model(config, domain)
+    try:
+        open_store(config).read_manifest(location)
+    except IncompleteOutputError:
+        raise BTXError(f"expert[{domain}]: its flow run completed but {location} has no manifest: "
+                       "do the work pool's workers write to the same store?") from None
+    return location
+
+
+def _remote_branches(config: BTXConfig, seed) -> dict:
+    """Every domain's expert as a run of its work pool's deployment, all at once."""
+    futures = {d.name: expert_branch_task.submit(config, d.name, seed) for d in config.domains}
+    return _all_or_raise(futures)
+
+
+def _all_or_raise(futures: dict) -> dict:
+    """Wait for every branch (so the finished ones are kept), then fail if any failed."""
+    wait(list(futures.values()))
+    failed = [d for d, f in futures.items() if not f.state.is_completed()]
+    if failed:
+        raise BranchesFailed(f"expert branch(es) {', '.join(failed)} failed; the others are complete. "
+                             "Retry this flow run, or run it again: finished stages are reused")
+    return futures

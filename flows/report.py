@@ -1,0 +1,144 @@
+"""The run's artifacts in the Prefect UI, built from the manifests in the store (the durable
+record of every stage), so a report is the same whichever process or machine trained a stage.
+
+Keys are `<run>-<what>` (lowercase letters, digits, dashes), stable per run name, so the
+Artifacts page keeps the history of each across runs:
+    <run>-evaluation   table: held-out loss per domain, seed vs expert (later: MoE)
+    <run>-compute      table: steps, tokens, wall time, tokens/s per stage
+    <run>-checkpoints  markdown: every stage output and training checkpoint in the store
+    <run>-loss-curves  markdown: training-loss curves (PNG)
+    <run>-routing      markdown: routing heatmap of the MoE (PNG), once the MiX stage has run
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from btx_core import layout
+from btx_core.config import BTXConfig, scheme
+from btx_core.errors import IncompleteOutputError
+from btx_core.store import Manifest, Store
+from btx_core.stages import open_store
+from flows.plots import loss_curves_png, routing_heatmap_png
+from flows.progress import artifact_key
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    name: str
+    location: str
+    manifest: Manifest | None
+    """None while the stage has no complete output."""
+    checkpoints: list[tuple[int, str]]
+    """(step, location) of the stage's complete training checkpoints."""
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.metrics if self.manifest else {}
+
+
+def mix_location(config: BTXConfig) -> str:
+    """Where the MiX stage writes the MoE (its contract: `<store>/<run>/mix/model`)."""
+    return f"{layout.run_root(config)}/mix/model"
+
+
+def stage_locations(config: BTXConfig) -> list[tuple[str, str, str | None]]:
+    """(stage, output location, checkpoint prefix) of every stage, in pipeline order."""
+    rows = [("seed", layout.seed_model(config), layout.seed_checkpoints(config))]
+    rows += [(f"expert[{d.name}]", layout.expert_model(config, d.name),
+              layout.expert_checkpoints(config, d.name)) for d in config.domains]
+    rows.append(("mix", mix_location(config), None))
+    return rows
+
+
+def collect(config: BTXConfig, store: Store | None = None) -> list[StageRecord]:
+    store = store or open_store(config)
+    records = []
+    for name, location, checkpoints in stage_locations(config):
+        try:
+            manifest = store.read_manifest(location)
+        except IncompleteOutputError:
+            manifest = None
+        kept = store.list_checkpoints(checkpoints) if checkpoints else []
+        records.append(StageRecord(name, location, manifest, kept))
+    return records
+
+
+def _number(value, digits: int = 4):
+    return round(float(value), digits) if isinstance(value, (int, float)) else None
+
+
+def evaluation_rows(config: BTXConfig, records: list[StageRecord]) -> list[dict]:
+    """Held-out loss (nats/token) of each domain: the seed before and the expert after training."""
+    by_name = {r.name: r for r in records}
+    rows = []
+    for d in config.domains:
+        m = by_name[f"expert[{d.name}]"].metrics
+        seed, expert = _number(m.get("seed_heldout_loss")), _number(m.get("heldout_loss"))
+        rows.append({"domain": d.name, "seed_heldout_loss": seed, "expert_heldout_loss": expert,
+                     "change": None if seed is None or expert is None else round(expert - seed, 4)})
+    return rows
+
+
+def compute_rows(records: list[StageRecord]) -> list[dict]:
+    """What each complete stage cost, from its manifest's metrics."""
+    return [{"stage": r.name, "steps": r.metrics.get("steps"), "tokens": r.metrics.get("tokens"),
+             "wall_s": _number(r.metrics.get("wall_s"), 2), "tokens_per_s": _number(r.metrics.get("tokens_per_s"), 1)}
+            for r in records if r.manifest is not None]
+
+
+def _link(location: str) -> str:
+    url = f"file://{location}" if scheme(location) == "local" else location
+    return f"[{location}]({url})"
+
+
+def checkpoints_markdown(config: BTXConfig, records: list[StageRecord]) -> str:
+    lines = [f"# {config.run_name}: outputs in the store", "",
+             f"Store: {_link(config.store)}", "",
+             "| stage | output | manifest | written | training checkpoints |", "|---|---|---|---|---|"]
+    for r in records:
+        if r.manifest is None and not r.checkpoints:
+            continue
+        output = _link(r.location) if r.manifest else "(not complete)"
+        manifest = f"`{r.manifest.hash[:12]}`" if r.manifest else ""
+        written = r.manifest.created_at if r.manifest else ""
+        kept = "<br>".join(f"step {s}: {_link(loc)}" for s, loc in r.checkpoints) or "none kept"
+        lines.append(f"| {r.name} | {output} | {manifest} | {written} | {kept} |")
+    return "\n".join(lines) + "\n"
+
+
+def loss_curves_markdown(config: BTXConfig, records: list[StageRecord]) -> str | None:
+    curves = {r.name: r.metrics["train_losses"] for r in records if r.metrics.get("train_losses")}
+    if not curves:
+        return None
+    image = loss_curves_png(curves, title=f"{config.run_name}: training loss per step")
+    return f"# {config.run_name}: loss curves\n\n![training loss]({image})\n"
+
+
+def routing_markdown(config: BTXConfig, records: list[StageRecord]) -> str | None:
+    routing = next((r.metrics.get("routing") for r in records if r.name == "mix"), None)
+    if not routing:
+        return None
+    image = routing_heatmap_png(routing, title=f"{config.run_name}: share of tokens per expert")
+    return (f"# {config.run_name}: routing\n\nEach row is a layer (H: routing entropy, nats); each "
+            f"cell the share of tokens routed to that expert.\n\n![routing heatmap]({image})\n")
+
+
+def publish(config: BTXConfig) -> str:
+    """Create (a new version of) each artifact of the run; returns the run's root location."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    records = collect(config)
+    run = config.run_name
+    create_table_artifact(evaluation_rows(config, records), key=artifact_key(run, "evaluation"),
+                          description="Held-out loss (nats/token) per domain: seed vs its expert")
+    create_table_artifact(compute_rows(records), key=artifact_key(run, "compute"),
+                          description="Compute per stage: steps, tokens, wall time, throughput")
+    create_markdown_artifact(checkpoints_markdown(config, records), key=artifact_key(run, "checkpoints"),
+                             description="Every stage output and training checkpoint in the store")
+    for key, markdown, description in (
+            ("loss-curves", loss_curves_markdown(config, records), "Training loss per step, per stage"),
+            ("routing", routing_markdown(config, records), "MoE routing per layer and expert")):
+        if markdown is not None:
+            create_markdown_artifact(markdown, key=artifact_key(run, key), description=description)
+    return layout.run_root(config)

@@ -1,0 +1,174 @@
+"""The whole DAG as a Prefect flow in embedded mode, on configs/ci.yaml against a test API:
+a branch that fails after its first checkpoint is retried and resumes from it; every artifact
+exists; a rerun trains nothing; retrying a failed parent run reruns only the failed branch."""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[1]
+DOMAINS = ("math", "code", "knowledge")
+
+
+def config(tmp: Path, store: Path, **orchestration):
+    from btx_core.validation import parse_config
+
+    raw = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
+    raw.update(store=str(store), cache_dir=str(tmp / "cache"),
+               orchestration={"retry_delay_s": 0.0, **orchestration})
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """A Prefect test API, with task results in a temporary directory."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("results")
+    with prefect_test_harness(server_startup_timeout=60), \
+            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
+        from prefect.settings import PREFECT_API_URL
+
+        yield {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOCAL_STORAGE_PATH": str(results)}
+
+
+@pytest.fixture(scope="module")
+def first_run(api, tmp_path_factory):
+    from flows.pipeline import btx_pipeline
+
+    tmp = tmp_path_factory.mktemp("embedded")
+    cfg = config(tmp, tmp / "store", retries=1)
+    fault = tmp / "fault"
+    os.environ["BTX_FAULT_AFTER_CHECKPOINT"] = str(fault)
+    try:
+        started = time.perf_counter()
+        state = btx_pipeline(cfg, return_state=True)
+        took = time.perf_counter() - started
+    finally:
+        del os.environ["BTX_FAULT_AFTER_CHECKPOINT"]
+    assert state.is_completed(), state.message
+    return cfg, state, fault, took
+
+
+def manifest(location: str) -> dict:
+    return json.loads((Path(location) / "_manifest.json").read_text())
+
+
+def latest_artifacts(keys: list[str]) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(
+            key=ArtifactCollectionFilterKey(any_=keys)))
+    return {a.key: a for a in found}
+
+
+def test_pipeline_completes_and_the_failed_branch_resumed_from_its_checkpoint(first_run):
+    cfg, state, fault, took = first_run
+    locations = state.result()
+    assert set(locations) == {"seed", *(f"expert[{d}]" for d in DOMAINS)}
+    for location in locations.values():
+        assert (Path(location) / "_manifest.json").is_file() and (Path(location) / "model.safetensors").is_file()
+    failed = fault.read_text().split("]")[0].removeprefix("expert[")
+    assert failed in DOMAINS, fault.read_text()
+    for domain in DOMAINS:
+        m = manifest(locations[f"expert[{domain}]"])["metrics"]
+        # The fault hits at the first report past checkpoint_every (step 10 of 12, checkpoints
+        # every 4): the retry resumes from step 8, the others never stopped.
+        assert m["resumed_from_step"] == (8 if domain == failed else 0), domain
+        assert m["steps"] == 12 and m["heldout_loss"] < m["seed_heldout_loss"]
+    print(f"first run: {took:.1f} s")
+
+
+def test_every_artifact_is_published_under_stable_keys(first_run):
+    cfg, state, _, _ = first_run
+    locations = state.result()
+    keys = ["ci-seed-progress", *(f"ci-expert-{d}-progress" for d in DOMAINS),
+            "ci-evaluation", "ci-compute", "ci-checkpoints", "ci-loss-curves"]
+    found = latest_artifacts(keys)
+    assert sorted(found) == sorted(keys)
+    for key in keys[:4]:
+        assert found[key].type == "progress" and float(found[key].data) == 100.0, key
+
+    evaluation = json.loads(found["ci-evaluation"].data)
+    assert [row["domain"] for row in evaluation] == list(DOMAINS)
+    for row in evaluation:
+        m = manifest(locations[f"expert[{row['domain']}]"])["metrics"]
+        assert row["expert_heldout_loss"] == pytest.approx(m["heldout_loss"], abs=1e-4)
+        assert row["seed_heldout_loss"] == pytest.approx(m["seed_heldout_loss"], abs=1e-4)
+        assert row["change"] < 0
+
+    compute = {row["stage"]: row for row in json.loads(found["ci-compute"].data)}
+    assert set(compute) == set(locations)
+    assert compute["seed"]["steps"] == 20 and compute["seed"]["tokens"] == 20 * 4 * 64
+    assert all(compute[f"expert[{d}]"]["steps"] == 12 and compute[f"expert[{d}]"]["wall_s"] > 0 for d in DOMAINS)
+
+    checkpoints = found["ci-checkpoints"].data
+    for location in locations.values():
+        assert f"(file://{location})" in checkpoints
+    assert "step 12: " in checkpoints and "step 20: " in checkpoints
+
+    curves = found["ci-loss-curves"].data
+    png = base64.b64decode(curves.split("data:image/png;base64,")[1].split(")")[0])
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_a_rerun_of_the_finished_pipeline_trains_nothing(first_run):
+    from flows.pipeline import btx_pipeline
+
+    cfg, state, _, _ = first_run
+    before = {name: manifest(loc) for name, loc in state.result().items()}
+    again = btx_pipeline(cfg, return_state=True)
+    assert again.is_completed() and again.result() == state.result()
+    assert {name: manifest(loc) for name, loc in state.result().items()} == before
+
+
+def test_retrying_a_failed_parent_run_reruns_only_the_failed_branch(api, first_run, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import btx_pipeline
+
+    first_cfg, first_state, _, _ = first_run
+    store = tmp_path / "store"
+    shutil.copytree(Path(first_state.result()["seed"]).parent, store / "ci" / "seed")
+    cfg = config(tmp_path, store, retries=0)
+    fault = tmp_path / "fault"
+    os.environ["BTX_FAULT_AFTER_CHECKPOINT"] = str(fault)
+    try:
+        failed_state = btx_pipeline(cfg, return_state=True)
+    finally:
+        del os.environ["BTX_FAULT_AFTER_CHECKPOINT"]
+    assert failed_state.is_failed()
+    failed = fault.read_text().split("]")[0].removeprefix("expert[")
+    done = {d: manifest(store / "ci" / "experts" / d / "model") for d in DOMAINS if d != failed}
+    assert len(done) == 2 and not (store / "ci" / "experts" / failed / "model").exists()
+
+    run_id = str(failed_state.state_details.flow_run_id)
+    env = dict(os.environ, **api, BTX_FAULT_AFTER_CHECKPOINT=str(fault))
+    retry = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", run_id,
+                            "--entrypoint", "flows/pipeline.py:btx_pipeline"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+
+    resumed = manifest(store / "ci" / "experts" / failed / "model")["metrics"]
+    assert resumed["resumed_from_step"] == 8 and resumed["steps"] == 12
+    assert {d: manifest(store / "ci" / "experts" / d / "model") for d in done} == done
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        assert client.read_flow_run(run_id).state.is_completed()
+    cached = {r.name.split("-")[0] if r.name.startswith("seed") else r.name
+              for r in runs if r.state.name == "Cached"}
+    # The seed and the finished branches are the cached results of the first attempt.
+    assert cached == {"seed", *(f"expert[{d}]" for d in done)}, [(r.name, r.state.name) for r in runs]

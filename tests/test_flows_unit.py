@@ -1,0 +1,127 @@
+"""The flows' pure parts: artifact keys, report tables, figures, the orchestration config."""
+
+import base64
+import io
+
+import pytest
+import yaml
+from pathlib import Path
+
+from btx_core.errors import ConfigError
+from btx_core.validation import parse_config
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).parents[1]
+
+
+def ci_raw() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
+
+
+def png_of(uri: str):
+    from PIL import Image
+
+    assert uri.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+def test_artifact_keys_are_lowercase_letters_digits_and_dashes():
+    from flows.progress import artifact_key
+
+    assert artifact_key("My_Run", "expert", "code_py", "progress") == "my-run-expert-code-py-progress"
+    assert artifact_key("ci", "evaluation") == "ci-evaluation"
+    assert artifact_key("a--b_", "--c") == "a-b-c"
+    with pytest.raises(ValueError):
+        artifact_key("__", "")
+
+
+def test_orchestration_defaults_and_checks():
+    cfg = parse_config(ci_raw())
+    o = cfg.orchestration
+    assert (o.expert_runner, o.expert_pool, o.retries, o.retry_delay_s) == ("local", "btx-experts", 3, 10.0)
+    raw = ci_raw()
+    raw["orchestration"] = {"domain_pools": {"math": "gpu-a100", "maths": "x"}}
+    with pytest.raises(ConfigError, match=r"orchestration: domain_pools names unknown domain\(s\) maths; "
+                                          r"the domains are: math, code, knowledge"):
+        parse_config(raw)
+    raw["orchestration"] = {"domain_pools": {"math": "a/b"}, "expert_runner": "k8s", "retries": -1}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    text = str(err.value)
+    assert "'a/b' are not valid" in text and "expert_runner" in text and "retries" in text
+
+
+def test_orchestration_does_not_change_what_a_stage_computes():
+    from btx_core.stages import expert_config_hash
+
+    raw = ci_raw()
+    base = parse_config(raw)
+    raw["orchestration"] = {"expert_runner": "deployments", "domain_pools": {"math": "gpu"}, "retries": 0}
+    moved = parse_config(raw)
+    assert expert_config_hash(base, "math") == expert_config_hash(moved, "math")
+
+
+def test_routing_heatmap_from_the_mix_stage_metrics():
+    from flows.plots import routing_heatmap_png
+
+    routing = {"experts": ["seed", "math", "code", "knowledge"], "entropy": [1.2, 0.9, 0.4],
+               "load": [[0.25, 0.25, 0.25, 0.25], [0.1, 0.6, 0.2, 0.1], [0.0, 0.05, 0.9, 0.05]]}
+    image = png_of(routing_heatmap_png(routing))
+    assert image.size[0] > 200 and image.size[1] > 100
+    pixels = image.convert("RGB")
+    assert len(pixels.getcolors(maxcolors=1 << 20)) > 50  # a drawn heatmap, not a blank canvas
+
+
+@pytest.mark.parametrize("broken, message", [
+    ({"experts": ["a", "b"], "entropy": [1.0], "load": [[0.5, 0.3, 0.2]]}, "layer 0 has 3 load values for 2 experts"),
+    ({"experts": ["a", "b"], "entropy": [1.0, 2.0], "load": [[0.5, 0.5]]}, "2 entropy values for 1 layers"),
+    ({"experts": ["a", "b"], "entropy": [1.0], "load": [[0.5, float("nan")]]}, "negative or not finite"),
+    ({"experts": ["a"], "load": [[1.0]]}, "must have `experts`, `entropy` and `load`"),
+])
+def test_routing_heatmap_names_what_is_wrong(broken, message):
+    from flows.plots import routing_heatmap_png
+
+    with pytest.raises(ValueError, match=message):
+        routing_heatmap_png(broken)
+
+
+def test_loss_curves_need_data():
+    from flows.plots import loss_curves_png
+
+    assert png_of(loss_curves_png({"seed": [6.0, 5.5, 5.2], "expert[math]": [5.0, 4.1]})).size[0] > 200
+    with pytest.raises(ValueError, match="no loss curves"):
+        loss_curves_png({"seed": []})
+
+
+def test_report_tables_from_manifests(tmp_path):
+    from btx_core.manifest import Manifest
+    from flows.report import (StageRecord, checkpoints_markdown, compute_rows, evaluation_rows,
+                              routing_markdown, stage_locations)
+
+    raw = ci_raw()
+    raw["store"] = str(tmp_path / "store")
+    cfg = parse_config(raw)
+
+    def record(name, location, metrics, checkpoints=()):
+        m = Manifest(stage=name, created_at="2026-11-01T00:00:00+00:00", config_hash="x", files={}, metrics=metrics)
+        return StageRecord(name, location, m, list(checkpoints))
+
+    rows = stage_locations(cfg)
+    records = [record("seed", rows[0][1], {"steps": 20, "tokens": 5120, "wall_s": 3.14159, "tokens_per_s": 1629.7},
+                      [(20, rows[0][2] + "/step-00000020")])]
+    records += [record(name, loc, {"seed_heldout_loss": 6.0, "heldout_loss": 5.5 - i, "steps": 12})
+                for i, (name, loc, _) in enumerate(rows[1:4])]
+    records.append(StageRecord("mix", rows[4][1], None, []))
+    evaluation = evaluation_rows(cfg, records)
+    assert evaluation[0] == {"domain": "math", "seed_heldout_loss": 6.0, "expert_heldout_loss": 5.5, "change": -0.5}
+    assert [r["change"] for r in evaluation] == [-0.5, -1.5, -2.5]
+    compute = compute_rows(records)
+    assert [r["stage"] for r in compute] == ["seed", "expert[math]", "expert[code]", "expert[knowledge]"]
+    assert compute[0] == {"stage": "seed", "steps": 20, "tokens": 5120, "wall_s": 3.14, "tokens_per_s": 1629.7}
+    markdown = checkpoints_markdown(cfg, records)
+    assert f"[{rows[0][1]}](file://{rows[0][1]})" in markdown and "step 20: " in markdown
+    assert "| mix |" not in markdown  # nothing in the store yet
+    assert routing_markdown(cfg, records) is None
+    records[-1] = record("mix", rows[4][1], {"routing": {"experts": ["a", "b"], "entropy": [0.6],
+                                                         "load": [[0.7, 0.3]]}})
+    assert "data:image/png;base64," in routing_markdown(cfg, records)

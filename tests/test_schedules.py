@@ -1,0 +1,76 @@
+"""Schedules: deploying infra/prefect.yaml creates the pipeline's cron schedule, and the runs the
+server's scheduler creates from it carry the schedule's parameters, which the flow accepts as its
+typed config. Against the real server of tests/prefect_harness.py (PostgreSQL, scheduler on)."""
+
+from __future__ import annotations
+
+from datetime import timezone
+
+import pytest
+import yaml
+
+from tests.prefect_harness import PREFECT_FILE, REPO, Deployed, jsonable, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _declared_schedule() -> dict:
+    """The pipeline deployment's schedule as infra/prefect.yaml declares it (anchors resolved)."""
+    data = yaml.safe_load((REPO / PREFECT_FILE).read_text())
+    (pipeline,) = [d for d in data["deployments"] if d["entrypoint"] == "flows/pipeline.py:btx_pipeline"]
+    (schedule,) = pipeline["schedules"]
+    return schedule
+
+
+def _pipeline_deployment(deployed: Deployed):
+    return deployed.deployments["btx-pipeline/btx"]
+
+
+def test_deploying_creates_the_cron_schedule(btx_deployed: Deployed) -> None:
+    declared = _declared_schedule()
+    with btx_deployed.cluster.client() as client:
+        schedules = client.read_deployment_schedules(_pipeline_deployment(btx_deployed).id)
+    assert len(schedules) == 1, schedules
+    (created,) = schedules
+    assert created.active is True
+    assert created.slug == declared["slug"]
+    assert created.schedule.cron == declared["cron"]
+    assert created.schedule.timezone == declared["timezone"]
+    assert created.parameters == jsonable(declared["parameters"])
+
+
+def test_scheduled_runs_receive_the_schedule_parameters(btx_deployed: Deployed) -> None:
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.flows import load_flow_from_entrypoint
+
+    from btx_core.config import BTXConfig
+
+    declared = _declared_schedule()
+    deployment = _pipeline_deployment(btx_deployed)
+
+    def scheduled_runs():
+        with btx_deployed.cluster.client() as client:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+            )
+
+    # The scheduler service (every few seconds on the test server) fills in the next runs.
+    runs = wait_for(lambda: [r for r in scheduled_runs() if r.auto_scheduled], 90,
+                    "the scheduler to create runs of btx-pipeline/btx")
+    for run in runs:
+        assert run.parameters == jsonable(declared["parameters"]), run.name
+        assert run.work_pool_name == "btx-control"
+        start = run.expected_start_time.astimezone(timezone.utc)
+        # cron "0 2 * * *" in UTC: every run at 02:00 on some day
+        minute, hour = declared["cron"].split()[:2]
+        assert (start.hour, start.minute) == (int(hour), int(minute)), start
+    # What the flow receives: the engine validates the run's parameters against its signature.
+    flow = load_flow_from_entrypoint(str(REPO / "flows" / "pipeline.py") + ":btx_pipeline")
+    received = flow.validate_parameters(runs[0].parameters)["config"]
+    assert isinstance(received, BTXConfig)
+    assert received == BTXConfig.model_validate(declared["parameters"]["config"])
+    assert received.orchestration.expert_runner == "deployments"
