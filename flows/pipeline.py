@@ -22,7 +22,7 @@ from btx_core.stages import expert_config_hash, open_store
 from flows.local import branch_processes
 from flows.progress import forward_library_logs, run_name
 from flows.remote import run_child
-from flows.tasks import cores, expert_task_for, report_task, seed_task
+from flows.tasks import cores, expert_task_for, mix_task, report_task, seed_task
 
 
 class BranchesFailed(BTXError):
@@ -31,14 +31,18 @@ class BranchesFailed(BTXError):
 
 @flow(name="btx-pipeline", flow_run_name=run_name(), task_runner=ThreadPoolTaskRunner())
 def btx_pipeline(config: BTXConfig) -> dict[str, str]:
-    """Branch-Train-MiX: seed -> experts (in parallel) -> report. Returns stage -> store location."""
+    """Branch-Train-MiX: seed -> experts (in parallel) -> mix -> report. Returns stage -> store location."""
     forward_library_logs()
     seed = seed_task.submit(config)
     seed.result()  # a failed seed fails the run here, with its own error
     run_branches = _local_branches if config.orchestration.expert_runner == "local" else _remote_branches
     experts = run_branches(config, seed)
-    report_task.submit(config, wait_for=list(experts.values())).result()
-    return {"seed": seed.result(), **{f"expert[{d}]": f.result() for d, f in experts.items()}}
+    run_mix = mix_task if config.orchestration.mix_pool is None else mix_on_pool_task
+    mix = run_mix.submit(config, wait_for=list(experts.values()))
+    mix.result()  # a failed mix fails the run here, with its own error
+    report_task.submit(config, wait_for=[mix]).result()
+    return {"seed": seed.result(), **{f"expert[{d}]": f.result() for d, f in experts.items()},
+            "mix": mix.result()}
 
 
 def _local_branches(config: BTXConfig, seed) -> dict:
@@ -76,11 +80,21 @@ def expert_branch_task(config: BTXConfig, domain: str, seed_location: str) -> st
     """Run one expert branch as a `train-expert/<pool>` deployment run; return its location."""
     pool = config.orchestration.domain_pools.get(domain, config.orchestration.expert_pool)
     run_child(f"train-expert/{pool}", {"config": config.model_dump(mode="json"), "domain": domain}, domain)
-    location = layout.expert_model(config, domain)
+    return _stored(config, layout.expert_model(config, domain), f"expert[{domain}]")
+
+
+@task(name="mix-on-pool", task_run_name="mix", persist_result=True, result_serializer="json")
+def mix_on_pool_task(config: BTXConfig) -> str:
+    """Run MiX as a `mix/<pool>` deployment run on `orchestration.mix_pool`; return its location."""
+    run_child(f"mix/{config.orchestration.mix_pool}", {"config": config.model_dump(mode="json")}, "mix")
+    return _stored(config, layout.mix_model(config), "mix")
+
+
+def _stored(config: BTXConfig, location: str, stage: str) -> str:
     try:
         open_store(config).read_manifest(location)
     except IncompleteOutputError:
-        raise BTXError(f"expert[{domain}]: its flow run completed but {location} has no manifest: "
+        raise BTXError(f"{stage}: its flow run completed but {location} has no manifest: "
                        "do the work pool's workers write to the same store?") from None
     return location
 

@@ -37,17 +37,12 @@ class StageRecord:
         return self.manifest.metrics if self.manifest else {}
 
 
-def mix_location(config: BTXConfig) -> str:
-    """Where the MiX stage writes the MoE (its contract: `<store>/<run>/mix/model`)."""
-    return f"{layout.run_root(config)}/mix/model"
-
-
 def stage_locations(config: BTXConfig) -> list[tuple[str, str, str | None]]:
     """(stage, output location, checkpoint prefix) of every stage, in pipeline order."""
     rows = [("seed", layout.seed_model(config), layout.seed_checkpoints(config))]
     rows += [(f"expert[{d.name}]", layout.expert_model(config, d.name),
               layout.expert_checkpoints(config, d.name)) for d in config.domains]
-    rows.append(("mix", mix_location(config), None))
+    rows.append(("mix", layout.mix_model(config), None))
     return rows
 
 

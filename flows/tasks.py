@@ -91,6 +91,16 @@ def expert_task_for(config: BTXConfig):
                                     retry_jitter_factor=RETRY_JITTER, retry_condition_fn=_transient)
 
 
+@task(name="mix", **STAGE_TASK)
+def mix_task(config: BTXConfig) -> str:
+    """MiX: the experts (and the seed as a generalist) -> one Mixtral in the store (btx_core mix_stage)."""
+    from btx_core.mix_stage import mix_stage
+
+    progress = StageProgress(artifact_key(config.run_name, "mix", "progress"), "mix")
+    with torch_threads(cores()):
+        return _report(progress, mix_stage(config))
+
+
 @task(name="report", **STAGE_TASK)
 def report_task(config: BTXConfig) -> str:
     """Publish the run's artifacts (evaluation and compute tables, loss curves, routing,

@@ -68,7 +68,7 @@ def test_pipeline_completes_on_the_pools(completed: PipelineRun) -> None:
     assert result.is_completed()
     # The report and every stage ran in the parent (a run, not a set of disconnected children).
     names = {re.sub(r"-[0-9a-f]{3}$", "", t.name) for t in _task_runs(run, run.flow_run.id)}
-    assert {"seed", "report", *(f"expert[{d}]" for d in DOMAIN_POOLS)} <= names, names
+    assert {"seed", "mix", "report", *(f"expert[{d}]" for d in DOMAIN_POOLS)} <= names, names
 
 
 @pytest.mark.integration

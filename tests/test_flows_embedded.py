@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from btx_core.manifest import Manifest
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[1]
 DOMAINS = ("math", "code", "knowledge")
@@ -77,9 +79,14 @@ def latest_artifacts(keys: list[str]) -> dict:
 def test_pipeline_completes_and_the_failed_branch_resumed_from_its_checkpoint(first_run):
     cfg, state, fault, took = first_run
     locations = state.result()
-    assert set(locations) == {"seed", *(f"expert[{d}]" for d in DOMAINS)}
+    assert set(locations) == {"seed", *(f"expert[{d}]" for d in DOMAINS), "mix"}
     for location in locations.values():
         assert (Path(location) / "_manifest.json").is_file() and (Path(location) / "model.safetensors").is_file()
+    mixed = manifest(locations["mix"])
+    assert mixed["stage"] == "mix" and mixed["metrics"]["experts"] == [*DOMAINS, "seed"]
+    for d in DOMAINS:  # the mix records the very experts this run trained
+        expert = Manifest.from_json((Path(locations[f"expert[{d}]"]) / "_manifest.json").read_bytes())
+        assert mixed["inputs"][f"expert:{d}"] == expert.hash
     failed = fault.read_text().split("]")[0].removeprefix("expert[")
     assert failed in DOMAINS, fault.read_text()
     for domain in DOMAINS:
@@ -94,10 +101,12 @@ def test_pipeline_completes_and_the_failed_branch_resumed_from_its_checkpoint(fi
 def test_every_artifact_is_published_under_stable_keys(first_run):
     cfg, state, _, _ = first_run
     locations = state.result()
-    keys = ["ci-seed-progress", *(f"ci-expert-{d}-progress" for d in DOMAINS),
-            "ci-evaluation", "ci-compute", "ci-checkpoints", "ci-loss-curves"]
+    keys = ["ci-seed-progress", *(f"ci-expert-{d}-progress" for d in DOMAINS), "ci-mix-progress",
+            "ci-evaluation", "ci-compute", "ci-checkpoints", "ci-loss-curves", "ci-routing"]
     found = latest_artifacts(keys)
     assert sorted(found) == sorted(keys)
+    heatmap = found["ci-routing"].data
+    assert base64.b64decode(heatmap.split("data:image/png;base64,")[1].split(")")[0]).startswith(b"\x89PNG")
     for key in keys[:4]:
         assert found[key].type == "progress" and float(found[key].data) == 100.0, key
 
