@@ -36,10 +36,7 @@ system-deps:
 	fi
 
 demo: setup
-	$(BTX) seed configs/demo.yaml
-	for domain in math code knowledge; do $(BTX) train-expert configs/demo.yaml --domain $$domain || exit 1; done
-	$(BTX) mix configs/demo.yaml
-	$(BTX) status configs/demo.yaml
+	$(BTX) run configs/demo.yaml
 
 test: setup system-deps
 	$(VENV)/bin/pytest -m "unit or integration" -q
