@@ -7,8 +7,6 @@ everything before any heavy work and reports every problem at once, each with it
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -17,13 +15,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from btx_core.errors import ConfigError
+from btx_core.values import (SECRET_KEYS, no_credentials_in_url, parse_bytes, scheme, stable_hash,
+                             walk_keys, walk_values)
+
+__all__ = ["BTXConfig", "DataSource", "DomainSpec", "MixSettings", "Orchestration", "SeedSpec",
+           "TinyModelSpec", "TrainSettings", "cross_field_problems", "parse_bytes", "scheme", "stable_hash"]
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # a Prefect work pool (and deployment) name
-CREDENTIALS_IN_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s]+@")
-# Keys that would put a secret into a config file (and so into manifests and the Prefect UI).
-SECRET_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
-               "aws_session_token", "session_token", "access_key", "secret_key", "authorization"}
 
 
 class StrictModel(BaseModel):
@@ -66,18 +65,18 @@ class DataSource(StrictModel):
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        found = sorted(k for k in _walk_keys(value) if k.lower() in SECRET_KEYS)
+        found = sorted(k for k in walk_keys(value) if k.lower() in SECRET_KEYS)
         if found:
             raise ValueError(f"credentials ({', '.join(found)}) must not be in a config file; "
                              "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment")
-        for v in _walk_values(value):
-            _no_credentials_in_url(v)
+        for v in walk_values(value):
+            no_credentials_in_url(v)
         return value
 
     @field_validator("path")
     @classmethod
     def _no_secrets_in_path(cls, value: str | None) -> str | None:
-        return _no_credentials_in_url(value)
+        return no_credentials_in_url(value)
 
 
 class DomainSpec(StrictModel):
@@ -297,7 +296,7 @@ class BTXConfig(StrictModel):
     @field_validator("store")
     @classmethod
     def _known_scheme(cls, store: str) -> str:
-        _no_credentials_in_url(store)
+        no_credentials_in_url(store)
         kind = scheme(store)
         if kind not in ("file", "local", "s3"):
             raise ValueError(f"unknown scheme '{kind}://' in {store!r}; use a local path, "
@@ -430,49 +429,3 @@ def cross_field_problems(model: type[BaseModel], data: Mapping) -> list[str]:
         return check({**defaults, **data})
     except (TypeError, ValueError, KeyError, ZeroDivisionError):
         return []  # wrongly typed fields: already reported by the field checks
-
-
-def stable_hash(data: Any) -> str:
-    """sha256 of canonical JSON: the config hash recorded in manifests."""
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def _no_credentials_in_url(value: Any) -> Any:
-    if isinstance(value, str) and CREDENTIALS_IN_URL.match(value):
-        raise ValueError("a URL with credentials (user:password@) must not be in a config file: "
-                         "remove them and set them in the environment")
-    return value
-
-
-def _walk_keys(value: Any):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield str(k)
-            yield from _walk_keys(v)
-
-
-def _walk_values(value: Any):
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _walk_values(v)
-    else:
-        yield value
-
-
-def scheme(uri: str) -> str:
-    """`s3`, `file`, ... or `local` for a plain path."""
-    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
-    return match.group(1).lower() if match else "local"
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(value: str | int) -> int:
-    """`2GB` -> 2_000_000_000 (decimal units, as transformers' max_shard_size; KiB/MiB/GiB binary)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"{value!r} is not a size: write e.g. 2GB, 500MB or 1GiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
