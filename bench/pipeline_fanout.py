@@ -1,5 +1,6 @@
 """Fan-out: two expert branches at once vs the same two one after the other, 1 thread each,
-both through the `btx-pipeline` flow in embedded mode, in one process.
+both through the pipeline's fan-out code (`flows.pipeline._local_branches`, after its seed task;
+MiX and the report, the same in both modes, are left out) in embedded mode, in one process.
 
     python bench/pipeline_fanout.py [--rounds 3] [--steps 100] [--json out.json]
 
@@ -45,7 +46,14 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw timings here")
     args = parser.parse_args()
     quiet()
-    from flows.pipeline import btx_pipeline
+    from prefect import flow
+
+    from flows.pipeline import _local_branches, seed_task
+
+    @flow(name="btx-fan-out")
+    def btx_pipeline(config):
+        """The pipeline's own fan-out (seed, then `_local_branches`), without mix and report."""
+        return _local_branches(config, seed_task.submit(config))
 
     raw = bench_raw(args.steps)
     with tempfile.TemporaryDirectory(prefix="btx-fanout-") as tmp:

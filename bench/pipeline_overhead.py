@@ -1,11 +1,11 @@
-"""Orchestration overhead: the CI-sized pipeline (configs/ci.yaml: seed + 3 experts) as the
+"""Orchestration overhead: the CI-sized pipeline (configs/ci.yaml: seed + 3 experts + mix) as the
 `btx-pipeline` flow vs the same stages called directly from Python, in one process.
 
     python bench/pipeline_overhead.py [--rounds 3] [--json out.json]
 
 Three ways, alternating within each round, each from a fresh store that holds only the
 tokenized data (so tokenizer training, seed pretraining and the experts all run):
-- `direct`: build_seed, then train_expert for each domain, one after the other;
+- `direct`: build_seed, then train_expert for each domain, one after the other, then mix_stage;
 - `prefect-1`: the flow with max_parallel_branches 1 (branches one after the other, in a
   branch process, plus the report's artifacts): the like-for-like overhead (target <= 1.10x);
 - `prefect`: the flow as `btx run` runs it (all branches at once, each in its own process).
@@ -27,12 +27,14 @@ from pipeline_common import ci_raw, fresh_store, load, machine, median, quiet, t
 def direct(cfg) -> None:
     import torch
 
+    from btx_core.mix_stage import mix_stage
     from btx_core.stages import build_seed, train_expert
 
     torch.set_num_threads(cores())  # what the flow's seed task sets; experts get the same here
     seed = build_seed(cfg)
     for d in cfg.domains:
         train_expert(cfg, d.name, seed_location=seed.location)
+    mix_stage(cfg)
 
 
 def main() -> None:
@@ -55,7 +57,7 @@ def main() -> None:
                 fresh_store(work / "warm", work / way, keep=())
                 times[way].append(timed(lambda: run(cfg)))
     base = median(times["direct"])
-    print(f"\nCI pipeline (seed + 3 experts), {machine()}; medians of {args.rounds} rounds")
+    print(f"\nCI pipeline (seed + 3 experts + mix), {machine()}; medians of {args.rounds} rounds")
     print("| way | wall s | vs direct |\n|---|---|---|")
     for way in ways:
         print(f"| {way} | {median(times[way]):.1f} | {median(times[way]) / base:.3f}x |")
