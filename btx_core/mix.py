@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 SHARED_POLICIES = ("mean", "weighted", "copy")
+MERGE_CHUNK = 1 << 22  # elements (16 MB in fp32)
 
 
 class MixInputError(BTXError):
@@ -319,23 +320,25 @@ def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: Laye
 
 
 def _merge(plan: _Plan, name: str) -> torch.Tensor:
-    """The (weighted) mean over experts, accumulated in fp32; a single source is copied as is."""
-    sources = [(r, w) for r, w in zip(plan.readers, plan.shared_weights) if w > 0]
+    """The (weighted) mean over experts, accumulated in fp32, a chunk at a time: memory holds the
+    output tensor and two fp32 chunks, not an fp32 copy per expert (embeddings are large)."""
+    sources = [(r.get(name), w) for r, w in zip(plan.readers, plan.shared_weights) if w > 0]
     if len(sources) == 1:
-        return sources[0][0].get(name).to(plan.dtype)
+        return sources[0][0].to(plan.dtype)
     equal = all(w == sources[0][1] for _, w in sources)
-    total = None
-    for reader, weight in sources:
-        t = reader.get(name)  # may share memory with the file's mapping: never modified in place
-        if total is None:
-            total = t.to(torch.float32, copy=True)
-            if not equal:
-                total.mul_(weight)
-        else:
-            total.add_(t.float(), alpha=1.0 if equal else weight)
-    if equal:  # the plain mean: one division of the fp32 sum
-        total.div_(len(sources))
-    return total.to(plan.dtype)
+    out = torch.empty(sources[0][0].shape, dtype=plan.dtype)
+    flat, views = out.view(-1), [(t.reshape(-1), w) for t, w in sources]  # views of the files' mappings
+    for start in range(0, flat.numel(), MERGE_CHUNK):
+        end = start + MERGE_CHUNK
+        total = views[0][0][start:end].to(torch.float32, copy=True)
+        if not equal:
+            total.mul_(views[0][1])
+        for t, w in views[1:]:
+            total.add_(t[start:end].float(), alpha=1.0 if equal else w)
+        if equal:  # the plain mean: one division of the fp32 sum
+            total.div_(len(views))
+        flat[start:end] = total
+    return out
 
 
 def _write_metadata(plan: _Plan, config: dict, out_dir: Path, options: MixOptions, routing: dict,
