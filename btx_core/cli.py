@@ -293,7 +293,7 @@ def mix_command(
     if not out:
         raise BTXError("--expert needs --out DIR (where the MoE is written)")
     from btx_core.mix import experts_from_dirs
-    from btx_core.mix_stage import mix_dirs, samples_from_paths
+    from btx_core.mix_local import mix_dirs, samples_from_paths
 
     experts = experts_from_dirs(expert, name)
     names = [e.name for e in experts]
@@ -323,7 +323,7 @@ def upcycle(config: Path = typer.Argument(None, help="Pipeline config: upcycle t
     if not out:
         raise BTXError("--model needs --out DIR (where the MoE is written)")
     from btx_core.mix import experts_from_dirs
-    from btx_core.mix_stage import mix_dirs
+    from btx_core.mix_local import mix_dirs
 
     sources = experts_from_dirs([model] * experts, [f"copy{i}" for i in range(experts)])
     options = _mix_options(top_k, "mean", [], None, [], router_init, shard_size, None)
@@ -339,7 +339,7 @@ def drop_expert(moe: str = typer.Argument(..., help="The MoE directory"),
                 expert: str = typer.Option(..., "--expert", "-e", help="Expert to drop (name or index)"),
                 out: str = typer.Option(..., "--out", "-o", help="Output directory")) -> None:
     """Write the MoE without one expert (its FFNs and router rows removed), as an opt-out."""
-    from btx_core.mix_stage import drop_expert_dir
+    from btx_core.mix_local import drop_expert_dir
 
     _report("drop-expert", drop_expert_dir(moe, expert, out))
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, MixtralConfig
 
 from btx_core.arch import DenseFamily, dense_family, unsupported_message
 from btx_core.errors import BTXError
@@ -265,13 +264,12 @@ def mix(experts: Sequence[Expert], options: MixOptions, out_dir: Path, *,
     """Mix `experts` into the (empty) directory `out_dir`; see the module docstring."""
     plan = plan_mix(experts, options, samples=samples)
     config = moe_config(plan, options)
-    hf_config = MixtralConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
     probe = None
     if samples is not None and (samples.centroid or samples.heldout):
-        probe = LayerwiseProbe(hf_config, samples, [e.name for e in experts])
+        probe = LayerwiseProbe(config, samples, [e.name for e in experts])
     writer = ShardedWriter(out_dir, plan.outputs, options.shard_size)
     try:
-        routing = _stream(plan, options, writer, probe, hf_config)
+        routing = _stream(plan, options, writer, probe, config)
         files = writer.close()
     except BaseException:
         writer.abort()
@@ -281,8 +279,9 @@ def mix(experts: Sequence[Expert], options: MixOptions, out_dir: Path, *,
 
 
 def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: LayerwiseProbe | None,
-            hf_config: MixtralConfig) -> dict:
+            config: dict) -> dict:
     fam, readers = plan.family, plan.readers
+    hidden = readers[0].meta[fam.embedding].shape[1]
     init = ROUTER_INITS[options.router_init]
     merged = _merge(plan, fam.embedding)
     writer.write(fam.embedding, merged)
@@ -293,11 +292,11 @@ def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: Laye
         prefix = fam.layer_prefix.format(layer=layer)
         layer_shared = {name: _merge(plan, name) for name in fam.layer_shared([layer])}
         ffns = [{role: r.get(fam.ffn_name(role, layer)).to(plan.dtype) for role in fam.ffn} for r in readers]
-        ctx = RouterContext(layer, len(plan.experts), hf_config.hidden_size, hf_config.initializer_range,
+        ctx = RouterContext(layer, len(plan.experts), hidden, config["initializer_range"],
                             torch.Generator().manual_seed(options.router_seed * 100_003 + layer))
         if probe is not None:
             relative = {name.removeprefix(prefix): t for name, t in layer_shared.items()}
-            placeholder = torch.zeros(len(plan.experts), hf_config.hidden_size)
+            placeholder = torch.zeros(len(plan.experts), hidden)
             inputs = probe.router_inputs(layer, in_memory_layer(relative, ffns, placeholder))
             if init.needs_data:
                 ctx.inputs = probe.centroid_inputs(inputs)
@@ -349,6 +348,8 @@ def _write_metadata(plan: _Plan, config: dict, out_dir: Path, options: MixOption
     if (source / "generation_config.json").is_file():
         shutil.copy2(source / "generation_config.json", out_dir / "generation_config.json")
     else:
+        from transformers import GenerationConfig
+
         GenerationConfig(bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
                          pad_token_id=config.get("pad_token_id")).save_pretrained(out_dir)
     for f in TOKENIZER_FILES:

@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from transformers import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRotaryEmbedding
 
 from btx_core.errors import BTXError
 
@@ -113,7 +111,12 @@ class RoutingSamples:
 class LayerwiseProbe:
     """Hidden states of sample blocks, advanced through the mixed model layer by layer."""
 
-    def __init__(self, config: MixtralConfig, samples: RoutingSamples, expert_names: list[str]):
+    def __init__(self, moe_config: Mapping, samples: RoutingSamples, expert_names: list[str]):
+        # transformers' modeling code is imported only here: a plain mix does not pay for it.
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+        config = MixtralConfig(**{k: v for k, v in moe_config.items() if k not in ("architectures", "model_type")})
         self.config = config
         self.config._attn_implementation = "sdpa"  # a mask of None means causal for sdpa
         self.config._experts_implementation = "grouped_mm"  # transformers' default; eager-equal (FACTS)
@@ -172,8 +175,10 @@ def _fractions(chosen: torch.Tensor, num_experts: int) -> list[float]:
     return (counts / counts.sum().clamp(min=1)).tolist()
 
 
-def _decoder_layer(config: MixtralConfig, layer: int, tensors: Mapping[str, torch.Tensor]) -> MixtralDecoderLayer:
+def _decoder_layer(config, layer: int, tensors: Mapping[str, torch.Tensor]):
     """A fp32 Mixtral decoder layer holding `tensors` (in-memory names, relative to the layer)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+
     with torch.device("meta"):
         module = MixtralDecoderLayer(config, layer)
     module.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True, strict=True)

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -24,6 +24,7 @@ from btx_core.data.cache import SPLIT_SALT, content_id, ensure_prepared, tokeniz
 from btx_core.data.packing import TokenizedSplits, split_documents
 from btx_core.data.sources import load_documents
 from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
+from btx_core.outputs import STAGE_FORMAT, StageOutput
 from btx_core.seed import (create_tiny_llama, inspect_model_dir, load_causal_lm, load_tokenizer,
                            parameter_breakdown)
 from btx_core.store import Manifest, Store, checkpoint_location
@@ -32,27 +33,12 @@ from btx_core.train import (Dist, Progress, evaluate_loss, init_distributed, mai
                             pick_device, train)
 
 log = logging.getLogger(__name__)
-STAGE_FORMAT = 1  # bump when a stage's output changes for the same config
 # What a seed directory contributes: weights, configs, and the tokenizer in any of its layouts.
 MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 ProgressCallback = Callable[[Progress], None]
-
-
-@dataclass(frozen=True)
-class StageOutput:
-    location: str
-    manifest: Manifest
-    skipped: bool
-    """True when the output already existed for the same config and inputs (no work was done)."""
-    notes: list[str] = field(default_factory=list)
-    """Human-readable facts worth printing (parameter share, resume point)."""
-
-    @property
-    def metrics(self) -> dict:
-        return self.manifest.metrics
 
 
 class StoreCheckpoints:

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 from btx_core import layout
 from btx_core.errors import BTXError, IntegrityError
 from btx_core.mix import MixOptions, experts_from_dirs
-from btx_core.mix_stage import mix_dirs, mix_stage, samples_from_paths
+from btx_core.mix_local import mix_dirs, samples_from_paths
+from btx_core.mix_stage import mix_stage
 from btx_core.stages import build_seed, open_store, train_expert
 from btx_core.validation import parse_config
 from tests.test_cli_e2e import btx
