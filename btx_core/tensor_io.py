@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +129,45 @@ def _header(entries: list[tuple[str, TensorMeta]]) -> bytes:
     return struct.pack("<Q", len(blob)) + blob
 
 
+class _Worker:
+    """A thread applying `fn` to queued items in order; at most `depth` items wait (memory stays
+    bounded), and its first error is raised in the caller at the next `put` or `join`."""
+
+    def __init__(self, fn, depth: int = 4):
+        self.fn, self.error = fn, None
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not _DONE:
+            if self.error is None:
+                try:
+                    self.fn(item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    self.error = exc
+
+    def put(self, item) -> None:
+        self._raise()
+        self.queue.put(item)
+
+    def join(self) -> None:
+        self.queue.put(_DONE)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+_DONE = object()
+
+
 class ShardedWriter:
     """Writes the planned tensors, in plan order, into `directory`; `close` writes the index and
-    returns every file's size and sha256."""
+    returns every file's size and sha256. Writing and hashing run in two threads of their own
+    (both release the GIL), overlapped with the caller reading and merging the next tensors."""
 
     def __init__(self, directory: Path, tensors: list[tuple[str, TensorMeta]], max_bytes: int):
         self.directory = directory
@@ -141,6 +179,8 @@ class ShardedWriter:
         self._file = None
         self._digest = None
         self._shard = -1
+        self._writer = _Worker(lambda item: item[0].write(item[1]))
+        self._hasher = _Worker(lambda item: item[0].update(item[1]))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, i = next(self._order, (None, None))
@@ -153,21 +193,29 @@ class ShardedWriter:
         if shard != self._shard:
             self._finish_file()
             self._start_file(shard)
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(data)
-        self._digest.update(data)
+        self._emit(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def _emit(self, data) -> None:
+        self._writer.put((self._file, data))
+        self._hasher.put((self._digest, data))
 
     def _start_file(self, shard: int) -> None:
         self._shard = shard
         self._file = open(self.directory / self.names[shard], "wb")
         self._digest = hashlib.sha256()
-        header = _header(self.plan[shard])
-        self._file.write(header)
-        self._digest.update(header)
+        self._emit(_header(self.plan[shard]))
+
+    def _drain(self) -> None:
+        """Wait until everything queued is written and hashed (new workers for what follows)."""
+        self._writer.join()
+        self._hasher.join()
+        self._writer = _Worker(self._writer.fn)
+        self._hasher = _Worker(self._hasher.fn)
 
     def _finish_file(self) -> None:
         if self._file is None:
             return
+        self._drain()
         self._file.close()
         name = self.names[self._shard]
         self.entries[name] = FileEntry(size=(self.directory / name).stat().st_size,
@@ -188,6 +236,10 @@ class ShardedWriter:
         return dict(self.entries)
 
     def abort(self) -> None:
+        for worker in (self._writer, self._hasher):
+            worker.error = worker.error or RuntimeError("aborted")  # skip what is still queued
+            worker.queue.put(_DONE)
+            worker.thread.join()
         if self._file is not None:
             self._file.close()
             self._file = None
