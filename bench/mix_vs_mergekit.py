@@ -1,6 +1,6 @@
 """MiX: `btx mix` vs `mergekit-moe`, wall time and peak anonymous memory, side by side in one run.
 
-    .venv/bin/python bench/mix_vs_mergekit.py [--families small large] [--rounds 3] [--json FILE]
+    .venv/bin/python bench/mix_vs_mergekit.py [--families small large] [--rounds 6] [--json FILE]
 
 Inputs are families of 4 dense Llama experts branched from one random seed (bench/make_family.py,
 generated once and cached under bench/.cache). Four ways of building the Mixtral, each in its own
@@ -17,11 +17,19 @@ btx-mean is compared with mk-2pass and btx-copy with mk-1pass: each pair builds 
 defaults (no --cuda, no --lazy-unpickle, 5B-parameter shards, --quiet); MoE configs use
 gate_mode random, dtype bfloat16, 2 experts per token, placeholder positive_prompts.
 
-Within a round the four run in alternating order (reversed every other round), with the page
-cache warmed on the inputs first and `sync` between runs, so no run pays for the last one's
-writes. Memory is the process tree's RssAnon (anonymous pages: what mmapped safetensors inputs
+Within a round the four run in alternating order (reversed every other round, so with an even
+number of rounds each side runs in each position equally). Each output is deleted after its run
+(the last round's are kept for the check); before each run the inputs are read into the page
+cache, `sync` flushes earlier writes and the run waits 8 s (a journal commit, which sends the
+discards of deleted files on a filesystem mounted with `discard`, as here). So every run starts
+from the same state: warm inputs, no earlier output in the page cache, no dirty pages, no pending
+discards. Memory is the process tree's RssAnon (anonymous pages, which mmapped safetensors inputs
 do not count towards) sampled from /proc every 20 ms; VmRSS is shown beside it. After the last
-round the outputs of each pair are compared tensor by tensor.
+round the outputs of each pair are compared tensor by tensor, and the small family's btx output
+is loaded with from_pretrained.
+
+Concurrent edits to btx_core stop the run (the rounds would mix two versions); `--btx-rev REV`
+times btx_core as committed at REV instead of the working tree.
 
 mergekit lives in its own virtualenv (bench/.venv-mergekit, created on first use: torch 2.13.0
 CPU first, so pip does not fetch a CUDA build, then mergekit 0.1.5).
@@ -50,6 +58,37 @@ MK_VENV = HERE / ".venv-mergekit"
 RUNS = HERE / ".cache" / "runs"
 SIDES = ("btx-mean", "mk-2pass", "btx-copy", "mk-1pass")
 PAIRS = (("btx-mean", "mk-2pass"), ("btx-copy", "mk-1pass"))
+
+
+def btx_source_digest(root: Path = REPO) -> str:
+    """sha256 over btx_core's sources: a run whose btx changed under it measured two versions."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in sorted((root / "btx_core").rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def btx_command(rev: str | None) -> tuple[list[str], dict | None, Path]:
+    """The btx CLI to time: the working tree's, or btx_core as committed at `rev` (exported with
+    `git archive` and put first on PYTHONPATH), so edits made while the benchmark runs don't count."""
+    if rev is None:
+        return [str(REPO / ".venv/bin/btx")], None, REPO
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    root = HERE / ".cache" / f"btx-{sha}"
+    if not (root / "btx_core").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "btx_core"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
+    code = "import sys; sys.argv[0] = 'btx'; from btx_core.cli import main; main()"
+    return [str(REPO / ".venv/bin/python"), "-P", "-c", code], env, root  # -P: not the cwd's btx_core
+
+
+def git_revision() -> str:
+    r = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
 
 
 def ensure_mergekit_venv() -> Path:
@@ -93,12 +132,12 @@ def _status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def measure(cmd: list[str], log: Path, interval: float = 0.02) -> dict:
+def measure(cmd: list[str], log: Path, env: dict | None = None, interval: float = 0.02) -> dict:
     """Run `cmd`; return wall seconds and the tree's peak RssAnon and VmRSS (bytes)."""
     peak = {"RssAnon": 0, "VmRSS": 0}
     with open(log, "w") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         done = threading.Event()
 
         def sample() -> None:
@@ -145,14 +184,15 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def run_side(side: str, experts: list[Path], work: Path, btx: str, mk_bin: Path) -> dict:
+def run_side(side: str, experts: list[Path], work: Path, btx: list[str], btx_env: dict | None,
+             mk_bin: Path, settle_s: float) -> dict:
     """Build one Mixtral the way `side` does; returns its measurement (several passes merged)."""
     out = fresh(work / side)
     cfg_dir = work / "configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     passes: list[tuple[str, list[str]]] = []
     if side.startswith("btx"):
-        cmd = [btx, "mix", *[a for e in experts for a in ("--expert", str(e))], "--out", str(out)]
+        cmd = [*btx, "mix", *[a for e in experts for a in ("--expert", str(e))], "--out", str(out)]
         if side == "btx-copy":
             cmd += ["--shared-policy", "copy", "--copy-from", "0"]
         passes.append((side, cmd))
@@ -167,19 +207,29 @@ def run_side(side: str, experts: list[Path], work: Path, btx: str, mk_bin: Path)
                                            "--quiet"]))
         passes.append(("mk-2pass-moe", [str(mk_bin / "mergekit-moe"), str(cfg_dir / "moe-2pass.yml"), str(out),
                                         "--quiet"]))
-    os.sync()  # nothing of the previous run's writes left for this one to flush
+    warm_page_cache(experts)
+    settle(settle_s)
     result = {"wall_s": 0.0, "anon_bytes": 0, "rss_bytes": 0, "passes": {}}
     for name, cmd in passes:
-        m = measure(cmd, work / f"{name}.log")
+        m = measure(cmd, work / f"{name}.log", btx_env if name.startswith("btx") else None)
         result["passes"][name] = m
         result["wall_s"] += m["wall_s"]
         result["anon_bytes"] = max(result["anon_bytes"], m["anon_bytes"])
         result["rss_bytes"] = max(result["rss_bytes"], m["rss_bytes"])
+    fresh(work / "mk-average")
     return result
 
 
-def warm_page_cache(family_dir: Path) -> None:
-    for path in sorted(family_dir.glob("expert*/*.safetensors")):
+def settle(seconds: float) -> None:
+    """Let the disk finish what earlier runs left: flush dirty pages, then wait out a journal commit,
+    which on a filesystem mounted with `discard` sends the discards of deleted outputs (GBs here)."""
+    os.sync()
+    time.sleep(seconds)
+    os.sync()
+
+
+def warm_page_cache(experts: list[Path]) -> None:
+    for path in sorted(p for e in experts for p in e.glob("*.safetensors")):
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
@@ -313,37 +363,46 @@ def gb(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=["small", "large"], choices=["small", "large"])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6, help="even: each side runs in each position equally")
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
-    parser.add_argument("--btx", default=str(REPO / ".venv/bin/btx"))
+    parser.add_argument("--settle", type=float, default=8.0,
+                        help="seconds to wait before each run, after sync (ext4 commits every 5 s)")
+    parser.add_argument("--work", type=Path, default=RUNS, help="where outputs go (default: bench/.cache/runs)")
+    parser.add_argument("--btx-rev", help="time btx_core as committed at this git revision (default: the working tree)")
     parser.add_argument("--no-check", action="store_true", help="skip the tensor-by-tensor comparison")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the last round's checkpoints")
     parser.add_argument("--json", help="also write the raw measurements here")
     args = parser.parse_args()
 
     mk_bin = ensure_mergekit_venv()
+    btx, btx_env, btx_root = btx_command(args.btx_rev)
     if any(s.startswith("btx") for s in args.sides):
-        r = subprocess.run([args.btx, "mix", "--help"], capture_output=True, text=True)
+        r = subprocess.run([*btx, "mix", "--help"], capture_output=True, text=True, env=btx_env)
         if r.returncode != 0:
-            sys.exit(f"`{args.btx} mix --help` failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+            sys.exit(f"`btx mix --help` failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
     raw: dict = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                              "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
-                 "families": {}}
+                 "families": {}, "git": args.btx_rev or git_revision(),
+                 "btx_core_digest": btx_source_digest(btx_root)}
     for family in args.families:
         t_family = time.perf_counter()
         family_dir = make_family(family)
         experts = sorted(family_dir.glob("expert*"))
-        work = RUNS / family
+        work = args.work / family
         work.mkdir(parents=True, exist_ok=True)
         print(f"{family}: {describe(family_dir)}", file=sys.stderr)
-        warm_page_cache(family_dir)
         rounds = []
         for r in range(args.rounds):
             order = args.sides if r % 2 == 0 else args.sides[::-1]
             rounds.append({})
             for side in order:
-                m = run_side(side, experts, work, args.btx, mk_bin)
+                if side.startswith("btx") and btx_source_digest(btx_root) != raw["btx_core_digest"]:
+                    sys.exit("btx_core changed during the run (someone edited it): the rounds would mix two "
+                             "versions of btx mix; rerun when it is stable, or with --btx-rev")
+                m = run_side(side, experts, work, btx, btx_env, mk_bin, args.settle)
                 rounds[-1][side] = m
+                if r < args.rounds - 1:  # only inputs and one output in the page cache at a time
+                    fresh(work / side)
                 print(f"  round {r + 1} {side:9s} {m['wall_s']:7.1f} s  anon {gb(m['anon_bytes'])} GB  "
                       f"rss {gb(m['rss_bytes'])} GB", file=sys.stderr)
         fam = {"describe": describe(family_dir), "rounds": rounds, "checks": {}}
@@ -362,7 +421,8 @@ def main() -> None:
         fam["family_wall_s"] = time.perf_counter() - t_family
         raw["families"][family] = fam
 
-    print(f"\n{raw['machine']['cpus']} CPUs, {raw['machine']['mem_gb']} GiB, median of {args.rounds} rounds\n")
+    print(f"\n{raw['machine']['cpus']} CPUs, {raw['machine']['mem_gb']} GiB, median of {args.rounds} rounds, "
+          f"at {raw['git']} (btx_core {raw['btx_core_digest']})\n")
     print("| family | build | wall s | peak RssAnon GB | peak VmRSS GB | per-round wall s | per-round RssAnon GB |")
     print("|---|---|---:|---:|---:|---|---|")
     for family, fam in raw["families"].items():

@@ -225,7 +225,7 @@ _MIX_HELP = {
     "top_k": "Experts per token",
     "shared": "Merge of non-FFN tensors: mean, weighted or copy",
     "weight": "weighted: NAME=WEIGHT, repeat per expert",
-    "copy_from": "copy: the expert (name) whose non-FFN tensors are taken",
+    "copy_from": "copy: the expert (name, or index in flag order) whose non-FFN tensors are taken",
     "exclude": "An expert (name) whose non-FFN tensors stay out of the merge; repeatable",
     "router_init": "normal, zeros, uniform or centroid (centroid needs --data)",
     "data": "Text per expert, in expert order (file, dir or glob; '-' for a generalist), for the "
