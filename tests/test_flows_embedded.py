@@ -181,3 +181,18 @@ def test_retrying_a_failed_parent_run_reruns_only_the_failed_branch(api, first_r
               for r in runs if r.state.name == "Cached"}
     # The seed and the finished branches are the cached results of the first attempt.
     assert cached == {"seed", *(f"expert[{d}]" for d in done)}, [(r.name, r.state.name) for r in runs]
+
+
+def test_btx_run_command_runs_the_whole_pipeline(tmp_path):
+    """The README's main job, as a user types it: no server, embedded Prefect."""
+    raw = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
+    raw.update(store=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "ci.yaml").write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc = subprocess.run([sys.executable, "-m", "btx_core.cli", "run", "ci.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pipeline 'ci' complete" in proc.stdout
+    for stage in ("seed", "expert[math]", "expert[code]", "expert[knowledge]", "mix"):
+        line = next(l for l in proc.stdout.splitlines() if l.startswith(stage + " "))
+        assert "complete" in line, line
