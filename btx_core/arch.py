@@ -110,6 +110,13 @@ def unsupported_message(model_type: str | None, where: str) -> str:
             f"models of the families: {known}. Convert the model or pick a supported seed")
 
 
+# A model directory's tokenizer, in any of its layouts (its identity for prepared data).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+# What travels with the weights when a model is copied or rewritten.
+COMPANION_FILES = (*TOKENIZER_FILES, "chat_template.jinja", "generation_config.json")
+
+
 # Checked before any heavy import, so `btx validate` stays fast.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from btx_core.arch import DenseFamily, dense_family, unsupported_message
+from btx_core.arch import TOKENIZER_FILES, DenseFamily, dense_family, unsupported_message
 from btx_core.errors import BTXError
 from btx_core.manifest import MANIFEST, FileEntry, Manifest
 from btx_core.model_card import write_model_card
@@ -30,8 +30,6 @@ from btx_core.routing import ROUTER_INITS, LayerwiseProbe, RouterContext, Routin
 from btx_core.tensor_io import CheckpointReader, ShardedWriter, TensorMeta
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 SHARED_POLICIES = ("mean", "weighted", "copy")
 MERGE_CHUNK = 1 << 22  # elements (16 MB in fp32)
 
@@ -352,7 +350,7 @@ def _write_metadata(plan: _Plan, config: dict, out_dir: Path, options: MixOption
 
         GenerationConfig(bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
                          pad_token_id=config.get("pad_token_id")).save_pretrained(out_dir)
-    for f in TOKENIZER_FILES:
+    for f in (*TOKENIZER_FILES, "chat_template.jinja"):
         if (source / f).is_file():
             shutil.copy2(source / f, out_dir / f)
     write_model_card(out_dir, config=config, experts=plan.experts, options=options, routing=routing,

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import torch
 
-from btx_core.arch import MOE_TARGETS, MoETarget
+from btx_core.arch import COMPANION_FILES, MOE_TARGETS, MoETarget
 from btx_core.errors import BTXError
 from btx_core.manifest import FileEntry
 from btx_core.tensor_io import CheckpointReader, ShardedWriter, TensorMeta
 
-COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-          "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -82,7 +80,7 @@ def drop_expert(source: Path, expert: str, out_dir: Path, *, shard_size: int = 2
     config.update(num_local_experts=count - 1, btx_expert_names=names,
                   num_experts_per_tok=min(config.get("num_experts_per_tok", 2), count - 1))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for f in COPIED:
+    for f in COMPANION_FILES:
         if (source / f).is_file():
             shutil.copy2(source / f, out_dir / f)
     card = (source / "README.md").read_text() if (source / "README.md").is_file() else ""

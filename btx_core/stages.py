@@ -19,6 +19,7 @@ from typing import Callable
 import fsspec
 
 from btx_core import layout
+from btx_core.arch import COMPANION_FILES
 from btx_core.config import BTXConfig, TrainSettings, stable_hash
 from btx_core.data.cache import SPLIT_SALT, content_id, ensure_prepared, tokenizer_id
 from btx_core.data.packing import TokenizedSplits, split_documents
@@ -34,9 +35,7 @@ from btx_core.train import (Dist, Progress, evaluate_loss, init_distributed, mai
 
 log = logging.getLogger(__name__)
 # What a seed directory contributes: weights, configs, and the tokenizer in any of its layouts.
-MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-               "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", *COMPANION_FILES)
 
 ProgressCallback = Callable[[Progress], None]
 

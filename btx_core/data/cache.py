@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from btx_core import layout
+from btx_core.arch import TOKENIZER_FILES
 from btx_core.config import BTXConfig, DataSource, stable_hash
 from btx_core.data.packing import TokenizedSplits, data_cache_key, prepare_domain_data
 from btx_core.seed import load_tokenizer
@@ -23,8 +24,6 @@ from btx_core.store import Manifest, Store
 # One salt for every stage: a document lands on the same side of the train/held-out split in the
 # seed's general corpus and in its domain, so no domain's held-out text is seen in pretraining.
 SPLIT_SALT = "btx-split-1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def tokenizer_id(model_manifest: Manifest) -> str:
