@@ -28,6 +28,11 @@ class MoETarget:
     experts: Mapping[str, str]
     """FFN role (gate_proj, up_proj, down_proj) -> expert tensor; `{layer}`, `{expert}`."""
 
+    block: str = "model.layers.{layer}.mlp"
+    """The loaded model's MoE block module (its `.gate` is the router module)."""
+    expert_params: tuple[str, ...] = ()
+    """The loaded model's expert FFN parameters, relative to `block` (what finetuning can freeze)."""
+
     def expert_name(self, role: str, layer: int, expert: int) -> str:
         return self.experts[role].format(layer=layer, expert=expert)
 
@@ -85,7 +90,9 @@ _MOE = "model.layers.{layer}.block_sparse_moe"
 MIXTRAL = MoETarget("mixtral", "MixtralForCausalLM", router=f"{_MOE}.gate.weight", experts={
     "gate_proj": f"{_MOE}.experts.{{expert}}.w1.weight",
     "up_proj": f"{_MOE}.experts.{{expert}}.w3.weight",
-    "down_proj": f"{_MOE}.experts.{{expert}}.w2.weight"})
+    "down_proj": f"{_MOE}.experts.{{expert}}.w2.weight"},
+    # In memory, transformers 5 fuses each layer's experts: gate_up_proj [E, 2F, H], down_proj [E, H, F].
+    block="model.layers.{layer}.mlp", expert_params=("experts.gate_up_proj", "experts.down_proj"))
 _LLAMA_CARRIED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
                   "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_parameters",

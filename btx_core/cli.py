@@ -344,5 +344,7 @@ def drop_expert(moe: str = typer.Argument(..., help="The MoE directory"),
     _report("drop-expert", drop_expert_dir(moe, expert, out))
 
 
+from btx_core import cli_compare  # noqa: E402,F401  (registers finetune, eval, compare)
+
 if __name__ == "__main__":
     main()

@@ -14,11 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from btx_core import config_checks as checks
+from btx_core.config_checks import GENERAL, HELD_OUT_FRACTION
 from btx_core.errors import ConfigError
 from btx_core.values import (SECRET_KEYS, no_credentials_in_url, parse_bytes, scheme, stable_hash,
                              walk_keys, walk_values)
 
-__all__ = ["BTXConfig", "DataSource", "DomainSpec", "MixSettings", "Orchestration", "SeedSpec",
+__all__ = ["BTXConfig", "CompareSettings", "DataSource", "DomainSpec", "FinetuneSettings", "GENERAL", "MixSettings", "Orchestration", "SeedSpec",
            "TinyModelSpec", "TrainSettings", "cross_field_problems", "parse_bytes", "scheme", "stable_hash"]
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -86,7 +88,7 @@ class DomainSpec(StrictModel):
     """Domain name: lowercase letters, digits, `-` and `_` (it becomes part of store paths)."""
     data: DataSource
     """Where the domain's documents come from."""
-    held_out_fraction: float = Field(default=0.05, gt=0, lt=1)
+    held_out_fraction: float = Field(default=HELD_OUT_FRACTION, gt=0, lt=1)
     """Fraction of documents kept out of training for evaluation. The split is by a hash of each
     document, the same in every stage; keep it <= the seed's `held_out_fraction` so that no
     held-out document of this domain was seen in the seed's pretraining."""
@@ -116,7 +118,8 @@ class TrainSettings(StrictModel):
     seq_len: int = Field(default=1024, gt=1)
     """Tokens per training sequence (documents are packed into blocks of this length)."""
     batch_size: int = Field(default=8, gt=0)
-    """Sequences per micro-batch per process."""
+    """Sequences per micro-batch per process; with `nproc_per_node` other than 1, the global
+    micro-batch, split evenly over the branch's processes."""
     grad_accum: int = Field(default=1, gt=0)
     """Micro-batches accumulated per optimizer step."""
     precision: Literal["fp32", "bf16"] = "bf16"
@@ -137,20 +140,49 @@ class TrainSettings(StrictModel):
     """CPU threads for torch (default: torch's choice)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    nproc_per_node: int | Literal["auto"] = 1
+    """Processes (one per GPU) an expert branch trains on: above 1, the branch relaunches itself
+    under `torchrun`; `auto`: one per visible CUDA device (on a Kubernetes pool, the job variable
+    `gpu_count`). Other than 1, `batch_size` is the global micro-batch and each process takes
+    `batch_size / N` of it: the global batch and the data order, and so the result, do not
+    depend on how many GPUs a node has (up to float rounding)."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes train one model: `ddp` keeps a whole replica per GPU and averages
+    gradients; `fsdp` shards weights, gradients and optimizer state over the GPUs (PyTorch
+    FSDP2), for models whose training state does not fit one GPU. Same result up to rounding."""
 
     # Fields that change how a run is observed, stored or scheduled, not what it computes.
+    # nproc_per_node: the global batch stays `batch_size` whatever the number of processes.
     _not_hashed = ("checkpoint_every", "keep_checkpoints", "log_every", "threads",
-                   "gradient_checkpointing")
+                   "gradient_checkpointing", "nproc_per_node", "distributed")
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _processes(cls, value: Any, info: ValidationInfo) -> Any:
+        if not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
+            raise ValueError(f"{value!r} is not a number of processes: use a whole number >= 1, "
+                             "or `auto` (one per visible CUDA device)")
+        batch = info.data.get("batch_size")  # absent if it failed its own check
+        if isinstance(value, int) and batch and batch % value:
+            raise ValueError(f"batch_size ({batch}) must be divisible by nproc_per_node ({value}): "
+                             "each process takes an equal share of the global micro-batch")
+        return value
+
+    @property
+    def splits_batch(self) -> bool:
+        """Whether `batch_size` is the global micro-batch, split over the processes."""
+        return self.nproc_per_node != 1
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens per optimizer step in one process (multiply by the world size under DDP)."""
+        """Tokens per optimizer step in one process (multiply by the world size under a torchrun
+        of your own); with `nproc_per_node` other than 1, the tokens of the whole step."""
         return self.seq_len * self.batch_size * self.grad_accum
 
     def total_steps(self, world_size: int = 1) -> int:
         if self.steps is not None:
             return self.steps
-        return math.ceil(self.tokens / (self.tokens_per_step * world_size))
+        return math.ceil(self.tokens / (self.tokens_per_step * (1 if self.splits_batch else world_size)))
 
     def result_hash(self) -> str:
         """Hash of the fields that change the trained weights."""
@@ -198,7 +230,7 @@ class SeedSpec(StrictModel):
     """Corpus for the tokenizer and pretraining of a created seed."""
     pretrain: TrainSettings | None = None
     """Pretraining of a created seed (required with `create`)."""
-    held_out_fraction: float = Field(default=0.05, gt=0, lt=1)
+    held_out_fraction: float = Field(default=HELD_OUT_FRACTION, gt=0, lt=1)
     """Held-out fraction of the pretraining corpus."""
 
 
@@ -235,6 +267,46 @@ class MixSettings(StrictModel):
     def _byte_size(cls, value: str) -> str:
         parse_bytes(value)
         return value
+
+
+class FinetuneSettings(StrictModel):
+    """MoE finetuning (BTX section 2.4): the mixed model trained on the mixture of every domain
+    plus the general corpus, with the LM loss and the load-balancing loss. Sparse upcycling and
+    the dense baseline train on the same mixture with the same settings (their own budgets)."""
+
+    training: TrainSettings
+    """The training run: the same loop, checkpoints and resume as expert training."""
+    mixture: dict[str, float] | None = None
+    """Source -> weight, over the domain names and `general` (the seed's pretraining corpus);
+    normalised to sum 1. Default: uniform over all of them, as in the paper."""
+    routing: Literal["top_k", "soft"] = "top_k"
+    """`top_k`: softmax over the top-k router logits (Mixtral, the paper's default). `soft`: every
+    expert, weighted by the full softmax (k = number of experts). Strategies live in a registry
+    (btx_core/moe_routing.py), where Switch top-1 and sample top-1 would be added."""
+    top_k: int | None = Field(default=None, ge=1)
+    """Experts per token for `top_k` routing; default: `mix.top_k`."""
+    load_balancing: bool = True
+    """Add the load-balancing loss (transformers' Mixtral aux loss) to the LM loss."""
+    load_balancing_alpha: float | None = Field(default=None, ge=0)
+    """The paper's alpha per layer (default: `mix.load_balancing_alpha`, 0.01)."""
+    freeze_experts: bool = False
+    """Train only the routers and the shared (non-FFN) parameters; expert FFNs stay as mixed."""
+
+
+class CompareSettings(StrictModel):
+    """`btx compare`: BTX against its baselines at matched compute (BTX paper, Table 2)."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """Random seeds; each is a full branch-train-mix-finetune plus baselines from the same seed
+    model (expert data order, router init, finetune data order change with it)."""
+    eval_blocks: int = Field(default=64, gt=0)
+    """Held-out blocks per domain in the single-domain evaluation set."""
+    mixed_blocks: int = Field(default=64, gt=0)
+    """Blocks in the mixed-domain set, each spliced from 2-3 domains' held-out text."""
+    btm_top_k: list[int] = Field(default_factory=lambda: [1, 2])
+    """Branch-Train-Merge ensembles to evaluate: top-k experts by domain posterior."""
+    batch_size: int = Field(default=8, gt=0)
+    """Blocks per evaluation forward pass."""
 
 
 class Orchestration(StrictModel):
@@ -290,6 +362,10 @@ class BTXConfig(StrictModel):
     """Continued pretraining of each expert on its domain (Branch + Train)."""
     mix: MixSettings = Field(default_factory=MixSettings)
     """How the experts are mixed into one MoE."""
+    finetune: FinetuneSettings | None = None
+    """MoE finetuning of the mixed model; null: the pipeline ends at MiX."""
+    compare: CompareSettings = Field(default_factory=CompareSettings)
+    """`btx compare` and evaluation: seeds, held-out set sizes, BTM variants."""
     orchestration: Orchestration = Field(default_factory=Orchestration)
     """How Prefect runs the stages (embedded or on work pools, retries, parallelism)."""
 
@@ -330,92 +406,10 @@ class BTXConfig(StrictModel):
         raise ConfigError([f"domain {name!r} is not in `domains` (known: {known})"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Cross-field checks, written over plain mappings so that they also run on a raw config whose
-# other fields failed validation: every problem is reported at once.
-
-
-def _source_problems(d: Mapping) -> list[str]:
-    given = [k for k in ("builtin", "path", "hub") if d.get(k) is not None]
-    if len(given) != 1:
-        return [f"set exactly one of `builtin`, `path` or `hub` (got {', '.join(given) or 'none'})"]
-    return []
-
-
-def _budget_problems(d: Mapping) -> list[str]:
-    if (d.get("steps") is None) == (d.get("tokens") is None):
-        return ["set exactly one of `steps` and `tokens` (the training budget)"]
-    return []
-
-
-def _head_problems(d: Mapping) -> list[str]:
-    hidden, heads, kv = d["hidden_size"], d["num_heads"], d["num_kv_heads"]
-    if hidden % heads:
-        return [f"hidden_size ({hidden}) must be divisible by num_heads ({heads})"]
-    if heads % kv:
-        return [f"num_heads ({heads}) must be divisible by num_kv_heads ({kv})"]
-    return []
-
-
-def _seed_problems(d: Mapping) -> list[str]:
-    if (d.get("model") is None) == (d.get("create") is None):
-        return ["set exactly one of `model` (an existing seed) and `create` (a tiny one)"]
-    if d.get("create") is not None and d.get("pretrain") is None:
-        return ["`create` needs `pretrain` settings (at least `steps` or `tokens`)"]
-    if d.get("model") is not None and d.get("pretrain") is not None:
-        return ["`pretrain` applies only to a created seed: remove it, or use `create`"]
-    return []
-
-
-def _leak_problems(d: Mapping) -> list[str]:
-    # The split is by document hash, the same in every stage: a domain's held-out documents are
-    # outside the seed's pretraining data only if its fraction is not above the seed's.
-    seed = d.get("seed") if isinstance(d.get("seed"), Mapping) else {}
-    if seed.get("create") is None:
-        return []
-    limit = seed.get("held_out_fraction", SeedSpec.model_fields["held_out_fraction"].default)
-    default = DomainSpec.model_fields["held_out_fraction"].default
-    return [f"domains[{i}].held_out_fraction: {f} is above seed.held_out_fraction ({limit}), so "
-            "some of its held-out documents would be in the seed's pretraining data; lower it "
-            "or raise seed.held_out_fraction"
-            for i, dom in enumerate(d.get("domains") or []) if isinstance(dom, Mapping)
-            for f in [dom.get("held_out_fraction", default)] if f > limit]
-
-
-def _mix_problems(d: Mapping) -> list[str]:
-    mix = d.get("mix") if isinstance(d.get("mix"), Mapping) else {}
-    names = [dom.get("name") for dom in d.get("domains") or [] if isinstance(dom, Mapping)]
-    include_seed = mix.get("include_seed", True)
-    names += ["seed"] * include_seed
-    problems = []
-    if include_seed and names.count("seed") > 1:
-        problems.append("mix.include_seed adds an expert named 'seed', and a domain has that name: "
-                        "rename the domain")
-    top_k = mix.get("top_k", 2)
-    if len(names) > include_seed and top_k > len(names):  # no domains: reported on its own
-        problems.append(f"mix.top_k ({top_k}) is larger than the number of experts ({len(names)}: "
-                        f"{', '.join(map(str, names))}); lower it")
-    policy, weights, copy_from = mix.get("shared_policy", "mean"), mix.get("weights"), mix.get("copy_from")
-    if policy == "weighted":
-        if not weights:
-            problems.append("mix.shared_policy 'weighted' needs mix.weights (expert name -> weight)")
-        elif unknown := sorted(set(weights) - set(names)):
-            problems.append(f"mix.weights names unknown expert(s) {', '.join(unknown)} (experts: "
-                            f"{', '.join(map(str, names))})")
-        elif sum(weights.values()) <= 0 or min(weights.values()) < 0:
-            problems.append("mix.weights must be >= 0 with a positive sum")
-    elif weights:
-        problems.append("mix.weights applies only to shared_policy 'weighted'")
-    if policy == "copy" and copy_from not in names:
-        problems.append(f"mix.shared_policy 'copy' needs mix.copy_from, one of: {', '.join(map(str, names))}")
-    elif policy != "copy" and copy_from is not None:
-        problems.append("mix.copy_from applies only to shared_policy 'copy'")
-    return problems
-
-
-CROSS_CHECKS = {DataSource: _source_problems, TrainSettings: _budget_problems,
-                TinyModelSpec: _head_problems, SeedSpec: _seed_problems,
-                BTXConfig: lambda d: _leak_problems(d) + _mix_problems(d)}
+# Cross-field checks (btx_core/config_checks.py), per model class; a class absent here has none.
+CROSS_CHECKS = {DataSource: checks.source_problems, TrainSettings: checks.budget_problems,
+                TinyModelSpec: checks.head_problems, SeedSpec: checks.seed_problems,
+                BTXConfig: checks.config_problems}
 
 
 def cross_field_problems(model: type[BaseModel], data: Mapping) -> list[str]:

@@ -7,6 +7,10 @@
     <store>/<run_name>/experts/<domain>/checkpoints/step-N
     <store>/<run_name>/mix/model                  the mixed MoE (BTX), HF layout
     <store>/<run_name>/upcycle/model              sparse upcycling: the MoE of seed copies
+    <store>/<run_name>/trained/<name>/model       finetuned: btx, upcycle-tokens, dense-flops, ...
+    <store>/<run_name>/trained/<name>/checkpoints/step-N
+    <store>/<run_name>/compare/results            `btx compare`: tables, JSON, heatmaps
+    <store>/<run_name>/eval/results               the pipeline's evaluation (JSON)
     <store>/_data/<key>                           tokenized, packed and split corpora (shared by runs)
 """
 
@@ -49,6 +53,22 @@ def mix_model(config: BTXConfig) -> str:
 
 def upcycle_model(config: BTXConfig) -> str:
     return _join(run_root(config), "upcycle", "model")
+
+
+def trained_model(config: BTXConfig, name: str) -> str:
+    return _join(run_root(config), "trained", name, "model")
+
+
+def trained_checkpoints(config: BTXConfig, name: str) -> str:
+    return _join(run_root(config), "trained", name, "checkpoints")
+
+
+def compare_results(config: BTXConfig) -> str:
+    return _join(run_root(config), "compare", "results")
+
+
+def eval_results(config: BTXConfig) -> str:
+    return _join(run_root(config), "eval", "results")
 
 
 def data_cache(config: BTXConfig, key: str) -> str:

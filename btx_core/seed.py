@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from btx_core.arch import DenseFamily, dense_family, unsupported_message
+from btx_core.arch import MOE_TARGETS, DenseFamily, dense_family, unsupported_message
 from btx_core.config import TinyModelSpec
 from btx_core.errors import BTXError, UnsupportedArchitectureError
 
@@ -28,7 +28,7 @@ def check_architecture(config, where: str) -> DenseFamily:
 
 
 def load_causal_lm(model_dir: str, *, trust_remote_code: bool = False,
-                   dtype: torch.dtype = torch.float32):
+                   dtype: torch.dtype = torch.float32, allow_moe: bool = False):
     """(model, tokenizer) from a local directory or Hub id, refusing unsupported families.
 
     Weights load in `dtype` (fp32 by default: the optimizer's master copy); the directory's own
@@ -39,7 +39,8 @@ def load_causal_lm(model_dir: str, *, trust_remote_code: bool = False,
     except OSError as exc:
         raise BTXError(f"cannot read a model config from {model_dir!r}: {exc}. Point `seed.model` "
                        "at a Hugging Face model directory or Hub id") from exc
-    check_architecture(config, repr(model_dir))
+    if not (allow_moe and getattr(config, "model_type", None) in MOE_TARGETS):
+        check_architecture(config, repr(model_dir))
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     saved_dtype = getattr(config, "dtype", None)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,

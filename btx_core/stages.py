@@ -25,6 +25,7 @@ from btx_core.data.cache import SPLIT_SALT, content_id, ensure_prepared, tokeniz
 from btx_core.data.packing import TokenizedSplits, split_documents
 from btx_core.data.sources import load_documents
 from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
+from btx_core.moe_routing import lm_loss_only
 from btx_core.outputs import STAGE_FORMAT, StageOutput
 from btx_core.seed import (create_tiny_llama, inspect_model_dir, load_causal_lm, load_tokenizer,
                            parameter_breakdown)
@@ -83,8 +84,9 @@ class TrainingRun:
 
     def heldout_loss(self, model, data: TokenizedSplits) -> float:
         s = self.settings
-        return evaluate_loss(model, data.heldout, batch_size=s.batch_size, max_blocks=s.eval_blocks,
-                             precision=s.precision)
+        with lm_loss_only(model):  # an MoE's held-out loss leaves out its load-balancing term
+            return evaluate_loss(model, data.heldout, batch_size=s.batch_size, max_blocks=s.eval_blocks,
+                                 precision=s.precision)
 
     def train_and_save(self, model, tokenizer, data: TokenizedSplits, *, metrics: dict,
                        on_progress: ProgressCallback | None = None,

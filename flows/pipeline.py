@@ -22,7 +22,8 @@ from btx_core.stages import expert_config_hash, open_store
 from flows.local import branch_processes
 from flows.progress import forward_library_logs, run_name
 from flows.remote import run_child
-from flows.tasks import cores, expert_task_for, mix_task, report_task, seed_task
+from flows.tasks import (cores, evaluate_task, expert_task_for, finetune_task, mix_task, report_task,
+                         seed_task)
 
 
 class BranchesFailed(BTXError):
@@ -31,7 +32,8 @@ class BranchesFailed(BTXError):
 
 @flow(name="btx-pipeline", flow_run_name=run_name(), task_runner=ThreadPoolTaskRunner())
 def btx_pipeline(config: BTXConfig) -> dict[str, str]:
-    """Branch-Train-MiX: seed -> experts (in parallel) -> mix -> report. Returns stage -> store location."""
+    """Branch-Train-MiX: seed -> experts (in parallel) -> mix -> (finetune -> evaluate, with a
+    `finetune` section) -> report. Returns stage -> store location."""
     forward_library_logs()
     seed = seed_task.submit(config)
     seed.result()  # a failed seed fails the run here, with its own error
@@ -40,9 +42,16 @@ def btx_pipeline(config: BTXConfig) -> dict[str, str]:
     run_mix = mix_task if config.orchestration.mix_pool is None else mix_on_pool_task
     mix = run_mix.submit(config, wait_for=list(experts.values()))
     mix.result()  # a failed mix fails the run here, with its own error
-    report_task.submit(config, wait_for=[mix]).result()
-    return {"seed": seed.result(), **{f"expert[{d}]": f.result() for d, f in experts.items()},
+    done = {"seed": seed.result(), **{f"expert[{d}]": f.result() for d, f in experts.items()},
             "mix": mix.result()}
+    last = mix
+    if config.finetune is not None:
+        run_finetune = finetune_task if config.orchestration.finetune_pool is None else finetune_on_pool_task
+        done["finetune"] = run_finetune.submit(config, wait_for=[mix]).result()
+        last = evaluate_task.submit(config)
+        done["evaluate"] = last.result()
+    report_task.submit(config, wait_for=[last]).result()
+    return done
 
 
 def _local_branches(config: BTXConfig, seed) -> dict:
@@ -88,6 +97,14 @@ def mix_on_pool_task(config: BTXConfig) -> str:
     """Run MiX as a `mix/<pool>` deployment run on `orchestration.mix_pool`; return its location."""
     run_child(f"mix/{config.orchestration.mix_pool}", {"config": config.model_dump(mode="json")}, "mix")
     return _stored(config, layout.mix_model(config), "mix")
+
+
+@task(name="finetune-on-pool", task_run_name="finetune", persist_result=True, result_serializer="json")
+def finetune_on_pool_task(config: BTXConfig) -> str:
+    """Run MoE-finetuning as a `finetune/<pool>` deployment run on `orchestration.finetune_pool`."""
+    pool = config.orchestration.finetune_pool
+    run_child(f"finetune/{pool}", {"config": config.model_dump(mode="json")}, "finetune")
+    return _stored(config, layout.trained_model(config, "btx"), "finetune")
 
 
 def _stored(config: BTXConfig, location: str, stage: str) -> str:

@@ -3,7 +3,7 @@ record of every stage), so a report is the same whichever process or machine tra
 
 Keys are `<run>-<what>` (lowercase letters, digits, dashes), stable per run name, so the
 Artifacts page keeps the history of each across runs:
-    <run>-evaluation   table: held-out loss per domain, seed vs expert (later: MoE)
+    <run>-evaluation   table: held-out loss per domain and mixed: seed, experts, BTM, MiX, BTX
     <run>-compute      table: steps, tokens, wall time, tokens/s per stage
     <run>-checkpoints  markdown: every stage output and training checkpoint in the store
     <run>-loss-curves  markdown: training-loss curves (PNG)
@@ -43,7 +43,17 @@ def stage_locations(config: BTXConfig) -> list[tuple[str, str, str | None]]:
     rows += [(f"expert[{d.name}]", layout.expert_model(config, d.name),
               layout.expert_checkpoints(config, d.name)) for d in config.domains]
     rows.append(("mix", layout.mix_model(config), None))
+    if config.finetune is not None:
+        rows.append(("finetune", layout.trained_model(config, "btx"), layout.trained_checkpoints(config, "btx")))
     return rows
+
+
+def evaluation(config: BTXConfig, store: Store | None = None) -> dict | None:
+    """The evaluation stage's results (losses, routing), once it has run."""
+    try:
+        return (store or open_store(config)).read_manifest(layout.eval_results(config)).metrics
+    except IncompleteOutputError:
+        return None
 
 
 def collect(config: BTXConfig, store: Store | None = None) -> list[StageRecord]:
@@ -63,8 +73,17 @@ def _number(value, digits: int = 4):
     return round(float(value), digits) if isinstance(value, (int, float)) else None
 
 
-def evaluation_rows(config: BTXConfig, records: list[StageRecord]) -> list[dict]:
-    """Held-out loss (nats/token) of each domain: the seed before and the expert after training."""
+def evaluation_rows(config: BTXConfig, records: list[StageRecord], results: dict | None = None) -> list[dict]:
+    """Held-out loss (nats/token) of each domain: from the evaluation stage (seed, expert, BTM,
+    MiX, BTX, and the mixed-domain set) once it has run, else the seed vs the expert."""
+    if results:
+        losses = results["losses"]
+        models = [m for m in losses if not m.startswith("expert:")]
+        rows = [{"set": d.name, "expert": _number(losses[f"expert:{d.name}"]["single"][d.name]),
+                 **{m: _number(losses[m]["single"][d.name]) for m in models}} for d in config.domains]
+        for key in ("average", "mixed"):
+            rows.append({"set": key, "expert": None, **{m: _number(losses[m].get(key)) for m in models}})
+        return rows
     by_name = {r.name: r for r in records}
     rows = []
     for d in config.domains:
@@ -110,11 +129,14 @@ def loss_curves_markdown(config: BTXConfig, records: list[StageRecord]) -> str |
     return f"# {config.run_name}: loss curves\n\n![training loss]({image})\n"
 
 
-def routing_markdown(config: BTXConfig, records: list[StageRecord]) -> str | None:
-    routing = next((r.metrics.get("routing") for r in records if r.name == "mix"), None)
+def routing_markdown(config: BTXConfig, records: list[StageRecord], results: dict | None = None) -> str | None:
+    finetuned = ((results or {}).get("routing") or {}).get("btx")
+    routing = (finetuned["single"] if finetuned
+               else next((r.metrics.get("routing") for r in records if r.name == "mix"), None))
     if not routing:
         return None
-    image = routing_heatmap_png(routing, title=f"{config.run_name}: share of tokens per expert")
+    which = "BTX after finetuning" if finetuned else "MiX at initialisation"
+    image = routing_heatmap_png(routing, title=f"{config.run_name}: share of tokens per expert ({which})")
     return (f"# {config.run_name}: routing\n\nEach row is a layer (H: routing entropy, nats); each "
             f"cell the share of tokens routed to that expert.\n\n![routing heatmap]({image})\n")
 
@@ -124,16 +146,17 @@ def publish(config: BTXConfig) -> str:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     records = collect(config)
+    results = evaluation(config)
     run = config.run_name
-    create_table_artifact(evaluation_rows(config, records), key=artifact_key(run, "evaluation"),
-                          description="Held-out loss (nats/token) per domain: seed vs its expert")
+    create_table_artifact(evaluation_rows(config, records, results), key=artifact_key(run, "evaluation"),
+                          description="Held-out loss (nats/token) per domain and on mixed-domain text")
     create_table_artifact(compute_rows(records), key=artifact_key(run, "compute"),
                           description="Compute per stage: steps, tokens, wall time, throughput")
     create_markdown_artifact(checkpoints_markdown(config, records), key=artifact_key(run, "checkpoints"),
                              description="Every stage output and training checkpoint in the store")
     for key, markdown, description in (
             ("loss-curves", loss_curves_markdown(config, records), "Training loss per step, per stage"),
-            ("routing", routing_markdown(config, records), "MoE routing per layer and expert")):
+            ("routing", routing_markdown(config, records, results), "MoE routing per layer and expert")):
         if markdown is not None:
             create_markdown_artifact(markdown, key=artifact_key(run, key), description=description)
     return layout.run_root(config)

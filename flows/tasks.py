@@ -101,6 +101,28 @@ def mix_task(config: BTXConfig) -> str:
         return _report(progress, mix_stage(config))
 
 
+@task(name="finetune", **STAGE_TASK)
+def finetune_task(config: BTXConfig) -> str:
+    """MoE-finetune the mixed model on the mixture of all domains plus the general corpus,
+    resuming from its newest checkpoint (btx_core finetune)."""
+    from btx_core.finetune import finetune
+
+    progress = StageProgress(artifact_key(config.run_name, "finetune", "progress"), "finetune")
+    with torch_threads(config.finetune.training.threads or cores()):
+        return _report(progress, finetune(config, "btx", on_progress=progress))
+
+
+@task(name="evaluate", **STAGE_TASK)
+def evaluate_task(config: BTXConfig) -> str:
+    """Held-out loss of the seed, experts, BTM, MiX and BTX per domain and on mixed-domain text,
+    and BTX's routing (btx_core evaluate_run)."""
+    from btx_core.compare import evaluate_run
+
+    progress = StageProgress(artifact_key(config.run_name, "evaluate", "progress"), "evaluate")
+    with torch_threads(cores()):
+        return _report(progress, evaluate_run(config))
+
+
 @task(name="report", **STAGE_TASK)
 def report_task(config: BTXConfig) -> str:
     """Publish the run's artifacts (evaluation and compute tables, loss curves, routing,

@@ -1,0 +1,88 @@
+"""Compute accounting: training FLOPs per token of a dense or MoE model, and the budgets that match
+a baseline to BTX in training tokens or in training FLOPs.
+
+FLOPs follow PaLM (Chowdhery et al., 2022, appendix B): 6 x N + 12 x L x (heads x head_dim) x T per
+trained token, N the matmul parameters a token passes through (attention, its k experts' FFNs,
+the router, the LM head; embedding lookups are free) and T the sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+
+def active_parameters(config: Mapping) -> int:
+    """Matmul parameters one token passes through (MoE: only its top-k experts)."""
+    h, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    ffn = 3 * h * config["intermediate_size"]
+    experts = config.get("num_local_experts")
+    if experts:  # an MoE layer: k experts' FFNs and the router
+        ffn = config["num_experts_per_tok"] * ffn + h * experts
+    return layers * (attention + ffn) + vocab * h
+
+
+def flops_per_token(config: Mapping, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 6.0 * active_parameters(config) + 12.0 * config["num_hidden_layers"] * heads * head_dim * seq_len
+
+
+@dataclass(frozen=True)
+class StageCompute:
+    """One training stage's cost."""
+
+    tokens: int
+    flops: float
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """BTX's training cost after the seed, and the steps that match a baseline to it."""
+
+    btx_tokens: int
+    btx_flops: float
+    moe_over_dense: float
+    """FLOPs of one MoE token over one dense token (at the finetuning sequence length)."""
+    upcycle_tokens: int
+    upcycle_flops: int
+    dense_tokens: int
+    dense_flops: int
+
+    def steps(self, name: str) -> int:
+        return {"upcycle-tokens": self.upcycle_tokens, "upcycle-flops": self.upcycle_flops,
+                "dense-tokens": self.dense_tokens, "dense-flops": self.dense_flops}[name]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def matched_budgets(stages: list[StageCompute], *, tokens_per_step: int, dense_fpt: float,
+                    moe_fpt: float) -> Budgets:
+    """Steps of the finetuning recipe (`tokens_per_step` each) that give sparse upcycling (an MoE)
+    and the dense baseline the same training tokens, or the same training FLOPs, as BTX's
+    `stages` (its experts and its MoE finetuning)."""
+    tokens = sum(s.tokens for s in stages)
+    flops = sum(s.flops for s in stages)
+
+    def steps(value: float, per_step: float) -> int:
+        return max(1, round(value / per_step))
+
+    return Budgets(btx_tokens=tokens, btx_flops=flops, moe_over_dense=moe_fpt / dense_fpt,
+                   upcycle_tokens=steps(tokens, tokens_per_step),
+                   upcycle_flops=steps(flops, tokens_per_step * moe_fpt),
+                   dense_tokens=steps(tokens, tokens_per_step),
+                   dense_flops=steps(flops, tokens_per_step * dense_fpt))
+
+
+def human_flops(flops: float) -> str:
+    if flops <= 0:
+        return "0"
+    exponent = min(int(math.log10(flops) // 3), 5)
+    return f"{flops / 10 ** (3 * exponent):.3g}{['', 'K', 'M', 'G', 'T', 'P'][exponent]}"
