@@ -236,6 +236,13 @@ _MIX_HELP = {
 }
 
 
+def _existing_dirs(flag: str, paths: list[Path]) -> None:
+    for path in paths:
+        if not path.expanduser().is_dir():
+            raise BTXError(f"{flag} {path}: no such directory; give a Hugging Face model directory "
+                           "(config.json and *.safetensors)")
+
+
 def _option(default, help_key: str, *flags: str):
     return typer.Option(default, *flags, help=_MIX_HELP[help_key])
 
@@ -292,6 +299,7 @@ def mix_command(
         return
     if not out:
         raise BTXError("--expert needs --out DIR (where the MoE is written)")
+    _existing_dirs("--expert", expert)
     from btx_core.mix import experts_from_dirs
     from btx_core.mix_local import mix_dirs, samples_from_paths
 
@@ -322,6 +330,7 @@ def upcycle(config: Path = typer.Argument(None, help="Pipeline config: upcycle t
         return
     if not out:
         raise BTXError("--model needs --out DIR (where the MoE is written)")
+    _existing_dirs("--model", [model])
     from btx_core.mix import experts_from_dirs
     from btx_core.mix_local import mix_dirs
 
@@ -347,4 +356,7 @@ def drop_expert(moe: str = typer.Argument(..., help="The MoE directory"),
 from btx_core import cli_compare  # noqa: E402,F401  (registers finetune, eval, compare)
 
 if __name__ == "__main__":
-    main()
+    # `python -m btx_core.cli`: run the importable module, whose app has every command registered.
+    from btx_core.cli import main as _main
+
+    _main()

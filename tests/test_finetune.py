@@ -1,0 +1,250 @@
+"""MoE-finetuning (and its baselines), the load-balancing loss, Branch-Train-Merge, evaluation and
+`btx compare`, on the CI pico model."""
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from btx_core import layout
+from btx_core.compare import compare, evaluate_location, evaluate_run
+from btx_core.errors import BTXError
+from btx_core.evaluate import btm_logprobs, build_eval_sets
+from btx_core.finetune import build_mixture, finetune, mixture_weights
+from btx_core.mix_stage import mix_stage
+from btx_core.moe_routing import aux_loss_coefficient, paper_load_balancing_loss
+from btx_core.stages import build_seed, open_store, train_expert
+from btx_core.data.packing import SplitStats, TokenizedSplits
+from tests.test_cli_e2e import btx
+from tests.test_mix_stage import ci_config
+
+
+# --- the load-balancing loss -----------------------------------------------------------------------
+
+def _balanced_logits(experts: int, top_k: int, repeats: int) -> torch.Tensor:
+    """Tokens that cycle through every set of k experts: each expert gets k/N of the tokens and,
+    by symmetry, a mean router probability of exactly 1/N: perfect balance."""
+    rows = []
+    for chosen in itertools.combinations(range(experts), top_k):
+        row = torch.zeros(experts)
+        row[list(chosen)] = 4.0
+        rows.append(row)
+    return torch.stack(rows * repeats)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("experts,top_k,layers", [(4, 2, 6), (4, 1, 2), (8, 2, 3)])
+def test_load_balancing_loss_at_perfect_balance_is_the_papers(experts, top_k, layers):
+    alpha = 0.01
+    logits = [_balanced_logits(experts, top_k, repeats=3) for _ in range(layers)]
+    probs = torch.softmax(logits[0], -1)
+    assert torch.allclose(probs.mean(0), torch.full((experts,), 1 / experts))
+    # The paper: L_LB = alpha N sum_i u_i p_i per layer, u_i = k/N, p_i = 1/N -> alpha k per layer.
+    paper = alpha * experts * sum((top_k / experts) * (1 / experts) for _ in range(experts)) * layers
+    assert float(paper_load_balancing_loss(logits, top_k, alpha)) == pytest.approx(paper, rel=1e-6)
+    # What training adds: transformers' Mixtral aux loss times btx's coefficient (alpha x layers).
+    ours = float(load_balancing_loss_func(tuple(logits), experts, top_k)) * aux_loss_coefficient(alpha, layers)
+    assert ours == pytest.approx(paper, rel=1e-6)
+
+
+@pytest.mark.unit
+def test_load_balancing_coefficient_off_balance():
+    # transformers pools u and p over the layers before multiplying; the paper multiplies per
+    # layer. They agree whenever the layers route alike, and differ (slightly) otherwise.
+    generator = torch.Generator().manual_seed(0)
+    same = [torch.randn(64, 4, generator=generator) * 3] * 5
+    ours = float(load_balancing_loss_func(tuple(same), 4, 2)) * aux_loss_coefficient(0.01, 5)
+    assert ours == pytest.approx(float(paper_load_balancing_loss(same, 2, 0.01)), rel=1e-5)
+    varied = [torch.randn(64, 4, generator=generator) * 3 for _ in range(5)]
+    ours = float(load_balancing_loss_func(tuple(varied), 4, 2)) * aux_loss_coefficient(0.01, 5)
+    paper = float(paper_load_balancing_loss(varied, 2, 0.01))
+    assert ours <= paper + 1e-7 and ours == pytest.approx(paper, rel=0.05)
+
+
+# --- Branch-Train-Merge --------------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_btm_with_one_expert_is_that_expert():
+    logp = np.log(np.random.default_rng(0).uniform(0.01, 1, size=(1, 5, 31))).astype(np.float32)
+    assert np.allclose(btm_logprobs(logp, top_k=1), logp[0], atol=1e-6)
+    assert np.allclose(btm_logprobs(logp, top_k=4), logp[0], atol=1e-6)
+
+
+@pytest.mark.unit
+def test_btm_over_all_experts_is_the_bayesian_average_of_sequence_likelihoods():
+    # With a uniform prior and every expert kept, the prefix posterior makes the ensemble's
+    # sequence probability exactly the mean of the experts' sequence probabilities.
+    rng = np.random.default_rng(1)
+    logp = np.log(rng.uniform(0.05, 1, size=(3, 4, 20)))
+    mixed = btm_logprobs(logp.astype(np.float32), top_k=3).astype(np.float64).sum(-1)
+    expected = np.log(np.exp(logp.sum(-1)).mean(0))
+    assert np.allclose(mixed, expected, atol=1e-4)
+
+
+@pytest.mark.unit
+def test_btm_top1_follows_the_expert_that_explains_the_prefix():
+    good, bad = np.full((1, 40), np.log(0.5)), np.full((1, 40), np.log(0.01))
+    mixed = btm_logprobs(np.stack([bad, good]).astype(np.float32), top_k=1)
+    assert mixed[0, 0] == pytest.approx(np.log((0.5 + 0.01) / 2), abs=1e-5)  # no evidence yet
+    assert np.allclose(mixed[0, 1:], np.log(0.5), atol=1e-5)
+
+
+@pytest.mark.unit
+def test_mixed_domain_blocks_splice_two_or_three_domains():
+    heldout = {d: np.full((5, 64), i, dtype=np.int32) for i, d in enumerate(["a", "b", "c"])}
+    sets = build_eval_sets(heldout, eval_blocks=3, mixed_blocks=20)
+    assert {d: len(b) for d, b in sets.single.items()} == {"a": 3, "b": 3, "c": 3}
+    assert np.array_equal(sets.mixed, sets.mixed_labels)  # token value = its domain here
+    per_block = [len(np.unique(row)) for row in sets.mixed_labels]
+    assert set(per_block) <= {2, 3} and 3 in per_block and 2 in per_block
+
+
+@pytest.mark.unit
+def test_mixture_follows_its_weights():
+    def splits(n, value):
+        block = np.full((n, 8), value, dtype=np.int32)
+        return TokenizedSplits(block, block[:2], SplitStats(0, 0, 0), SplitStats(0, 0, 0))
+
+    mix = build_mixture({"a": splits(10, 0), "b": splits(300, 1)}, {"a": 0.5, "b": 0.5}, seed=0)
+    shares = np.bincount(mix.train[:, 0]) / len(mix.train)
+    assert len(mix.train) == 310 and np.allclose(shares, [0.5, 0.5], atol=0.01)
+    assert mix.heldout[:, 0].tolist() == [0, 1, 0, 1]  # interleaved source by source
+
+
+# --- finetuning on a real (pico) run -------------------------------------------------------------
+
+def finetune_config(work: Path, **finetune_options):
+    config = ci_config(str(work / "store"), work / "cache", domains=2)
+    training = config.finetune.training.model_copy(update={"steps": 6, "checkpoint_every": 2})
+    return config.model_copy(update={"finetune": config.finetune.model_copy(
+        update={"training": training, **finetune_options})})
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A local store with the CI seed, two experts, their MiX and the upcycled seed."""
+    work = tmp_path_factory.mktemp("ftrun")
+    config = finetune_config(work)
+    with pytest.raises(BTXError, match="btx mix CONFIG"):
+        finetune(config)
+    build_seed(config)
+    for d in config.domains:
+        train_expert(config, d.name)
+    mix_stage(config)
+    mix_stage(config, upcycle=True)
+    return work, config
+
+
+def _tensors(location: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(location).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as reader:
+            out |= {k: reader.get_tensor(k) for k in reader.keys()}
+    return out
+
+
+@pytest.mark.integration
+def test_finetune_trains_the_mixed_model_on_the_mixture(mixed):
+    work, config = mixed
+    out = finetune(config)
+    m = out.metrics
+    assert out.location == layout.trained_model(config, "btx") and m["steps"] == 6
+    assert set(m["mixture"]) == {"math", "code", "general"}
+    assert m["routing"] == {"strategy": "top_k", "top_k": 2, "load_balancing": True, "alpha": 0.01}
+    assert m["heldout_loss"] < m["start_heldout_loss"]
+    saved = json.loads((Path(out.location) / "config.json").read_text())
+    assert saved["architectures"] == ["MixtralForCausalLM"] and saved["output_router_logits"] is True
+    assert saved["router_aux_loss_coef"] == pytest.approx(0.01 * saved["num_hidden_layers"])
+    assert finetune(config).skipped  # idempotent
+
+
+@pytest.mark.integration
+def test_frozen_experts_stay_bit_identical(mixed):
+    work, config = mixed
+    frozen = config.model_copy(update={"finetune": config.finetune.model_copy(update={"freeze_experts": True})})
+    out = finetune(frozen, name="frozen")
+    before, after = _tensors(layout.mix_model(config)), _tensors(out.location)
+    experts = [k for k in before if ".experts." in k]
+    assert experts and all(torch.equal(before[k], after[k]) for k in experts)
+    changed = [k for k in before if k not in experts and not torch.equal(before[k], after[k])]
+    assert any(".gate." in k for k in changed) and any("self_attn" in k for k in changed)
+    assert out.metrics["frozen_parameters"] > 0
+
+
+@pytest.mark.integration
+def test_interrupted_finetune_resumes_to_the_same_weights(mixed):
+    work, config = mixed
+    with pytest.raises(BTXError, match="stopped at step 3"):
+        finetune(config, name="resumed", stop_after=3)
+    resumed = finetune(config, name="resumed")
+    assert resumed.metrics["resumed_from_step"] == 2  # the newest checkpoint (every 2 steps)
+    straight = finetune(config, name="straight")
+    a, b = _tensors(resumed.location), _tensors(straight.location)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
+def test_soft_routing_and_the_baselines(mixed):
+    work, config = mixed
+    soft = config.model_copy(update={"finetune": config.finetune.model_copy(update={"routing": "soft"})})
+    out = finetune(soft, name="soft")
+    saved = json.loads((Path(out.location) / "config.json").read_text())
+    assert saved["num_experts_per_tok"] == saved["num_local_experts"] == 3
+    up = finetune(config, "upcycle", steps=3, name="upcycle-x")
+    dense = finetune(config, "dense", steps=3, name="dense-x")
+    assert up.metrics["steps"] == dense.metrics["steps"] == 3
+    assert up.metrics["flops_per_token"] > dense.metrics["flops_per_token"]
+    assert json.loads((Path(dense.location) / "config.json").read_text())["model_type"] == "llama"
+    result = evaluate_location(config, out.location)
+    routing = result["routing"]["single"]
+    assert set(result["single"]) == {"math", "code"} and math.isfinite(result["mixed"])
+    for shares in routing["by_domain_topk"]["math"]:
+        assert sum(shares) == pytest.approx(1.0) and min(shares) > 0  # soft: every expert used
+
+
+@pytest.mark.integration
+def test_finetune_and_eval_commands(mixed):
+    work, config = mixed
+    path = work / "config.yaml"
+    path.write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
+    out = btx("finetune", str(path), cwd=work)
+    assert "held-out loss (mixture)" in out.stdout
+    out = btx("eval", str(path), "--model", layout.trained_model(config, "btx"), "--out", str(work / "e.json"),
+              cwd=work)
+    assert "mixed-domain" in out.stdout and json.loads((work / "e.json").read_text())["routing"]
+    evaluated = evaluate_run(config)
+    losses = evaluated.metrics["losses"]
+    assert {"seed", "expert:math", "expert:code", "btx-mix", "btx", "btm-top1", "btm-top2"} <= set(losses)
+    assert evaluate_run(config).skipped
+
+
+@pytest.mark.integration
+def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
+    work, config = mixed
+    config = config.model_copy(update={"compare": config.compare.model_copy(update={"seeds": [0, 1]})})
+    report = compare(config, out_dir=tmp_path)
+    rows = {"seed", "expert:math", "expert:code", "btm-top1", "btm-top2", "btx-mix", "btx",
+            "upcycle-tokens", "upcycle-flops", "dense-tokens", "dense-flops"}
+    assert set(report["summary"]) == rows and report["seeds"] == [0, 1]
+    for seed, result in report["per_seed"].items():
+        assert set(result["rows"]) == rows
+        budgets = result["budgets"]
+        assert budgets["upcycle_tokens"] > budgets["upcycle_flops"]  # an MoE token costs more
+        assert budgets["dense_flops"] > budgets["dense_tokens"]
+        r = result["rows"]
+        assert r["upcycle-tokens"]["tokens"] == pytest.approx(r["btx"]["tokens"], rel=0.02)
+        assert r["dense-flops"]["flops"] == pytest.approx(r["btx"]["flops"], rel=0.02)
+    assert report["per_seed"][1]["run_name"] == f"{config.run_name}-seed1"
+    assert report["summary"]["btx"]["average"]["n"] == 2
+    claims = {c["claim"] for c in report["claims"]}
+    assert "expert math beats the seed on math" in claims
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"results.json", "results.md", "routing-btx-single-top1.png", "routing-btx-mixed-topk.csv"} <= files
+    assert "| Model | math | code | Average | Mixed-domain |" in (tmp_path / "results.md").read_text()
+    assert open_store(config).is_complete(layout.compare_results(config))
