@@ -98,9 +98,9 @@ def validate(config: Path = ConfigArg) -> None:
 @app.command()
 def seed(config: Path = ConfigArg) -> None:
     """Import the seed model into the store, or create and pretrain the tiny demo seed."""
+    cfg = _load(config)  # a bad config fails before the training stack is imported
     from btx_core.stages import build_seed
 
-    cfg = _load(config)
     with _ProgressBar("seed") as bar:
         out = build_seed(cfg, on_progress=bar)
     if not _is_main_process():
@@ -114,10 +114,10 @@ def seed(config: Path = ConfigArg) -> None:
 def train_expert(config: Path = ConfigArg,
                  domain: str = typer.Option(..., "--domain", "-d", help="Domain to train, from `domains`")) -> None:
     """Branch the seed and train one domain expert (resumes from its newest checkpoint)."""
+    cfg = _load(config)  # a bad config or domain fails before the training stack is imported
+    cfg.domain(domain)
     from btx_core.stages import train_expert as run
 
-    cfg = _load(config)
-    cfg.domain(domain)
     with _ProgressBar(f"expert[{domain}]") as bar:
         out = run(cfg, domain, on_progress=bar)
     if not _is_main_process():

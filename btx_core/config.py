@@ -179,10 +179,14 @@ class TrainSettings(StrictModel):
         of your own); with `nproc_per_node` other than 1, the tokens of the whole step."""
         return self.seq_len * self.batch_size * self.grad_accum
 
+    def global_tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens per optimizer step over all `world_size` processes."""
+        return self.tokens_per_step * (1 if self.splits_batch else world_size)
+
     def total_steps(self, world_size: int = 1) -> int:
         if self.steps is not None:
             return self.steps
-        return math.ceil(self.tokens / (self.tokens_per_step * (1 if self.splits_batch else world_size)))
+        return math.ceil(self.tokens / self.global_tokens_per_step(world_size))
 
     def result_hash(self) -> str:
         """Hash of the fields that change the trained weights."""
@@ -403,7 +407,8 @@ class BTXConfig(StrictModel):
             if d.name == name:
                 return d
         known = ", ".join(d.name for d in self.domains)
-        raise ConfigError([f"domain {name!r} is not in `domains` (known: {known})"])
+        raise ConfigError([f"domain {name!r} is not in `domains` (known: {known}): use one of them, "
+                           f"e.g. --domain {self.domains[0].name}, or add it to `domains`"])
 
 
 # Cross-field checks (btx_core/config_checks.py), per model class; a class absent here has none.

@@ -149,7 +149,7 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
                       checkpoints=layout.trained_checkpoints(config, name), stage="finetune",
                       config_hash=config_hash, inputs=inputs)
     fpt = flops_per_token(model.config.to_dict(), settings.seq_len)
-    planned_tokens = settings.total_steps(ranks.world_size) * settings.tokens_per_step * ranks.world_size
+    planned_tokens = settings.total_steps(ranks.world_size) * settings.global_tokens_per_step(ranks.world_size)
     metrics.update(start_heldout_loss=run.heldout_loss(model, data), flops_per_token=fpt,
                    train_flops=fpt * planned_tokens,
                    trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -1,22 +1,25 @@
 """One training loop for every stage: seed pretraining, expert training (and, later, MoE finetuning).
 
 Plain PyTorch around a transformers causal LM: AdamW, warm-up then cosine decay to a fraction of
-the peak (transformers' scheduler), bf16 autocast over fp32 weights, gradient accumulation, and
-DDP when launched by `torchrun`. Resumability is the design constraint: the data order is a pure
-function of (seed, step), so a checkpoint only needs the step to put the data back where it was,
-and restoring weights, optimizer, scheduler and RNG makes a resumed run end with the same
-weights as an uninterrupted one.
+the peak (transformers' scheduler), bf16 autocast over fp32 weights, gradient accumulation, and,
+when launched by `torchrun`, DDP or FSDP (`distributed`). Resumability is the design constraint:
+the data order is a pure function of (seed, step), so a checkpoint only needs the step to put the
+data back where it was, and restoring weights, optimizer, scheduler and RNG makes a resumed run
+end with the same weights as an uninterrupted one. Checkpoints hold the full (unsharded) state
+whatever the wrapping, written by rank 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Protocol
@@ -28,11 +31,15 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from btx_core.config import TrainSettings
 from btx_core.errors import BTXError, CheckpointMismatchError, DataError
-from btx_core.train_state import TrainState, load_checkpoint, read_train_state, save_checkpoint
+from btx_core.train_state import (TrainState, load_model_weights, load_training_state, read_train_state,
+                                  save_checkpoint)
 
 log = logging.getLogger(__name__)
 BARRIER_TIMEOUT = timedelta(hours=2)
 FINAL_LOSS_WINDOW = 10  # steps averaged for the reported final training loss
+# A launcher (flows/expert.py) that runs training in processes of its own names a file here;
+# rank 0 appends every progress report to it as a JSON line.
+PROGRESS_FILE_ENV = "BTX_PROGRESS_FILE"
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,18 @@ def pick_device(setting: str, ranks: Dist, precision: str = "fp32") -> torch.dev
 
 # --- data order --------------------------------------------------------------------------------
 
+def per_process(settings: TrainSettings, ranks: Dist) -> TrainSettings:
+    """This process's settings: with `nproc_per_node` other than 1, `batch_size` is the global
+    micro-batch and each process takes an equal share (the global batch, and so the data order,
+    is then the same for any number of processes)."""
+    if not settings.splits_batch or ranks.world_size == 1:
+        return settings
+    if settings.batch_size % ranks.world_size:
+        raise BTXError(f"batch_size ({settings.batch_size}) must be divisible by the {ranks.world_size} "
+                       "processes this run has: change batch_size or nproc_per_node")
+    return settings.model_copy(update={"batch_size": settings.batch_size // ranks.world_size})
+
+
 def batch_indices(n_blocks: int, step: int, micro: int, settings: TrainSettings, ranks: Dist) -> np.ndarray:
     """Block indices of one micro-batch of one process: a pure function of (seed, step).
 
@@ -147,7 +166,8 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
           stop_after: int | None = None) -> TrainResult:
     """Train `model` in place on packed token blocks [n, seq_len]; resume from `checkpoints`.
 
-    `stop_after` ends the run early after that many steps (as a kill would), for tests.
+    `stop_after` ends the run early after that many steps (as a kill would), for tests. Under
+    FSDP the training runs on a sharded copy; `model` gets its final weights at the end.
     """
     if blocks.ndim != 2 or blocks.shape[1] != settings.seq_len:
         raise ValueError(f"blocks have shape {blocks.shape}, expected [n, {settings.seq_len}]: "
@@ -156,25 +176,35 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
         torch.set_num_threads(settings.threads)
     ranks = init_distributed(settings.device)
     device = pick_device(settings.device, ranks, settings.precision)
-    model.to(device).train()
-    if settings.gradient_checkpointing:
-        # Non-reentrant checkpointing is the variant that works under DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     total_steps = settings.total_steps(ranks.world_size)
-    optimizer = _optimizer(model, settings, fused=device.type == "cuda")
+    settings = per_process(settings, ranks)  # from here on, batch_size is this process's share
+    fsdp = settings.distributed == "fsdp" and ranks.world_size > 1
+    # FSDP trains a sharded copy (below); `model` stays whole, on the CPU, to write checkpoints from.
+    model.to("cpu" if fsdp else device).train()
+    if settings.gradient_checkpointing:
+        # Non-reentrant checkpointing is the variant that works under DDP and FSDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with main_rank_first(ranks):  # rank 0 fetches into the shared cache; the others reuse it
+        latest = checkpoints.latest() if checkpoints else None
+    if latest is not None:
+        _check_resumable(latest, settings, ranks)
+        load_model_weights(latest[1], model)
+    runner = _shard(model, device, ranks) if fsdp else model
+    optimizer = _optimizer(runner, settings, fused=device.type == "cuda" and not fsdp)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=min(settings.warmup_steps, total_steps),
         num_training_steps=total_steps, min_lr_rate=settings.min_lr_ratio)
     state = TrainState(step=0, sequences_seen=0, tokens_seen=0, world_size=ranks.world_size, losses=[])
-    with main_rank_first(ranks):  # rank 0 fetches into the shared cache; the others reuse it
-        latest = checkpoints.latest() if checkpoints else None
     if latest is not None:
-        state = _resume(latest, model, optimizer, scheduler, ranks)
+        state = load_training_state(latest[1], scheduler, _optimizer_loader(runner, optimizer, fsdp))
+        state.world_size = ranks.world_size
+        log.info("resuming from step %d (%s)", state.step, latest[1])
     resumed_from = state.step
-    wrapped = _wrap_ddp(model, device, ranks)
+    wrapped = runner if fsdp else _wrap_ddp(model, device, ranks)
     autocast = _autocast(settings.precision, device)
     data = torch.from_numpy(np.ascontiguousarray(blocks))  # int32 in memory; int64 per micro-batch
     tokens_per_step = settings.tokens_per_step * ranks.world_size
+    report = _with_progress_file(on_progress) if ranks.is_main else None
 
     started = window_start = time.perf_counter()
     window_steps = 0
@@ -187,17 +217,21 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
         state.tokens_seen += tokens_per_step
         state.losses.append(loss)
         window_steps += 1
-        if on_progress and ranks.is_main and (state.step % settings.log_every == 0 or state.step == total_steps):
+        if report and (state.step % settings.log_every == 0 or state.step == total_steps):
             now = time.perf_counter()
             rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-            on_progress(Progress(step=state.step, total_steps=total_steps, loss=loss,
-                                 lr=scheduler.get_last_lr()[0], tokens_per_s=rate,
-                                 eta_s=(total_steps - state.step) * tokens_per_step / rate,
-                                 resumed_from=resumed_from))
+            report(Progress(step=state.step, total_steps=total_steps, loss=loss,
+                            lr=scheduler.get_last_lr()[0], tokens_per_s=rate,
+                            eta_s=(total_steps - state.step) * tokens_per_step / rate,
+                            resumed_from=resumed_from))
             window_start, window_steps = now, 0
         if checkpoints and (state.step % settings.checkpoint_every == 0 or state.step == total_steps):
-            _save(checkpoints, state, model, optimizer, scheduler, ranks)
+            _save(checkpoints, state, model, runner if fsdp else None, optimizer, scheduler, ranks)
 
+    if fsdp:  # the trained weights back into the caller's (plain) model, on every rank
+        model.load_state_dict(_full_weights(runner, everywhere=True))
+        model.to(device)
+        del runner, optimizer
     wall = time.perf_counter() - started
     trained_tokens = (state.step - resumed_from) * tokens_per_step
     recent = state.losses[-FINAL_LOSS_WINDOW:]
@@ -213,9 +247,9 @@ def _step(model, data: torch.Tensor, step: int, settings: TrainSettings, ranks: 
     total = torch.zeros((), device=device)
     for micro in range(settings.grad_accum):
         ids = data[batch_indices(len(data), step, micro, settings, ranks)].to(device, non_blocking=True).long()
-        # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
-        sync = micro == settings.grad_accum - 1 or not hasattr(model, "no_sync")
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+        # DDP and FSDP reduce gradients on every backward; only the last micro-batch needs it.
+        sync = micro == settings.grad_accum - 1
+        with _gradient_sync(model, sync), autocast:
             loss = model(input_ids=ids, labels=ids).loss / settings.grad_accum
         loss.backward()
         total += loss.detach()
@@ -226,6 +260,21 @@ def _step(model, data: torch.Tensor, step: int, settings: TrainSettings, ranks: 
     if ranks.world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     return float(total)
+
+
+@contextlib.contextmanager
+def _gradient_sync(model, sync: bool):
+    if sync or not (hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")):
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
 
 def _optimizer(model: torch.nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.AdamW:
@@ -250,25 +299,124 @@ def _wrap_ddp(model: torch.nn.Module, device: torch.device, ranks: Dist):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def _resume(latest: tuple[int, Path], model, optimizer, scheduler, ranks: Dist) -> TrainState:
+# --- FSDP: a sharded copy for training; full state for checkpoints ----------------------------------
+
+def _shard(model: torch.nn.Module, device: torch.device, ranks: Dist) -> torch.nn.Module:
+    """A copy of `model` sharded over the ranks with FSDP2 (one unit per decoder layer, then the
+    rest); `model` itself moves to the CPU. Rank 0's weights win, as under DDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model.to("cpu")  # the device never holds two whole copies
+    sharded = copy.deepcopy(model).to(device)
+    with torch.no_grad():
+        for tensor in [*sharded.parameters(), *sharded.buffers()]:
+            dist.broadcast(tensor, src=0)
+    mesh = init_device_mesh(device.type, (ranks.world_size,))
+    units = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(sharded.modules())[1:]:
+        if type(module).__name__ in units:
+            fully_shard(module, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    return sharded
+
+
+def _full_weights(sharded: torch.nn.Module, *, everywhere: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict on the CPU: gathered one tensor at a time (every rank takes part),
+    kept on rank 0 only unless `everywhere`."""
+    from torch.distributed.tensor import DTensor
+
+    keep = everywhere or dist.get_rank() == 0
+    out = {}
+    for name, tensor in sharded.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if keep:
+            out[name] = full.detach().cpu()
+    return out
+
+
+def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order a plain optimizer numbers its parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """The whole optimizer state on rank 0, keyed by index like a plain optimizer's (None elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(sharded, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    index = {name: i for i, name in enumerate(_parameter_names(sharded, optimizer))}
+    return {"state": {index[name]: value for name, value in full["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in full["param_groups"]]}
+
+
+def _optimizer_loader(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool):
+    """How a checkpoint's (index-keyed, full) optimizer state goes into this run's optimizer."""
+    if not fsdp:
+        return optimizer.load_state_dict
+
+    def load(state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = _parameter_names(runner, optimizer)
+        by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+                   "param_groups": [dict(g, params=[names[i] for i in g["params"]])
+                                    for g in state["param_groups"]]}
+        set_optimizer_state_dict(runner, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+    return load
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def _check_resumable(latest: tuple[int, Path], settings: TrainSettings, ranks: Dist) -> None:
     step, directory = latest
     saved = read_train_state(directory)
-    if saved.world_size != ranks.world_size:
-        raise CheckpointMismatchError(f"checkpoint at step {step} was trained with {saved.world_size} "
-                           f"process(es), this run has {ranks.world_size}: resume with the same "
-                           "number of processes (the data order depends on it)")
-    state = load_checkpoint(directory, model, optimizer, scheduler)
-    log.info("resuming from step %d (%s)", state.step, directory)
-    return state
+    if saved.world_size == ranks.world_size:
+        return
+    # A split batch makes the global batch, and so the data order, independent of the number of
+    # processes: a branch retried on a node with other GPUs resumes where it was.
+    global_batch = settings.batch_size * settings.grad_accum * ranks.world_size
+    if settings.splits_batch and saved.sequences_seen == saved.step * global_batch:
+        return
+    raise CheckpointMismatchError(f"checkpoint at step {step} was trained with {saved.world_size} "
+                                  f"process(es), this run has {ranks.world_size}: resume with the same "
+                                  "number of processes (the data order depends on it), or set "
+                                  "nproc_per_node so that batch_size is the global batch")
 
 
-def _save(checkpoints: CheckpointSink, state: TrainState, model, optimizer, scheduler, ranks: Dist):
+def _save(checkpoints: CheckpointSink, state: TrainState, model, sharded, optimizer, scheduler, ranks: Dist):
+    """Rank 0 writes the full state; under FSDP every rank first helps gather it into `model`."""
+    optimizer_state = None
+    if sharded is not None:
+        weights = _full_weights(sharded, everywhere=False)
+        optimizer_state = _full_optimizer_state(sharded, optimizer)
+        if ranks.is_main:
+            model.load_state_dict(weights)
     if ranks.is_main:
         with tempfile.TemporaryDirectory(prefix="btx-ckpt-") as tmp:
-            save_checkpoint(Path(tmp), model, optimizer, scheduler, state)
+            save_checkpoint(Path(tmp), model, optimizer, scheduler, state, optimizer_state=optimizer_state)
             checkpoints.save(state.step, Path(tmp))
     if ranks.world_size > 1:
         dist.barrier()
+
+
+def _with_progress_file(on_progress: Callable[[Progress], None] | None):
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if not path:
+        return on_progress
+
+    def report(p: Progress) -> None:
+        if on_progress:
+            on_progress(p)
+        with open(path, "a") as f:
+            f.write(json.dumps(asdict(p)) + "\n")
+
+    return report
 
 
 @torch.no_grad()

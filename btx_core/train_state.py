@@ -13,7 +13,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,11 +43,14 @@ class TrainState:
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, state: TrainState) -> None:
+                    scheduler, state: TrainState, *, optimizer_state: dict | None = None) -> None:
+    """Write a checkpoint of a plain (unsharded) model. `optimizer_state` replaces
+    `optimizer.state_dict()` when the optimizer runs on sharded parameters (FSDP): the full
+    state, keyed by parameter index as a plain optimizer numbers its parameters."""
     directory.mkdir(parents=True, exist_ok=True)
     # save_model drops the duplicate names of tied weights that save_file refuses.
     save_model(model, str(directory / MODEL_FILE))
-    tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
+    tensors, optimizer_meta = _split_optimizer_state(optimizer_state or optimizer.state_dict())
     save_file(tensors, str(directory / OPTIMIZER_FILE))
     save_file(_torch_rng_state(), str(directory / RNG_FILE))
     meta = {
@@ -63,17 +66,26 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
 
 def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler) -> TrainState:
-    meta = json.loads((directory / STATE_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointMismatchError(f"{directory} has training-state format {meta.get('format_version')}, "
-                         f"this btx reads {FORMAT_VERSION}: resume with the btx that wrote it")
+    load_model_weights(directory, model)
+    return load_training_state(directory, scheduler, optimizer.load_state_dict)
+
+
+def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's weights into a plain (unsharded) model."""
+    _meta(directory)
     missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
     if missing or unexpected:
         raise CheckpointMismatchError(
             f"checkpoint {directory} does not fit the model (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}): delete the stage's checkpoints to start it over")
+
+
+def load_training_state(directory: Path, scheduler, load_optimizer: Callable[[dict], Any]) -> TrainState:
+    """Optimizer (through `load_optimizer`, given the index-keyed state dict), scheduler and RNG
+    of a checkpoint; returns its counters."""
+    meta = _meta(directory)
     tensors = load_file(str(directory / OPTIMIZER_FILE))
-    optimizer.load_state_dict(_join_optimizer_state(tensors, meta["optimizer"]))
+    load_optimizer(_join_optimizer_state(tensors, meta["optimizer"]))
     scheduler_state = dict(meta["scheduler"], lr_lambdas=[None] * len(meta["scheduler"]["base_lrs"]))
     scheduler.load_state_dict(scheduler_state)
     _set_torch_rng_state(load_file(str(directory / RNG_FILE)))
@@ -85,6 +97,14 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
 def read_train_state(directory: Path) -> TrainState:
     """The counters of a checkpoint, without loading tensors."""
     return TrainState(**json.loads((directory / STATE_FILE).read_text())["train_state"])
+
+
+def _meta(directory: Path) -> dict:
+    meta = json.loads((directory / STATE_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{directory} has training-state format {meta.get('format_version')}, "
+                                      f"this btx reads {FORMAT_VERSION}: resume with the btx that wrote it")
+    return meta
 
 
 # --- optimizer: tensors to safetensors, the rest to JSON ----------------------------------------

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from btx_core.config import (BTXConfig, DataSource, SeedSpec, TinyModelSpec, TrainSettings,
                              cross_field_problems, scheme)
-from btx_core.arch import seed_architecture_problem
+from btx_core.arch import HUB_ID, seed_architecture_problem
 from btx_core.errors import ConfigError
 
 
@@ -32,7 +32,7 @@ def load_config(path: str | Path, *, check_environment: bool = True) -> BTXConfi
     except FileNotFoundError:
         raise ConfigError([f"config file {path} does not exist: check the path"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from None
+        raise ConfigError([f"not valid YAML: {exc}; fix the YAML syntax there"], source=str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigError(["the file must hold a mapping of fields (run_name, store, seed, ...)"],
                           source=str(path))
@@ -77,9 +77,27 @@ def environment_problems(raw: Mapping[str, Any], base_dir: Path) -> list[str]:
     if isinstance(model, str):
         local = _absolute(model, base_dir)
         problem = seed_architecture_problem(local if os.path.exists(local) else model)
+        if problem is None and not os.path.exists(local) and HUB_ID.match(model):
+            problem = _offline_hub_problem(model)
         if problem:
             problems.append(f"seed.model: {problem}")
     return problems
+
+
+def _offline_hub_problem(repo_id: str) -> str | None:
+    """A Hub id under HF_HUB_OFFLINE loads only from the local Hugging Face cache."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+    except ValueError:  # not a valid repo id after all: the download step says so
+        return None
+    return (f"{repo_id!r} is a Hugging Face Hub id, HF_HUB_OFFLINE is set and the model is not in "
+            "the local Hugging Face cache: unset HF_HUB_OFFLINE (with network access) to download "
+            "it, or point `seed.model` at a local directory")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +122,20 @@ def _raw_cross_field_problems(raw: Mapping[str, Any]) -> Iterator[str]:
                 yield problem if not field else f"{field}: {problem}"
 
 
+# The fix for a value of the wrong type, by pydantic error type.
+_NUMBER, _WHOLE, _MAPPING = "write a number, e.g. 0.001", "write a whole number, e.g. 100", \
+    "write a mapping of its fields (`name: value` lines, indented under it)"
+TYPE_FIXES = {
+    "float_parsing": _NUMBER, "float_type": _NUMBER, "finite_number": _NUMBER,
+    "int_parsing": _WHOLE, "int_type": _WHOLE, "int_from_float": _WHOLE,
+    "bool_parsing": "write true or false", "bool_type": "write true or false",
+    "string_type": "write text (quote it if YAML reads it as a number or a boolean)",
+    "list_type": "write a list (one `- item` line per element)",
+    "tuple_type": "write a list of values, e.g. [0.9, 0.95]",
+    "dict_type": _MAPPING, "model_type": _MAPPING, "model_attributes_type": _MAPPING,
+}
+
+
 def _explain(err: Mapping[str, Any]) -> str:
     field = _field_path(err["loc"])
     kind = err["type"]
@@ -118,6 +150,10 @@ def _explain(err: Mapping[str, Any]) -> str:
         return f"{field}: required field is missing; add it"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"{field}: {message} (got {err.get('input')!r}); change the value"
+    if kind in TYPE_FIXES:
+        return f"{field}: {message} (got {err.get('input')!r}); {TYPE_FIXES[kind]}"
+    if kind == "too_short":
+        return f"{field}: {message}; add at least {err.get('ctx', {}).get('min_length', 1)}"
     if kind == "literal_error":
         return f"{field}: {message} (got {err.get('input')!r})"
     if kind == "string_pattern_mismatch":

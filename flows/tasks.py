@@ -74,13 +74,14 @@ def _transient(task, task_run, state) -> bool:
 def expert_task(config: BTXConfig, domain: str, seed_location: str, threads: int | None = None) -> str:
     """Branch the seed and train one domain expert, resuming from its newest checkpoint
     (btx_core train_expert); `threads`: its share of the cores when branches share a machine."""
-    from flows.expert import with_fault_hook
+    from flows.expert import train_expert_branch, with_fault_hook
 
     forward_library_logs()  # in a branch's own process too
     progress = StageProgress(artifact_key(config.run_name, "expert", domain, "progress"), f"expert[{domain}]")
     callback = with_fault_hook(progress, config.expert_training.checkpoint_every, domain)
     with torch_threads(config.expert_training.threads or threads):
-        return _report(progress, stages.train_expert(config, domain, seed_location=seed_location,
+        # Under torchrun when `expert_training.nproc_per_node` gives the branch several processes.
+        return _report(progress, train_expert_branch(config, domain, seed_location=seed_location,
                                                      on_progress=callback))
 
 

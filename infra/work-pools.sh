@@ -11,6 +11,10 @@
 # BTX_IMAGE=registry/btx-worker:tag sets the Kubernetes jobs' image (default btx-worker:latest).
 # BTX_POOL_PREFIX=staging names the pools staging-control, staging-experts, ... (default btx),
 # to keep several installs apart on one server; prefect.yaml names the default ones.
+# BTX_EXPERT_POOLS="btx-h100 btx-a100" names the expert pools instead (one per GPU node class;
+# add a train-expert deployment per pool in prefect.yaml). BTX_GPUS=8 makes 8 GPUs per branch the
+# default of their `gpu_count` job variable (a branch with expert_training.nproc_per_node: auto
+# trains on all of them under torchrun); a deployment or a run can still override it.
 set -euo pipefail
 kind=${1:-}
 [[ $kind == process || $kind == kubernetes ]] || { echo "usage: $0 process|kubernetes" >&2; exit 2; }
@@ -21,18 +25,28 @@ prefect=${PREFECT:-prefect}
 python=${PYTHON:-python3}
 
 control_pools=("$prefix-control")
-expert_pools=("$prefix-experts" "$prefix-experts-2")
+if [[ -n ${BTX_EXPERT_POOLS:-} ]]; then
+  read -r -a expert_pools <<<"$BTX_EXPERT_POOLS"
+else
+  expert_pools=("$prefix-experts" "$prefix-experts-2")
+fi
+gpus=${BTX_GPUS:-}
+[[ -z $gpus || $gpus =~ ^[1-9][0-9]*$ ]] || { echo "BTX_GPUS must be a whole number >= 1, got '$gpus'" >&2; exit 2; }
 
-# A copy of a job template with the image filled in (the JSON in git keeps the default).
+# A copy of a job template with the image (and GPUs per job) filled in (the JSON in git keeps
+# the defaults).
 with_image() {
   local out
   out=$(mktemp --suffix .json)
-  "$python" - "$1" "${BTX_IMAGE:-}" "$out" <<'PY'
+  "$python" - "$1" "${BTX_IMAGE:-}" "$gpus" "$out" <<'PY'
 import json, sys
-template, image, out = sys.argv[1], sys.argv[2], sys.argv[3]
+template, image, gpus, out = sys.argv[1:]
 data = json.load(open(template))
+properties = data["variables"]["properties"]
 if image:
-    data["variables"]["properties"]["image"]["default"] = image
+    properties["image"]["default"] = image
+if gpus and "gpu_count" in properties:
+    properties["gpu_count"]["default"] = int(gpus)
 json.dump(data, open(out, "w"), indent=2)
 PY
   echo "$out"

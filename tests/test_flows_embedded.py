@@ -79,9 +79,13 @@ def latest_artifacts(keys: list[str]) -> dict:
 def test_pipeline_completes_and_the_failed_branch_resumed_from_its_checkpoint(first_run):
     cfg, state, fault, took = first_run
     locations = state.result()
-    assert set(locations) == {"seed", *(f"expert[{d}]" for d in DOMAINS), "mix"}
-    for location in locations.values():
-        assert (Path(location) / "_manifest.json").is_file() and (Path(location) / "model.safetensors").is_file()
+    assert set(locations) == {"seed", *(f"expert[{d}]" for d in DOMAINS), "mix", "finetune", "evaluate"}
+    for name, location in locations.items():
+        weights = "results.json" if name == "evaluate" else "model.safetensors"
+        assert (Path(location) / "_manifest.json").is_file() and (Path(location) / weights).is_file()
+    finetuned = manifest(locations["finetune"])
+    mix_hash = Manifest.from_json((Path(locations["mix"]) / "_manifest.json").read_bytes()).hash
+    assert finetuned["stage"] == "finetune" and finetuned["inputs"]["model"] == mix_hash
     mixed = manifest(locations["mix"])
     assert mixed["stage"] == "mix" and mixed["metrics"]["experts"] == [*DOMAINS, "seed"]
     for d in DOMAINS:  # the mix records the very experts this run trained
@@ -102,7 +106,7 @@ def test_every_artifact_is_published_under_stable_keys(first_run):
     cfg, state, _, _ = first_run
     locations = state.result()
     keys = ["ci-seed-progress", *(f"ci-expert-{d}-progress" for d in DOMAINS), "ci-mix-progress",
-            "ci-evaluation", "ci-compute", "ci-checkpoints", "ci-loss-curves", "ci-routing"]
+            "ci-finetune-progress", "ci-evaluate-progress", "ci-evaluation", "ci-compute", "ci-checkpoints", "ci-loss-curves", "ci-routing"]
     found = latest_artifacts(keys)
     assert sorted(found) == sorted(keys)
     heatmap = found["ci-routing"].data
@@ -111,21 +115,22 @@ def test_every_artifact_is_published_under_stable_keys(first_run):
         assert found[key].type == "progress" and float(found[key].data) == 100.0, key
 
     evaluation = json.loads(found["ci-evaluation"].data)
-    assert [row["domain"] for row in evaluation] == list(DOMAINS)
+    assert [row["set"] for row in evaluation] == [*DOMAINS, "average", "mixed"]
+    losses = manifest(locations["evaluate"])["metrics"]["losses"]
+    for row in evaluation[:len(DOMAINS)]:
+        assert row["expert"] == pytest.approx(losses[f"expert:{row['set']}"]["single"][row["set"]], abs=1e-4)
+        assert row["expert"] < row["seed"]  # each expert beats the seed on its own domain
     for row in evaluation:
-        m = manifest(locations[f"expert[{row['domain']}]"])["metrics"]
-        assert row["expert_heldout_loss"] == pytest.approx(m["heldout_loss"], abs=1e-4)
-        assert row["seed_heldout_loss"] == pytest.approx(m["seed_heldout_loss"], abs=1e-4)
-        assert row["change"] < 0
+        assert {"seed", "btx-mix", "btx", "btm-top1", "btm-top2"} <= set(row) and row["btx"] > 0
 
     compute = {row["stage"]: row for row in json.loads(found["ci-compute"].data)}
-    assert set(compute) == set(locations)
+    assert set(compute) == set(locations) - {"evaluate"}
     assert compute["seed"]["steps"] == 20 and compute["seed"]["tokens"] == 20 * 4 * 64
     assert all(compute[f"expert[{d}]"]["steps"] == 12 and compute[f"expert[{d}]"]["wall_s"] > 0 for d in DOMAINS)
 
     checkpoints = found["ci-checkpoints"].data
-    for location in locations.values():
-        assert f"(file://{location})" in checkpoints
+    for name, location in locations.items():
+        assert name == "evaluate" or f"(file://{location})" in checkpoints
     assert "step 12: " in checkpoints and "step 20: " in checkpoints
 
     curves = found["ci-loss-curves"].data

@@ -125,7 +125,11 @@ sys.path.insert(0, {tests!r})
 from test_train import pico_llama, blocks, SETTINGS, DirSink
 from btx_core.train import train
 torch.set_num_threads(1)
-settings = SETTINGS.model_copy(update={{"batch_size": SETTINGS.batch_size // int(os.environ.get("WORLD_SIZE", "1"))}})
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if {mode!r}:  # nproc_per_node: batch_size is the global micro-batch, split by train() itself
+    settings = SETTINGS.model_copy(update={{"nproc_per_node": 2, "distributed": {mode!r}}})
+else:  # a torchrun of your own: batch_size is per process
+    settings = SETTINGS.model_copy(update={{"batch_size": SETTINGS.batch_size // world}})
 sink = DirSink(Path({ckpt!r})) if {ckpt!r} else None
 model = pico_llama(seed=int(os.environ.get("RANK", "0")))  # ranks start apart: sync must fix it
 result = train(model, blocks(), settings, checkpoints=sink, stop_after={stop_after})
@@ -147,13 +151,13 @@ RENDEZVOUS_ERROR = re.compile(r"address already in use|EADDRINUSE|errno 98|conne
                               r"connect\(\) timed out|DistNetworkError|DistStoreError", re.IGNORECASE)
 
 
-def _torchrun(tmp_path, name, world, ckpt="", stop_after=None):
+def _torchrun(tmp_path, name, world, ckpt="", stop_after=None, mode=""):
     import json
 
     out = tmp_path / f"{name}.json"
     script = tmp_path / f"{name}.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), ckpt=ckpt,
-                                        stop_after=stop_after))
+                                        stop_after=stop_after, mode=mode))
     for attempt in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)]
@@ -170,9 +174,15 @@ def _torchrun(tmp_path, name, world, ckpt="", stop_after=None):
                       f"rendezvous error: {bool(RENDEZVOUS_ERROR.search(proc.stderr))}\n{proc.stderr[-2000:]}")
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: the same run in one process."""
+    return _torchrun(tmp_path_factory.mktemp("one"), "one", 1)
+
+
 @pytest.mark.integration
-def test_ddp_on_gloo_with_two_processes_matches_one_process_and_resumes(tmp_path):
-    one = _torchrun(tmp_path, "one", 1)
+def test_ddp_on_gloo_with_two_processes_matches_one_process_and_resumes(tmp_path, one_process):
+    one = one_process
     two = _torchrun(tmp_path, "two", 2)
     assert len(one["losses"]) == len(two["losses"]) == SETTINGS.steps
     # Same global batch, same data order, same initial weights (DDP broadcasts rank 0's): the
@@ -185,3 +195,105 @@ def test_ddp_on_gloo_with_two_processes_matches_one_process_and_resumes(tmp_path
     assert resumed["resumed_from"] == 3
     np.testing.assert_allclose(resumed["losses"], two["losses"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(list(resumed["weights"].values()), list(two["weights"].values()), rtol=1e-5)
+
+
+@pytest.mark.integration
+def test_fsdp_on_gloo_matches_one_process_resumes_and_moves_between_process_counts(tmp_path, one_process):
+    """FSDP2 (sharded weights, gradients and AdamW state) on 2 gloo processes: the loss curve of
+    one process within float tolerance; a killed run resumes from its full-state checkpoint; with
+    `nproc_per_node` the global batch does not depend on the process count, so the same
+    checkpoint also resumes on one process."""
+    one = one_process
+    fsdp = _torchrun(tmp_path, "fsdp", 2, mode="fsdp")
+    assert len(fsdp["losses"]) == SETTINGS.steps
+    np.testing.assert_allclose(fsdp["losses"], one["losses"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(list(fsdp["weights"].values()), list(one["weights"].values()),
+                               rtol=1e-3, atol=1e-4)
+
+    ckpt = tmp_path / "ckpt"
+    _torchrun(tmp_path, "killed", 2, ckpt=str(ckpt), stop_after=5, mode="fsdp")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["3"]
+    assert {p.name for p in (ckpt / "3").iterdir()} == {
+        "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
+    shutil.copytree(ckpt, tmp_path / "ckpt-alone")
+    resumed = _torchrun(tmp_path, "resumed", 2, ckpt=str(ckpt), mode="fsdp")
+    assert resumed["resumed_from"] == 3
+    np.testing.assert_allclose(resumed["losses"], fsdp["losses"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(list(resumed["weights"].values()), list(fsdp["weights"].values()), rtol=1e-5)
+
+    # The FSDP checkpoint is a plain full one: DDP, and a single process, resume from it alike.
+    alone = _torchrun(tmp_path, "alone", 1, ckpt=str(tmp_path / "ckpt-alone"), mode="ddp")
+    assert alone["resumed_from"] == 3
+    np.testing.assert_allclose(alone["losses"], fsdp["losses"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_nproc_per_node_splits_the_global_batch_and_is_not_hashed():
+    split = SETTINGS.model_copy(update={"nproc_per_node": 2})
+    two = [Dist(rank=r, world_size=2) for r in (0, 1)]
+    from btx_core.train import per_process
+
+    assert [per_process(split, r).batch_size for r in two] == [2, 2]
+    assert per_process(SETTINGS, two[0]).batch_size == 4         # a torchrun of your own: per process
+    ours = np.concatenate([batch_indices(40, 3, 1, per_process(split, r), r) for r in two])
+    assert np.array_equal(ours, batch_indices(40, 3, 1, SETTINGS, Dist()))
+    assert split.result_hash() == SETTINGS.model_copy(update={"nproc_per_node": "auto",
+                                                              "distributed": "fsdp"}).result_hash()
+    budget = split.model_copy(update={"steps": None, "tokens": split.tokens_per_step * 10})
+    assert budget.total_steps(world_size=2) == 10                  # the step count stays too
+
+
+# --- a branch on several processes: flows.expert relaunches `btx train-expert` under torchrun ----
+
+@pytest.fixture(scope="module")
+def seeded_store(tmp_path_factory):
+    """A config factory over stores that hold the CI seed (built once, copied per store)."""
+    import yaml
+
+    from btx_core.stages import build_seed
+    from btx_core.validation import parse_config
+
+    work = tmp_path_factory.mktemp("branch")
+    raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())
+    raw.update(cache_dir=str(work / "cache"), domains=raw["domains"][:1])
+    raw["expert_training"].update(steps=8, checkpoint_every=4, log_every=2)
+
+    def config(name: str, **training):
+        store = work / name
+        return parse_config({**raw, "store": str(store),
+                             "expert_training": {**raw["expert_training"], **training}})
+
+    build_seed(config("store-seed"))
+
+    def seeded(name: str, **training):
+        shutil.copytree(work / "store-seed" / "ci" / "seed", work / name / "ci" / "seed")
+        return config(name, **training)
+
+    return seeded
+
+
+@pytest.mark.integration
+def test_branch_relaunches_itself_under_torchrun_with_the_one_process_curve(seeded_store):
+    pytest.importorskip("prefect")
+    from btx_core.errors import BTXError
+    from btx_core.stages import train_expert
+    from flows.expert import processes_for, train_expert_torchrun
+
+    one = train_expert(seeded_store("store-one"), "math")
+    config = seeded_store("store-two", nproc_per_node=2)
+    assert processes_for(config.expert_training) == 2
+    assert processes_for(config.expert_training.model_copy(update={"nproc_per_node": "auto", "device": "cpu"})) == 1
+    reports = []
+    two = train_expert_torchrun(config, "math", 2, on_progress=reports.append, poll_s=0.2)
+    assert not two.skipped and two.location.endswith("/ci/experts/math/model")
+    # The same global batch on 2 gloo processes (2 sequences each) as on one (4): the same curve.
+    np.testing.assert_allclose(two.metrics["train_losses"], one.metrics["train_losses"], rtol=1e-4, atol=1e-5)
+    assert two.manifest.config_hash == one.manifest.config_hash  # nproc_per_node is not hashed
+    assert [r.step for r in reports] == [2, 4, 6, 8] and reports[-1].total_steps == 8
+    again = train_expert_torchrun(config, "math", 2, poll_s=0.2)
+    assert again.skipped and again.manifest.hash == two.manifest.hash
+
+    # A failing branch: torchrun's status and the end of the CLI's message are the task's error.
+    unseeded = config.model_copy(update={"store": str(Path(config.store).parent / "store-empty")})
+    with pytest.raises(BTXError, match=r"(?s)exited with status 1.*no complete seed.*btx seed CONFIG"):
+        train_expert_torchrun(unseeded, "math", 2, poll_s=0.2)

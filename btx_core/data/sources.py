@@ -13,6 +13,7 @@ source file or an article should be.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -36,6 +37,7 @@ GLOB_CHARS = re.compile(r"[*?\[]")
 def load_documents(source: DataSource, *, cache_dir: str | None = None) -> list[str]:
     """The source's documents (non-empty strings, in source order), capped by `max_documents`
     and `max_bytes`. `cache_dir` is where `datasets` keeps its Arrow cache (default: its own)."""
+    dataset = None
     if source.builtin is not None:
         docs = builtin_documents(source.builtin, max_bytes=source.max_bytes,
                                  max_documents=source.max_documents)
@@ -45,6 +47,9 @@ def load_documents(source: DataSource, *, cache_dir: str | None = None) -> list[
         where = f"{source.path} ({len(files)} {fmt} file{'s' * (len(files) != 1)})"
         config = {"sample_by": "document"} if fmt == "text" else {}
         with _local_copies(files, source, cache_dir) as local_files:
+            if all(os.path.getsize(f) == 0 for f in local_files):
+                raise DataError(f"{where} holds no non-empty documents (its files are empty): add "
+                                "data or point at another source")
             hint = f"check that the files are valid {fmt} (or set `format`)"
             dataset = _load_dataset(where, hint, fmt, data_files={source.split: local_files},
                                     split=source.split, cache_dir=cache_dir, **config)
@@ -57,9 +62,12 @@ def load_documents(source: DataSource, *, cache_dir: str | None = None) -> list[
                                 cache_dir=cache_dir)
         docs = cap_documents(_texts(dataset, source, where), source.max_documents, source.max_bytes)
     if not docs:
-        cap = " within max_bytes (raise it)" if source.max_bytes else ""
-        raise DataError(f"{where} holds no non-empty documents{cap}: add data or point at "
-                        "another source")
+        # Every document larger than the cap, or no text at all?
+        capped = source.max_bytes and (dataset is None or next(_texts(dataset, source, where), None))
+        if capped:
+            raise DataError(f"{where}: every document is larger than max_bytes ({source.max_bytes}): "
+                            "raise max_bytes")
+        raise DataError(f"{where} holds no non-empty documents: add data or point at another source")
     return docs
 
 
@@ -184,9 +192,33 @@ def _load_dataset(where: str, hint: str, *args: Any, **kwargs: Any):
     import datasets  # heavy; only paths that read files or the Hub pay for it
 
     try:
-        return datasets.load_dataset(*args, **kwargs)
+        with _quiet("datasets"):  # it logs its failures too: the user gets one message, ours
+            return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # datasets raises many types; each becomes one actionable error
-        raise DataError(f"could not load {where}: {type(exc).__name__}: {exc}; {hint}") from exc
+        cause = _root_cause(exc)
+        raise DataError(f"could not load {where}: {type(cause).__name__}: {cause}; {hint}") from exc
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # setLevel, not `.level =`: it clears the children's caches
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost explicitly chained cause that says something ("JSON parse error in row 0"
+    rather than "An error occurred while generating the dataset")."""
+    found, seen = exc, {id(exc)}
+    while (exc := exc.__cause__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if str(exc):
+            found = exc
+    return found
 
 
 def _texts(dataset, source: DataSource, where: str) -> Iterator[str]:
