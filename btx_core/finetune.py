@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from btx_core import layout
-from btx_core.compute import flops_per_token
 from btx_core.config import GENERAL, BTXConfig, FinetuneSettings, TrainSettings, stable_hash
 from btx_core.data.cache import PreparedData, ensure_prepared, tokenizer_id
 from btx_core.data.packing import TokenizedSplits
@@ -148,10 +147,7 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     run = TrainingRun(store, config, settings, ranks, location=location,
                       checkpoints=layout.trained_checkpoints(config, name), stage="finetune",
                       config_hash=config_hash, inputs=inputs)
-    fpt = flops_per_token(model.config.to_dict(), settings.seq_len)
-    planned_tokens = settings.total_steps(ranks.world_size) * settings.global_tokens_per_step(ranks.world_size)
-    metrics.update(start_heldout_loss=run.heldout_loss(model, data), flops_per_token=fpt,
-                   train_flops=fpt * planned_tokens,
+    metrics.update(start_heldout_loss=run.heldout_loss(model, data),
                    trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
     log.info("finetune %s (%s): %d steps from %s", name, kind, settings.total_steps(ranks.world_size), source)
     return run.train_and_save(model, tokenizer, data, metrics=metrics, on_progress=on_progress,

@@ -20,6 +20,7 @@ import fsspec
 
 from btx_core import layout
 from btx_core.arch import COMPANION_FILES
+from btx_core.compute import flops_per_token
 from btx_core.config import BTXConfig, TrainSettings, stable_hash
 from btx_core.data.cache import SPLIT_SALT, content_id, ensure_prepared, tokenizer_id
 from btx_core.data.packing import TokenizedSplits, split_documents
@@ -98,8 +99,10 @@ class TrainingRun:
                        stop_after=stop_after)
         if result.steps < self.settings.total_steps(self.ranks.world_size):
             raise BTXError(f"{self.stage} stopped at step {result.steps} (stop_after); rerun to resume")
+        fpt = flops_per_token(model.config.to_dict(), self.settings.seq_len)
         metrics = {"final_train_loss": result.final_loss, "heldout_loss": self.heldout_loss(model, data),
                    "steps": result.steps, "tokens": result.tokens, "resumed_from_step": result.resumed_from,
+                   "flops_per_token": fpt, "train_flops": fpt * result.tokens,
                    "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
                    "train_losses": result.losses, **metrics}
         with main_rank_first(self.ranks):  # one writer; the other ranks then read its manifest

@@ -37,7 +37,7 @@ from btx_core.train_state import (TrainState, load_model_weights, load_training_
 log = logging.getLogger(__name__)
 BARRIER_TIMEOUT = timedelta(hours=2)
 FINAL_LOSS_WINDOW = 10  # steps averaged for the reported final training loss
-# A launcher (flows/expert.py) that runs training in processes of its own names a file here;
+# A launcher (btx_core/launch.py) that runs training in processes of its own names a file here;
 # rank 0 appends every progress report to it as a JSON line.
 PROGRESS_FILE_ENV = "BTX_PROGRESS_FILE"
 

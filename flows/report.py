@@ -95,8 +95,9 @@ def evaluation_rows(config: BTXConfig, records: list[StageRecord], results: dict
 
 
 def compute_rows(records: list[StageRecord]) -> list[dict]:
-    """What each complete stage cost, from its manifest's metrics."""
+    """What each complete stage cost, from its manifest's metrics (FLOPs: btx_core.compute)."""
     return [{"stage": r.name, "steps": r.metrics.get("steps"), "tokens": r.metrics.get("tokens"),
+             "train_flops": _number(r.metrics.get("train_flops"), 0),
              "wall_s": _number(r.metrics.get("wall_s"), 2), "tokens_per_s": _number(r.metrics.get("tokens_per_s"), 1)}
             for r in records if r.manifest is not None]
 
@@ -151,7 +152,7 @@ def publish(config: BTXConfig) -> str:
     create_table_artifact(evaluation_rows(config, records, results), key=artifact_key(run, "evaluation"),
                           description="Held-out loss (nats/token) per domain and on mixed-domain text")
     create_table_artifact(compute_rows(records), key=artifact_key(run, "compute"),
-                          description="Compute per stage: steps, tokens, wall time, throughput")
+                          description="Compute per stage: steps, tokens, training FLOPs, wall time, throughput")
     create_markdown_artifact(checkpoints_markdown(config, records), key=artifact_key(run, "checkpoints"),
                              description="Every stage output and training checkpoint in the store")
     for key, markdown, description in (

@@ -74,7 +74,8 @@ def _transient(task, task_run, state) -> bool:
 def expert_task(config: BTXConfig, domain: str, seed_location: str, threads: int | None = None) -> str:
     """Branch the seed and train one domain expert, resuming from its newest checkpoint
     (btx_core train_expert); `threads`: its share of the cores when branches share a machine."""
-    from flows.expert import train_expert_branch, with_fault_hook
+    from btx_core.launch import train_expert_branch
+    from flows.expert import with_fault_hook
 
     forward_library_logs()  # in a branch's own process too
     progress = StageProgress(artifact_key(config.run_name, "expert", domain, "progress"), f"expert[{domain}]")

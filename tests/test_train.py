@@ -277,7 +277,7 @@ def test_branch_relaunches_itself_under_torchrun_with_the_one_process_curve(seed
     pytest.importorskip("prefect")
     from btx_core.errors import BTXError
     from btx_core.stages import train_expert
-    from flows.expert import processes_for, train_expert_torchrun
+    from btx_core.launch import processes_for, train_expert_torchrun
 
     one = train_expert(seeded_store("store-one"), "math")
     config = seeded_store("store-two", nproc_per_node=2)
