@@ -32,6 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from btx_core.errors import IncompleteOutputError, IntegrityError, StoreError
 from btx_core.manifest import MANIFEST, FileEntry, Manifest, check_hash, checkpoint_location, sha256_of
+from btx_core.transfer import RetriesExhausted, TransferPolicy, cause_chain, get_files, put_files, retrying
 
 __all__ = ["MANIFEST", "FileEntry", "Manifest", "Store", "checkpoint_location"]
 
@@ -90,17 +91,9 @@ def _is_cached_copy(dest: Path, manifest: Manifest) -> bool:
         return False
 
 
-def _cause_chain(exc: BaseException | None) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def _error_code(exc: BaseException) -> str | None:
     """The S3 error code behind an exception (s3fs chains the botocore ClientError)."""
-    return next((str(e.response.get("Error", {}).get("Code")) for e in _cause_chain(exc)
+    return next((str(e.response.get("Error", {}).get("Code")) for e in cause_chain(exc)
                  if isinstance(e, ClientError)), None)
 
 
@@ -124,7 +117,11 @@ class Store:
 
     Local stores replace an output by building it beside the target and renaming it into place;
     object stores (no rename) delete the old manifest first and write the new one last.
+    `transfer` sets how files move (several at once, multipart, retries of transient errors;
+    transfer.py): the class default, or per instance.
     """
+
+    transfer: TransferPolicy = TransferPolicy()
 
     def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
         self.fs, root = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
@@ -152,19 +149,27 @@ class Store:
         return path
 
     @contextlib.contextmanager
-    def _errors(self, location: str, doing: str) -> Iterator[None]:
-        """Re-raise backend errors as StoreError naming the location and the fix, never a secret."""
+    def _errors(self, location: str, doing: str, *, into: Path | None = None) -> Iterator[None]:
+        """Re-raise backend errors as StoreError naming the location and the fix, never a secret.
+        `into`: the local directory (cache_dir) a download writes to."""
         try:
             yield
         except StoreError:
             raise
         except (OSError, BotoCoreError, ClientError) as exc:
-            message, chain_cause = self._explain(exc, f"{doing} {location}", location)
+            where = f"{doing} {location}" + (f" into {into}" if into else "")
+            message, chain_cause = self._explain(exc, where, location, into)
             raise StoreError(message) from (exc if chain_cause else None)
 
-    def _explain(self, exc: BaseException, where: str, location: str) -> tuple[str, bool]:
+    def _explain(self, exc: BaseException, where: str, location: str,
+                 into: Path | None = None) -> tuple[str, bool]:
         """(message, whether to chain the original error) for a backend error."""
-        code, chain = _error_code(exc), list(_cause_chain(exc))
+        code, chain = _error_code(exc), list(cause_chain(exc))
+        if any(getattr(e, "errno", None) == errno.ENOSPC for e in chain):
+            setting = "`cache_dir:`" if into else "`store:`"
+            return (f"no space left on device ({where}): free space there or point {setting} "
+                    "at a larger disk"), True
+        gave_up = next((f"; {e}" for e in chain if isinstance(e, RetriesExhausted)), "")
         if code == "NoSuchBucket":
             bucket = self._path(location).split("/")[0]
             return f"bucket {bucket!r} does not exist ({where}): create it or fix `store:`", True
@@ -180,14 +185,14 @@ class Store:
                     "the environment and the bucket's permissions"), False
         if down := [e for e in chain
                     if isinstance(e, (BotoConnectionError, HTTPClientError, ConnectionError))]:
-            u = urlsplit(getattr(down[0], "kwargs", {}).get("endpoint_url")
+            u = urlsplit(next((e.kwargs["endpoint_url"] for e in down
+                               if getattr(e, "kwargs", {}).get("endpoint_url")), None)
                          or os.environ.get("AWS_ENDPOINT_URL_S3", ""))
             host = f"{u.scheme}://{u.hostname}:{u.port}" if u.hostname else "(AWS default)"
-            return (f"cannot reach endpoint {host} ({where}): check AWS_ENDPOINT_URL_S3 and "
-                    "that the server is up"), True  # host:port only: a URL may hold a password
-        if any(getattr(e, "errno", None) == errno.ENOSPC for e in chain):
-            return f"no space left on device ({where}): free space or use a larger disk", True
-        return f"{where} failed: {type(exc).__name__}: {exc}", True
+            return (f"cannot reach endpoint {host} ({where}{gave_up}): check AWS_ENDPOINT_URL_S3 "
+                    "and that the server is up"), True  # host:port only: a URL may hold a password
+        last = next((e for e in chain if not isinstance(e, RetriesExhausted)), exc)
+        return f"{where} failed{gave_up}: {type(last).__name__}: {last}", True
 
     def read_manifest(self, location: str) -> Manifest:
         """The manifest at `location`; IncompleteOutputError if it is missing or invalid."""
@@ -253,8 +258,9 @@ class Store:
                   extra: Mapping[str, Any] | None = None,
                   known: Mapping[str, FileEntry] | None = None, move: bool = False) -> Manifest:
         """Store `local_dir` at `location`, replacing any older output; return its manifest.
-        Files are hashed, uploaded in one concurrent batch, their stored sizes checked by one
-        listing, and only then is the manifest written: a failure anywhere leaves none. Empty
+        Files are hashed, uploaded (several at once, large ones in parallel parts, each retried
+        after a dropped connection: `transfer`), their stored sizes checked by one listing, and
+        only then is the manifest written: a failure anywhere leaves none. Empty
         subdirectories are not kept (object stores have no directories).
         `known`: entries the caller computed while writing the files (checked by size, not
         hashed again). `move`: a local store takes the files by rename (a staging directory on
@@ -286,8 +292,9 @@ class Store:
 
     def _upload(self, files: dict[str, Path], entries: dict[str, FileEntry], dest: str,
                 location: str, manifest_data: bytes, move: bool = False) -> None:
-        """Batch `put` (concurrent on object stores), check stored sizes, then the manifest."""
-        rels = sorted(files)
+        """Put the files (concurrently on object stores, each retried on transient errors),
+        check their stored sizes, then write the manifest."""
+        rels, policy = sorted(files), self.transfer
         if self.is_local:  # LocalFileSystem.put_file does not create parents
             for parent in {os.path.dirname(f"{dest}/{rel}") for rel in rels}:
                 os.makedirs(parent, exist_ok=True)
@@ -295,13 +302,14 @@ class Store:
             for r in rels:
                 shutil.move(files[r], f"{dest}/{r}")  # a rename on one filesystem, else a copy
         else:
-            self.fs.put([str(files[r]) for r in rels], [f"{dest}/{r}" for r in rels])
-        sizes = self._stored_sizes(dest)
+            put_files(self.fs, [(str(files[r]), f"{dest}/{r}") for r in rels], policy)
+        sizes = retrying(lambda: self._stored_sizes(dest), f"listing {location}", policy)
         for rel in rels:
             if sizes.get(rel) != entries[rel].size:
                 raise StoreError(f"upload to {location} incomplete: {rel} stored with "
                                  f"{sizes.get(rel)} bytes, expected {entries[rel].size}; retry")
-        self.fs.pipe_file(f"{dest}/{MANIFEST}", manifest_data)
+        retrying(lambda: self.fs.pipe_file(f"{dest}/{MANIFEST}", manifest_data),
+                 f"writing the manifest of {location}", policy)
         self.fs.invalidate_cache(dest)
 
     def _write_local(self, files, entries, path: str, location: str, data: bytes,
@@ -390,11 +398,12 @@ class Store:
     def fetch(self, location: str, cache_dir: str | os.PathLike) -> Path:
         """A verified local copy of the output at `location`.
         Local stores: every file is hashed and the store's own directory is returned in place
-        (`cache_dir` is unused); do not modify it. Remote stores: the output is downloaded in
-        one concurrent batch into `cache_dir/<manifest hash>/`, each file's sha256 checked, and
-        `_manifest.json` written last; a later fetch of the same manifest reuses that copy if
-        its manifest and file sizes still match (sizes only: re-hashing gigabytes on every
-        reuse is not cheap). A damaged copy is downloaded again."""
+        (`cache_dir` is unused); do not modify it. Remote stores: the output is downloaded as
+        `write_dir` uploads (in parallel, retried) into `cache_dir/<manifest hash>/`, each file's
+        sha256 checked, and `_manifest.json` written last; a later fetch of the same manifest
+        reuses that copy if its manifest and file sizes still match (sizes only: re-hashing
+        gigabytes on every reuse is not cheap). A damaged copy is downloaded again. A failed
+        fetch (a corrupt file, a full disk, an endpoint that stayed away) leaves nothing there."""
         if self.is_local:
             self.verify(location)
             return Path(self._path(location))
@@ -405,19 +414,20 @@ class Store:
             return dest
         tmp = cache / f".{manifest.hash}.tmp-{uuid.uuid4().hex[:12]}"
         try:
-            for parent in {tmp, *((tmp / rel).parent for rel in rels)}:
-                parent.mkdir(parents=True, exist_ok=True)
-            with self._errors(location, "downloading"):
-                self.fs.get([f"{path}/{r}" for r in rels], [str(tmp / r) for r in rels])
-            for rel in rels:
-                with open(tmp / rel, "rb") as f:
-                    check_hash(location, rel, manifest.files[rel].sha256, sha256_of(f))
-            (tmp / MANIFEST).write_bytes(manifest.to_json())
-            if dest.exists():
-                if _is_cached_copy(dest, manifest):  # another process fetched it meanwhile
-                    return dest
-                shutil.rmtree(dest)  # a damaged earlier copy
-            os.rename(tmp, dest)
+            with self._errors(location, "downloading", into=cache):
+                for parent in {tmp, *((tmp / rel).parent for rel in rels)}:
+                    parent.mkdir(parents=True, exist_ok=True)
+                get_files(self.fs, [(f"{path}/{r}", str(tmp / r)) for r in rels],
+                          [manifest.files[r].size for r in rels], self.transfer)
+                for rel in rels:
+                    with open(tmp / rel, "rb") as f:
+                        check_hash(location, rel, manifest.files[rel].sha256, sha256_of(f))
+                (tmp / MANIFEST).write_bytes(manifest.to_json())
+                if dest.exists():
+                    if _is_cached_copy(dest, manifest):  # another process fetched it meanwhile
+                        return dest
+                    shutil.rmtree(dest)  # a damaged earlier copy
+                os.rename(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
