@@ -4,7 +4,8 @@ server (moto) as the store, the work pools of `infra/work-pools.sh`, the deploym
 
 Enable with `pytest_plugins = ["tests.prefect_harness"]` in tests/conftest.py. Everything starts
 on first use, once per session, and every process is stopped by the fixture that started it, by
-PID (its whole process group: a worker's flow-run subprocesses go with it). Needs the Debian
+PID: its whole process group, and the processes below it in sessions of their own (Prefect 3.9
+starts each flow run of a process worker in a new session). Needs the Debian
 package `postgresql` (`make system-deps` installs it). Under root, PostgreSQL runs as the
 `postgres` user, since it refuses to run as root.
 """
@@ -37,8 +38,12 @@ PREFECT_FILE = "infra/prefect.yaml"
 CONTROL_POOL = "btx-control"
 EXPERT_POOLS = ("btx-experts", "btx-experts-2")
 S3_BUCKET = "btx-cluster-store"
-S3_KEY_ID = "testing"  # moto accepts any key; nothing here is a real credential
-S3_SECRET = "testing"
+# Fake credentials, unique per session and recognisable, so that a test can search every log,
+# artifact and stored file for them (tests/faults/test_credentials.py). moto accepts any key, and
+# a Prefect server without PREFECT_SERVER_API_AUTH_STRING ignores the API key its clients send.
+S3_KEY_ID = f"BTXKEY{secrets.token_hex(7).upper()}"
+S3_SECRET = f"btx-secret-{secrets.token_hex(16)}"
+PREFECT_API_KEY = f"btx-prefect-key-{secrets.token_hex(16)}"
 START_TIMEOUT_S = 120.0
 # Variables of the calling shell that would point a child process somewhere else.
 _INHERITED_NOISE = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "PREFECT_PROFILE")
@@ -87,9 +92,31 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def descendants(pid: int) -> list[int]:
+    """The PIDs of every process below `pid`, children first (Linux: read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def stop_groups(procs: dict[str, subprocess.Popen], grace_s: float = 10.0) -> None:
     """Stop processes started with `start_new_session=True`, and everything in their groups, all
-    at once: SIGTERM, a second SIGTERM (an idle Prefect worker ignores the first), then SIGKILL."""
+    at once: SIGTERM, a second SIGTERM (an idle Prefect worker ignores the first), then SIGKILL.
+    Processes below them in sessions of their own (a worker's flow runs) are killed last: a
+    worker killed under a flow run leaves it running until its next write to the worker's pipe."""
+    below = [pid for p in procs.values() if p.poll() is None for pid in descendants(p.pid)]
     for sig, wait_s in ((signal.SIGTERM, grace_s / 2), (signal.SIGTERM, grace_s / 2),
                         (signal.SIGKILL, 5.0)):
         alive = [p for p in procs.values() if p.poll() is None]
@@ -107,6 +134,10 @@ def stop_groups(procs: dict[str, subprocess.Popen], grace_s: float = 10.0) -> No
         # Children that outlived their leader (a flow run mid-step) are still in the group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+    for pid in below:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -230,6 +261,9 @@ class Cluster:
     services: dict[str, Service] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds each phase of the set-up took (shown by the pipeline test)."""
+    credentials: dict[str, str] = field(default_factory=dict)
+    """Every credential the cluster's processes hold, by name: none may show in a log, artifact
+    or stored file."""
 
     @property
     def ui_url(self) -> str:
@@ -255,6 +289,7 @@ class Cluster:
             "AWS_ACCESS_KEY_ID": S3_KEY_ID,
             "AWS_SECRET_ACCESS_KEY": S3_SECRET,
             "AWS_DEFAULT_REGION": "us-east-1",
+            "PREFECT_API_KEY": PREFECT_API_KEY,
             # the pull step of infra/prefect.yaml runs flows from this checkout
             "BTX_CODE_DIR": str(REPO),
             "TMPDIR": str(self.root / "tmp"),
@@ -374,6 +409,8 @@ def prefect_cluster() -> Iterator[Cluster]:
         (root / sub).mkdir()
     cluster = Cluster(root=root, api_url=f"http://127.0.0.1:{free_port()}/api", s3_endpoint="")
     postgres = Postgres()
+    cluster.credentials.update({"AWS_SECRET_ACCESS_KEY": S3_SECRET, "PREFECT_API_KEY": PREFECT_API_KEY,
+                                "the PostgreSQL password": postgres.password})
     try:
         started = time.monotonic()
         postgres.start()
@@ -409,6 +446,28 @@ class Deployed:
     """The fault hook's marker: the `btx-experts-2` worker fails a branch once, until it exists."""
     deployments: dict[str, Any]
     """Deployment objects by `flow/deployment` name."""
+
+    def add_expert_pool(self, pool: str) -> Any:
+        """A process pool `pool` like `btx-experts`, and `train-expert/<pool>` on it (a copy of
+        `train-expert/btx-experts`): for tests that kill its worker without touching the others.
+        Returns the deployment; start a worker with `cluster.start_worker(pool)`."""
+        from prefect.client.schemas.actions import WorkPoolCreate
+
+        template = self.deployments[f"train-expert/{EXPERT_POOLS[0]}"]
+        with self.cluster.client() as client:
+            client.create_work_pool(WorkPoolCreate(
+                name=pool, type="process",
+                base_job_template=client.read_work_pool(EXPERT_POOLS[0]).base_job_template),
+                overwrite=True)
+            deployment_id = client.create_deployment(
+                flow_id=template.flow_id, name=pool, work_pool_name=pool,
+                entrypoint=template.entrypoint, pull_steps=template.pull_steps,
+                parameter_openapi_schema=template.parameter_openapi_schema,
+                enforce_parameter_schema=template.enforce_parameter_schema,
+                tags=[*template.tags, "test"])
+            deployment = client.read_deployment(deployment_id)
+        self.deployments[f"train-expert/{pool}"] = deployment
+        return deployment
 
 
 @pytest.fixture(scope="session")
