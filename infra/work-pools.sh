@@ -70,3 +70,9 @@ case $kind in
     for pool in "${expert_pools[@]}"; do create "$pool" kubernetes "$gpu"; done
     ;;
 esac
+
+# A lost node's runs would stay Running forever: with heartbeats on in the workers
+# (PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60, set in compose.yaml and the job templates' env), this
+# automation marks them Crashed after 5 minutes of silence, and the branch's retry resumes it.
+"${PYTHON:-python3}" -m flows.automations --within 300 || \
+  echo "warning: could not create the zombie-run automation (flows/automations.py)" >&2

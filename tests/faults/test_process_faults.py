@@ -164,26 +164,11 @@ def _branch_config(run) -> dict:
 
 
 def _zombie_automation(deployment_id):
-    """Prefect's recipe for zombie flow runs (docs: "Detect zombie flows"), limited to runs of
-    one deployment: a run whose heartbeats stop without a final state is marked Crashed."""
-    from datetime import timedelta
+    """The shipped automation (flows/automations.py), limited to runs of one deployment."""
+    from flows.automations import zombie_automation
 
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
-
-    final = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
-    return AutomationCore(
-        name=f"crash zombie runs of {deployment_id}",
-        trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *final},
-            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
-            match_related=ResourceSpecification({"prefect.resource.id": f"prefect.deployment.{deployment_id}"}),
-            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-            within=timedelta(seconds=ZOMBIE_AFTER_S)),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message=f"no heartbeat for {ZOMBIE_AFTER_S} s: its process is gone")])
+    return zombie_automation(ZOMBIE_AFTER_S, deployment_id=deployment_id,
+                             name=f"crash zombie runs of {deployment_id}")
 
 
 class _Branch:
