@@ -455,6 +455,7 @@ def test_bad_input_gets_one_clear_message_and_writes_nothing(case, tmp_path, mon
     assert world.snapshot() == before, "the store changed"
 
 
+@pytest.mark.unit
 def test_the_table_covers_every_kind_of_bad_input():
     assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
     commands = {c.argv[0] for c in CASES}
