@@ -27,7 +27,8 @@ from btx_core.evaluate import EvalSets, ModelScores, btm_scores, build_eval_sets
 from btx_core.finetune import finetune, settings_of
 from btx_core.mix_stage import mix_stage
 from btx_core.outputs import STAGE_FORMAT, StageOutput
-from btx_core.results import aggregate, claims, claims_markdown, markdown_table, routing_csv, routing_heatmap
+from btx_core.results import (aggregate, claims, claims_markdown, markdown_table, mixed_table, routing_csv,
+                              routing_heatmap)
 from btx_core.seed import load_causal_lm
 from btx_core.stages import build_seed, cache_dir, open_store, train_expert
 from btx_core.store import Store
@@ -227,8 +228,9 @@ def write_report(report: dict, directory: Path) -> list[Path]:
     files = [directory / "results.json"]
     files[0].write_text(json.dumps(report, indent=1, sort_keys=False, default=float))
     table = markdown_table(report["summary"], domains, seeds)
-    md = [f"# {report['run_name']}: BTX vs baselines\n", table, "## The paper's claims, seed by seed\n",
-          claims_markdown(report["claims"]), "## Routing\n"]
+    md = [f"# {report['run_name']}: BTX vs baselines\n", table,
+          "## Mixed-domain blocks, by the domain of each segment\n", mixed_table(report["summary"], domains),
+          "## The paper's claims, seed by seed\n", claims_markdown(report["claims"]), "## Routing\n"]
     first = report["per_seed"][seeds[0]]
     for name, routing in first["routing"].items():
         for kind in ("single", "mixed"):

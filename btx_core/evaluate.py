@@ -131,6 +131,8 @@ class ModelScores:
 
     single: dict[str, np.ndarray]
     mixed: np.ndarray
+    mixed_labels: np.ndarray | None = None
+    """Domain index of each predicted token of `mixed` [m, T-1]."""
     routing: dict | None = None
 
     def losses(self) -> dict:
@@ -138,6 +140,10 @@ class ModelScores:
         result = {"single": per_domain, "average": float(np.mean(list(per_domain.values())))}
         if self.mixed.size:
             result["mixed"] = float(-self.mixed.mean())
+            if self.mixed_labels is not None:  # each domain's segments of the spliced blocks
+                result["mixed_by_domain"] = {d: float(-self.mixed[self.mixed_labels == i].mean())
+                                             for i, d in enumerate(self.single)
+                                             if (self.mixed_labels == i).any()}
         return result
 
 
@@ -159,7 +165,7 @@ def score_model(model, sets: EvalSets, *, batch_size: int, precision: str = "bf1
     if moe:
         k = config.num_experts_per_tok
         routing = {kind: c.report(sets.domains, names, k) for kind, c in counts.items()}
-    return ModelScores(single, mixed, routing)
+    return ModelScores(single, mixed, sets.mixed_labels[:, 1:], routing)
 
 
 # --- Branch-Train-Merge ---------------------------------------------------------------------------
@@ -188,7 +194,7 @@ def btm_scores(experts: list[ModelScores], top_k: int) -> ModelScores:
     single = {d: btm_logprobs(np.stack([e.single[d] for e in experts]), top_k) for d in experts[0].single}
     mixed = (btm_logprobs(np.stack([e.mixed for e in experts]), top_k) if experts[0].mixed.size
              else experts[0].mixed)
-    return ModelScores(single, mixed)
+    return ModelScores(single, mixed, experts[0].mixed_labels)
 
 
 def oracle_scores(experts: dict[str, ModelScores]) -> dict[str, float]:

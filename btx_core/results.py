@@ -48,6 +48,7 @@ def aggregate(runs: Mapping[int, Mapping[str, Mapping]], domains: list[str]) -> 
     for name in names:
         rows = [rows[name] for rows in runs.values() if name in rows]
         metrics = {f"loss:{d}": [r.get("single", {}).get(d) for r in rows] for d in domains}
+        metrics |= {f"mixed:{d}": [r.get("mixed_by_domain", {}).get(d) for r in rows] for d in domains}
         for key in ("average", "mixed", "tokens", "flops", "wall_s"):
             metrics[key] = [r.get(key) for r in rows]
         out[name] = {k: _stats(v) for k, v in metrics.items()}
@@ -79,6 +80,16 @@ def markdown_table(summary: Mapping, domains: list[str], seeds: Sequence[int]) -
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def mixed_table(summary: Mapping, domains: list[str]) -> str:
+    """Loss on each domain's segments of the mixed-domain blocks (context from other domains)."""
+    head = ["Model", *(f"{d} segments" for d in domains), "All tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in summary.items():
+        lines.append("| " + " | ".join([row_label(name), *(_cell(s[f"mixed:{d}"]) for d in domains),
+                                        _cell(s["mixed"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --- the paper's claims, checked per seed -------------------------------------------------------
 
 def claims(runs: Mapping[int, Mapping[str, Mapping]], domains: list[str]) -> list[dict]:
@@ -93,7 +104,11 @@ def claims(runs: Mapping[int, Mapping[str, Mapping]], domains: list[str]) -> lis
                       *sorted(n for n in next(iter(runs.values())) if n.startswith("btm-top"))):
             checks.append((f"BTX beats {row_label(other)} ({where})", "btx", other, metric))
     for d in domains:
-        checks.append((f"BTX is within reach of expert {d} on {d} (BTX - expert)", "btx", f"expert:{d}", f"loss:{d}"))
+        checks.append((f"BTX beats expert {d} on {d}", "btx", f"expert:{d}", f"loss:{d}"))
+    for d in domains:  # the same, on each domain's segments of the mixed-domain blocks
+        checks.append((f"expert {d} beats the seed on {d} segments (mixed set)", f"expert:{d}", "seed", f"mixed:{d}"))
+        checks.append((f"BTX beats the seed on {d} segments (mixed set)", "btx", "seed", f"mixed:{d}"))
+        checks.append((f"BTX beats expert {d} on {d} segments (mixed set)", "btx", f"expert:{d}", f"mixed:{d}"))
     out = []
     for text, a, b, metric in checks:
         diffs = [_metric(rows, a, metric) - _metric(rows, b, metric) for rows in runs.values()
@@ -110,6 +125,8 @@ def _metric(rows: Mapping, name: str, metric: str) -> float | None:
     row = rows[name]
     if metric.startswith("loss:"):
         return row.get("single", {}).get(metric[5:])
+    if metric.startswith("mixed:"):
+        return row.get("mixed_by_domain", {}).get(metric[6:])
     return row.get(metric)
 
 

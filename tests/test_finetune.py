@@ -204,6 +204,7 @@ def test_soft_routing_and_the_baselines(mixed):
     result = evaluate_location(config, out.location)
     routing = result["routing"]["single"]
     assert set(result["single"]) == {"math", "code"} and math.isfinite(result["mixed"])
+    assert set(result["mixed_by_domain"]) == {"math", "code"}  # each domain's segments
     for shares in routing["by_domain_topk"]["math"]:
         assert sum(shares) == pytest.approx(1.0) and min(shares) > 0  # soft: every expert used
 
@@ -246,5 +247,7 @@ def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
     assert "expert math beats the seed on math" in claims
     files = {p.name for p in tmp_path.iterdir()}
     assert {"results.json", "results.md", "routing-btx-single-top1.png", "routing-btx-mixed-topk.csv"} <= files
-    assert "| Model | math | code | Average | Mixed-domain |" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| Model | math | code | Average | Mixed-domain |" in md and "| math segments | code segments |" in md
+    assert "BTX beats the seed on code segments (mixed set)" in claims
     assert open_store(config).is_complete(layout.compare_results(config))
