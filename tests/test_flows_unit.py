@@ -117,7 +117,8 @@ def test_report_tables_from_manifests(tmp_path):
     assert [r["change"] for r in evaluation] == [-0.5, -1.5, -2.5]
     compute = compute_rows(records)
     assert [r["stage"] for r in compute] == ["seed", "expert[math]", "expert[code]", "expert[knowledge]"]
-    assert compute[0] == {"stage": "seed", "steps": 20, "tokens": 5120, "wall_s": 3.14, "tokens_per_s": 1629.7}
+    assert compute[0] == {"stage": "seed", "steps": 20, "tokens": 5120, "train_flops": None, "wall_s": 3.14,
+                          "tokens_per_s": 1629.7}
     markdown = checkpoints_markdown(cfg, records)
     assert f"[{rows[0][1]}](file://{rows[0][1]})" in markdown and "step 20: " in markdown
     assert "| mix |" not in markdown  # nothing in the store yet

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import secrets
+import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 
@@ -113,9 +114,14 @@ def test_s3_errors_never_echo_a_secret(btx_pipeline_run: PipelineRun, s3_endpoin
         state = cluster.wait_flow_run(run.id, 180).state
         assert state.is_failed(), (case, state, cluster.diagnostics())
         assert expected[case] in (state.message or ""), (case, state.message)
-        with cluster.client() as client:
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-        text = "\n".join(log.message for log in logs)
+        # The run's last log lines reach the API after its final state (they are shipped in
+        # batches): wait for them.
+        deadline, text = time.monotonic() + 60, ""
+        while not (expected[case] in text and "Traceback" in text) and time.monotonic() < deadline:
+            time.sleep(1)
+            with cluster.client() as client:
+                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            text = "\n".join(log.message for log in logs)
         assert expected[case] in text and "Traceback" in text, (case, text[-3000:])
         assert not _leaks(cluster, text + str(state.message)), (case, _leaks(cluster, text), text)
     for pool in EXPERT_POOLS:
