@@ -208,6 +208,9 @@ def status(config: Path = ConfigArg) -> None:
     rows += [(f"expert[{d.name}]", layout.expert_model(cfg, d.name), layout.expert_checkpoints(cfg, d.name))
              for d in cfg.domains]
     rows += [("mix", layout.mix_model(cfg), None), ("upcycle", layout.upcycle_model(cfg), None)]
+    if cfg.finetune is not None:
+        rows += [("finetune", layout.trained_model(cfg, "btx"), layout.trained_checkpoints(cfg, "btx")),
+                 ("evaluate", layout.eval_results(cfg), None)]
     for name, location, checkpoints in rows:
         if store.is_complete(location):
             state = "complete"
