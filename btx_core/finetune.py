@@ -17,11 +17,11 @@ from btx_core import layout
 from btx_core.config import GENERAL, BTXConfig, FinetuneSettings, TrainSettings, stable_hash
 from btx_core.data.cache import PreparedData, ensure_prepared, tokenizer_id
 from btx_core.data.packing import TokenizedSplits
-from btx_core.errors import BTXError, IncompleteOutputError
+from btx_core.errors import BTXError
 from btx_core.moe_routing import RoutingPlan, configure, freeze_experts
 from btx_core.outputs import STAGE_FORMAT, StageOutput
 from btx_core.seed import load_causal_lm
-from btx_core.stages import ProgressCallback, TrainingRun, cache_dir, open_store
+from btx_core.stages import ProgressCallback, TrainingRun, cache_dir, complete_input, open_store
 from btx_core.store import Manifest, Store
 from btx_core.train import init_distributed, main_rank_first, pick_device
 
@@ -94,10 +94,11 @@ def prepared_sources(config: BTXConfig, store: Store, seed_location: str, seed: 
     cache = cache_dir(config)
     sources = {d.name: (d.data, d.held_out_fraction) for d in config.domains}
     sources[GENERAL] = (config.seed.pretrain_data, config.seed.held_out_fraction)
+    weighted = mixture_weights(config)
     return {name: ensure_prepared(config, store, source, tokenizer=tokenizer_id(seed),
                                   tokenizer_dir=lambda: store.fetch(seed_location, cache),
                                   seq_len=seq_len, held_out_fraction=fraction, cache_dir=cache)
-            for name, (source, fraction) in sources.items() if name in mixture_weights(config)}
+            for name, (source, fraction) in sources.items() if name in weighted}
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -116,9 +117,9 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     store, cache = open_store(config), cache_dir(config)
     where, command = SOURCES[kind]
     source = where(config)
-    source_manifest = _complete(store, source, command)
+    source_manifest = complete_input(store, source, f"the {kind} source model", command)
     seed_location = layout.seed_model(config)
-    seed = _complete(store, seed_location, "btx seed CONFIG")
+    seed = complete_input(store, seed_location, "the seed", "btx seed CONFIG")
     ranks = init_distributed(settings.device)
     with main_rank_first(ranks):  # rank 0 tokenizes into the shared cache
         prepared = prepared_sources(config, store, seed_location, seed, settings.seq_len)
@@ -153,9 +154,3 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     return run.train_and_save(model, tokenizer, data, metrics=metrics, on_progress=on_progress,
                               stop_after=stop_after)
 
-
-def _complete(store: Store, location: str, command: str) -> Manifest:
-    try:
-        return store.read_manifest(location)
-    except IncompleteOutputError:
-        raise BTXError(f"no complete model at {location}: run `{command}` first") from None

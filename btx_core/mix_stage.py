@@ -9,11 +9,10 @@ import time
 from btx_core import layout
 from btx_core.config import BTXConfig, parse_bytes, stable_hash
 from btx_core.data.cache import ensure_prepared, tokenizer_id
-from btx_core.errors import BTXError, IncompleteOutputError
 from btx_core.mix import Expert, MixOptions, mix
 from btx_core.mix_local import routing_notes, sample_blocks
 from btx_core.routing import RoutingSamples
-from btx_core.stages import STAGE_FORMAT, StageOutput, cache_dir, open_store
+from btx_core.stages import STAGE_FORMAT, StageOutput, cache_dir, complete_input, open_store
 from btx_core.store import Manifest, Store
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False) -> StageOutput:
     `mix.include_seed`); with `upcycle`, sparse upcycling: as many copies of the seed instead."""
     store, cache = open_store(config), cache_dir(config)
     seed_location = layout.seed_model(config)
-    seed = _complete(store, seed_location, "the seed", "btx seed CONFIG")
+    seed = complete_input(store, seed_location, "the seed", "btx seed CONFIG")
     domains = [d.name for d in config.domains]
     if upcycle:
         count = len(domains) + config.mix.include_seed
@@ -43,7 +42,7 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False) -> StageOutput:
         centroid_domains = [*domains, None][:count]
     else:
         sources = [(d, layout.expert_model(config, d),
-                    _complete(store, layout.expert_model(config, d), f"expert {d}",
+                    complete_input(store, layout.expert_model(config, d), f"expert {d}",
                               f"btx train-expert CONFIG --domain {d}")) for d in domains]
         if config.mix.include_seed:
             sources.append((GENERALIST, seed_location, seed))
@@ -78,13 +77,6 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False) -> StageOutput:
         manifest = store.write_dir(tmp, location, stage=stage, config_hash=config_hash, inputs=inputs,
                                    metrics=metrics, known=result.files, move=True)
     return StageOutput(location, manifest, skipped=False, notes=routing_notes(result.routing))
-
-
-def _complete(store: Store, location: str, what: str, command: str) -> Manifest:
-    try:
-        return store.read_manifest(location)
-    except IncompleteOutputError:
-        raise BTXError(f"{what} is not complete at {location}: run `{command}` first") from None
 
 
 def _prepared(config: BTXConfig, store: Store, domain: str, seed_location: str, seed: Manifest):

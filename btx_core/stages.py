@@ -248,6 +248,14 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
 
 # --- shared pieces -------------------------------------------------------------------------------
 
+def complete_input(store: Store, location: str, what: str, command: str) -> Manifest:
+    """The manifest of a stage's input, or an error saying which command makes it."""
+    try:
+        return store.read_manifest(location)
+    except IncompleteOutputError:
+        raise BTXError(f"{what} is not complete at {location}: run `{command}` first") from None
+
+
 def _save_model(store: Store, model, tokenizer, location: str, *, stage: str, config_hash: str,
                 inputs: dict[str, str], metrics: dict) -> Manifest:
     """Save in the model's own dtype, HF layout, safetensors; then commit to the store."""
