@@ -1,6 +1,7 @@
 """MiX on pico models built here: equivalence, exactness, loading, validation, memory, editing."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -308,8 +309,9 @@ def _peak_growth(root: Path, layers: int) -> int:
     root.mkdir()
     for i in range(4):
         _write_expert(root / f"e{i}", layers)
+    # One malloc arena per thread would let fragmentation, not the mix, decide the peak.
     proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(root)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, timeout=300, env=dict(os.environ, MALLOC_ARENA_MAX="2"))
     assert proc.returncode == 0, proc.stderr
     numbers = json.loads(proc.stdout.strip().splitlines()[-1])
     return numbers["peak"] - numbers["before"]
@@ -319,6 +321,8 @@ def _peak_growth(root: Path, layers: int) -> int:
 def test_memory_stays_bounded_by_a_layer_whatever_the_depth(tmp_path):
     layer_bytes = 4 * 3 * 128 * 2048 * 4  # four experts' FFNs of one layer, in fp32: 12.6 MB
     shallow, deep = _peak_growth(tmp_path / "l2", 2), _peak_growth(tmp_path / "l16", 16)
-    # 16 layers x 4 experts is ~210 MB of fp32 output; a layer-streaming mix holds about a layer.
-    assert deep < shallow + layer_bytes, (shallow, deep)
+    # 16 layers x 4 experts is ~210 MB of fp32 output, 176 MB more than 2 layers; a layer-streaming
+    # mix holds about a layer plus the writer's queue, whatever the depth (a loaded CI machine once
+    # measured 1.2 layers more for 16 layers than for 2, with the default malloc arenas).
+    assert deep < shallow + 2 * layer_bytes, (shallow, deep)
     assert deep < 6 * layer_bytes, (shallow, deep)

@@ -158,7 +158,14 @@ def _torchrun(tmp_path, name, world, ckpt="", stop_after=None, mode=""):
     script = tmp_path / f"{name}.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), ckpt=ckpt,
                                         stop_after=stop_after, mode=mode))
+    before = tmp_path / f"{name}.ckpt-before"
+    if ckpt and Path(ckpt).exists():
+        shutil.copytree(ckpt, before)
     for attempt in range(2):
+        if attempt and ckpt:  # the retry starts from the checkpoints the first try was given
+            shutil.rmtree(ckpt, ignore_errors=True)
+            if before.exists():
+                shutil.copytree(before, ckpt)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)]
         proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180,
