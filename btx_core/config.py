@@ -348,6 +348,25 @@ class Orchestration(StrictModel):
         return pools
 
 
+class TransferSettings(StrictModel):
+    """How the store moves files to and from S3 (btx_core/transfer.py). Only speed and patience
+    change with it, never what is stored, so it enters no config hash. The defaults equal
+    `TransferPolicy()`; BENCHMARKS.md "S3 transfer" measured them."""
+
+    files_at_once: int = Field(default=4, gt=0)
+    """Files moved concurrently."""
+    connections: int = Field(default=8, gt=0)
+    """Requests in flight in all, shared by the files in flight (a large file's parts)."""
+    part_size_mib: int = Field(default=32, ge=5)
+    """Multipart part and ranged-read size in MiB (S3's minimum part is 5). Memory held is up to
+    max(connections, 2 x files_at_once) parts."""
+    attempts: int = Field(default=8, gt=0)
+    """Tries of each file before a transient error (dropped connection, 5xx, SlowDown) is final."""
+    first_wait_s: float = Field(default=1.0, gt=0)
+    max_wait_s: float = Field(default=30.0, gt=0)
+    """Waits between tries double from `first_wait_s` up to `max_wait_s` (jittered)."""
+
+
 class BTXConfig(StrictModel):
     """A whole BTX pipeline run."""
 
@@ -358,6 +377,8 @@ class BTXConfig(StrictModel):
     credentials come from the environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)."""
     cache_dir: str = "~/.cache/btx"
     """Local cache for checkpoints fetched from the store."""
+    store_transfer: TransferSettings = Field(default_factory=TransferSettings)
+    """Concurrency, part size and retries of the store's S3 transfers (no effect on local stores)."""
     seed: SeedSpec
     """The seed model."""
     domains: list[DomainSpec] = Field(min_length=1)

@@ -31,6 +31,7 @@ from btx_core.outputs import STAGE_FORMAT, StageOutput
 from btx_core.seed import (create_tiny_llama, inspect_model_dir, load_causal_lm, load_tokenizer,
                            parameter_breakdown)
 from btx_core.store import Manifest, Store, checkpoint_location
+from btx_core.transfer import TransferPolicy
 from btx_core.tokenizer import train_tokenizer
 from btx_core.train import (Dist, Progress, evaluate_loss, init_distributed, main_rank_first,
                             pick_device, train)
@@ -115,7 +116,15 @@ class TrainingRun:
 
 
 def open_store(config: BTXConfig) -> Store:
-    return Store(config.store)
+    """The run's store; with the config's `store_transfer` if it sets one, else `Store.transfer`."""
+    store = Store(config.store)
+    if "store_transfer" not in config.model_fields_set:
+        return store
+    t = config.store_transfer
+    store.transfer = TransferPolicy(files_at_once=t.files_at_once, connections=t.connections,
+                                    part_size=t.part_size_mib << 20, attempts=t.attempts,
+                                    first_wait_s=t.first_wait_s, max_wait_s=t.max_wait_s)
+    return store
 
 
 def cache_dir(config: BTXConfig) -> Path:

@@ -319,6 +319,8 @@ CASES = [
     Case("credentials in the store URL", VALIDATE, "store", "environment", edit("store", "s3://AKIA:s3cr3t@b/x"), 2),
     Case("secret in storage options", VALIDATE, "domains[0].data.storage_options", "environment",
          edit("domains.0.data", {"path": "s3://b/x", "storage_options": {"secret": "s3cr3t"}}), 2),
+    Case("part size below S3's minimum", VALIDATE, "store_transfer.part_size_mib", "greater than or equal to 5",
+         edit("store_transfer.part_size_mib", 2), 2),
     Case("unreachable store", SEED, "127.0.0.1", "check AWS_ENDPOINT_URL_S3", unreachable_s3),
     Case("wrong credentials", SEED, "btx-test-store", "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
          wrong_credentials, s3=True),

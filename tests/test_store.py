@@ -490,3 +490,23 @@ def test_unreachable_endpoint_is_a_store_error(tmp_path, monkeypatch):
     store.fs.retries = 1  # s3fs's own retry loop; the default waits ~2 s
     with pytest.raises(StoreError, match=f"cannot reach endpoint http://127.0.0.1:{port}"):
         store.read_manifest(store.child("out"))
+
+
+@pytest.mark.unit
+def test_store_transfer_in_the_config_sets_the_policy_and_defaults_match(tmp_path):
+    import yaml
+
+    from btx_core.config import BTXConfig, TransferSettings
+    from btx_core.stages import open_store
+    from btx_core.transfer import TransferPolicy
+
+    d = TransferSettings()
+    assert TransferPolicy(files_at_once=d.files_at_once, connections=d.connections,
+                          part_size=d.part_size_mib << 20, attempts=d.attempts,
+                          first_wait_s=d.first_wait_s, max_wait_s=d.max_wait_s) == TransferPolicy()
+    raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())
+    raw["store"] = str(tmp_path / "store")
+    assert open_store(BTXConfig.model_validate(raw)).transfer is Store.transfer  # unset: the default
+    raw["store_transfer"] = {"files_at_once": 2, "connections": 16, "part_size_mib": 64, "attempts": 3}
+    policy = open_store(BTXConfig.model_validate(raw)).transfer
+    assert policy == TransferPolicy(files_at_once=2, connections=16, part_size=64 << 20, attempts=3)
