@@ -200,15 +200,28 @@ def compare(config: BTXConfig, *, out_dir: Path | None = None, stage: StageCallb
     stage("seed")
     build_seed(config)
     sets = eval_sets(config)
-    per_seed = {}
-    for r in config.compare.seeds:
-        run = seed_config(config, r)
-        per_seed[r] = run_seed(run, sets, stage=lambda s, r=r: stage(f"seed {r}: {s}"))
+    per_seed = {r: run_seed(seed_config(config, r), sets, stage=lambda s, r=r: stage(f"seed {r}: {s}"))
+                for r in config.compare.seeds}
+    return finish_compare(config, per_seed, wall_s=time.perf_counter() - started, out_dir=out_dir, sets=sets)
+
+
+def compare_seed(config: BTXConfig, seed: int, stage: StageCallback = lambda s: None) -> dict:
+    """One random seed of `compare` on its own (the shared seed model is built if missing): what
+    the Prefect flow `btx-compare` runs as one task per seed."""
+    settings_of(config)
+    build_seed(config)
+    return run_seed(seed_config(config, seed), eval_sets(config), stage)
+
+
+def finish_compare(config: BTXConfig, per_seed: dict[int, dict], *, wall_s: float,
+                   out_dir: Path | None = None, sets: EvalSets | None = None) -> dict:
+    """The report of finished seeds (`run_seed` results, by random seed): tables, claims and
+    heatmaps, written to the store (`<run>/compare/results`) and, when given, to `out_dir`."""
     domains = [d.name for d in config.domains]
     runs = {r: result["rows"] for r, result in per_seed.items()}
-    report = {"run_name": config.run_name, "seeds": list(config.compare.seeds), "domains": domains,
-              "eval_sets": sets.describe(), "summary": aggregate(runs, domains), "claims": claims(runs, domains),
-              "per_seed": per_seed, "wall_s": time.perf_counter() - started,
+    report = {"run_name": config.run_name, "seeds": list(per_seed), "domains": domains,
+              "eval_sets": (sets or eval_sets(config)).describe(), "summary": aggregate(runs, domains),
+              "claims": claims(runs, domains), "per_seed": per_seed, "wall_s": wall_s,
               "config": config.model_dump(mode="json")}
     with tempfile.TemporaryDirectory(prefix="btx-compare-") as tmp:
         files = write_report(report, Path(tmp))

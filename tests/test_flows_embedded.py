@@ -188,6 +188,36 @@ def test_retrying_a_failed_parent_run_reruns_only_the_failed_branch(api, first_r
     assert cached == {"seed", *(f"expert[{d}]" for d in done)}, [(r.name, r.state.name) for r in runs]
 
 
+def test_compare_flow_runs_a_task_per_seed_and_publishes_the_table(first_run):
+    """`btx-compare` on the finished pipeline's store: the shared seed and seed 0's BTX are
+    reused, the baselines train, each seed is a task, the table and claims are an artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from btx_core import layout
+    from btx_core.stages import open_store
+    from flows.compare import compare_flow
+
+    cfg = first_run[0]
+    cfg = cfg.model_copy(update={"compare": cfg.compare.model_copy(update={"seeds": [0, 1]})})
+    state = compare_flow(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    location = state.result()
+    assert location == layout.compare_results(cfg) and open_store(cfg).is_complete(location)
+    report = json.loads((Path(location) / "results.json").read_text())
+    assert report["seeds"] == [0, 1] and {"btx", "upcycle-flops", "dense-tokens", "btm-top1"} <= set(report["summary"])
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[state.state_details.flow_run_id])))
+    # Named tasks keep their names; the others are "<task>-<n>".
+    names = {r.name if r.name.startswith("compare[") else r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    assert names == {"seed": "Completed", "compare[seed 0]": "Completed", "compare[seed 1]": "Completed",
+                     "compare-report": "Completed"}, names
+    artifact = latest_artifacts(["ci-compare"])["ci-compare"]
+    assert "| Model | math | code | knowledge | Average | Mixed-domain |" in artifact.data
+    assert "expert math beats the seed on math" in artifact.data and location in artifact.data
+
+
 def test_btx_run_command_runs_the_whole_pipeline(tmp_path):
     """The README's main job, as a user types it: no server, embedded Prefect."""
     raw = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
