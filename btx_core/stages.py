@@ -21,7 +21,7 @@ import fsspec
 from btx_core import layout
 from btx_core.arch import COMPANION_FILES
 from btx_core.compute import flops_per_token
-from btx_core.config import BTXConfig, TrainSettings, stable_hash
+from btx_core.config import BTXConfig, TrainSettings, TransferSettings, stable_hash
 from btx_core.data.cache import SPLIT_SALT, content_id, ensure_prepared, tokenizer_id
 from btx_core.data.packing import TokenizedSplits, split_documents
 from btx_core.data.sources import load_documents
@@ -118,13 +118,15 @@ class TrainingRun:
 def open_store(config: BTXConfig) -> Store:
     """The run's store; with the config's `store_transfer` if it sets one, else `Store.transfer`."""
     store = Store(config.store)
-    if "store_transfer" not in config.model_fields_set:
-        return store
-    t = config.store_transfer
-    store.transfer = TransferPolicy(files_at_once=t.files_at_once, connections=t.connections,
-                                    part_size=t.part_size_mib << 20, attempts=t.attempts,
-                                    first_wait_s=t.first_wait_s, max_wait_s=t.max_wait_s)
+    if "store_transfer" in config.model_fields_set:
+        store.transfer = transfer_policy(config.store_transfer)
     return store
+
+
+def transfer_policy(t: TransferSettings) -> TransferPolicy:
+    return TransferPolicy(files_at_once=t.files_at_once, connections=t.connections,
+                          part_size=t.part_size_mib << 20, attempts=t.attempts,
+                          first_wait_s=t.first_wait_s, max_wait_s=t.max_wait_s)
 
 
 def cache_dir(config: BTXConfig) -> Path:

@@ -497,13 +497,10 @@ def test_store_transfer_in_the_config_sets_the_policy_and_defaults_match(tmp_pat
     import yaml
 
     from btx_core.config import BTXConfig, TransferSettings
-    from btx_core.stages import open_store
+    from btx_core.stages import open_store, transfer_policy
     from btx_core.transfer import TransferPolicy
 
-    d = TransferSettings()
-    assert TransferPolicy(files_at_once=d.files_at_once, connections=d.connections,
-                          part_size=d.part_size_mib << 20, attempts=d.attempts,
-                          first_wait_s=d.first_wait_s, max_wait_s=d.max_wait_s) == TransferPolicy()
+    assert transfer_policy(TransferSettings()) == TransferPolicy()
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())
     raw["store"] = str(tmp_path / "store")
     assert open_store(BTXConfig.model_validate(raw)).transfer is Store.transfer  # unset: the default
