@@ -236,14 +236,21 @@ def finish_compare(config: BTXConfig, per_seed: dict[int, dict], *, wall_s: floa
     return report
 
 
+def tables_markdown(report: dict) -> list[str]:
+    """The report's title, loss tables and claims, as markdown sections (results.md's head, and
+    the `btx-compare` flow's artifact)."""
+    domains, seeds = report["domains"], report["seeds"]
+    return [f"# {report['run_name']}: BTX vs baselines, seeds {', '.join(map(str, seeds))}\n",
+            markdown_table(report["summary"], domains, seeds),
+            "## Mixed-domain blocks, by the domain of each segment\n", mixed_table(report["summary"], domains),
+            "## The paper's claims, seed by seed\n", claims_markdown(report["claims"])]
+
+
 def write_report(report: dict, directory: Path) -> list[Path]:
     domains, seeds = report["domains"], report["seeds"]
     files = [directory / "results.json"]
     files[0].write_text(json.dumps(report, indent=1, sort_keys=False, default=float))
-    table = markdown_table(report["summary"], domains, seeds)
-    md = [f"# {report['run_name']}: BTX vs baselines\n", table,
-          "## Mixed-domain blocks, by the domain of each segment\n", mixed_table(report["summary"], domains),
-          "## The paper's claims, seed by seed\n", claims_markdown(report["claims"]), "## Routing\n"]
+    md = [*tables_markdown(report), "## Routing\n"]
     first = report["per_seed"][seeds[0]]
     for name, routing in first["routing"].items():
         for kind in ("single", "mixed"):

@@ -32,17 +32,10 @@ def compare_report_task(config: BTXConfig, per_seed: dict[int, dict], wall_s: fl
     """Tables, claims and heatmaps into the store; the tables and claims as an artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    from btx_core.compare import finish_compare
-    from btx_core.results import claims_markdown, markdown_table, mixed_table
+    from btx_core.compare import finish_compare, tables_markdown
 
     report = finish_compare(config, per_seed, wall_s=wall_s)
-    seeds = report["seeds"]
-    markdown = "\n".join([
-        f"# {config.run_name}: BTX vs its baselines, seeds {', '.join(map(str, seeds))}\n",
-        markdown_table(report["summary"], report["domains"], seeds),
-        "## Mixed-domain blocks, by the domain of each segment\n", mixed_table(report["summary"], report["domains"]),
-        "## The paper's claims, seed by seed\n", claims_markdown(report["claims"]),
-        f"Heatmaps, CSVs and results.json: `{report['location']}`"])
+    markdown = "\n".join([*tables_markdown(report), f"Heatmaps, CSVs and results.json: `{report['location']}`"])
     create_markdown_artifact(markdown, key=artifact_key(config.run_name, "compare"),
                              description="btx compare: held-out loss per domain, compute-matched baselines")
     return report["location"]
