@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from btx_core.tokenizer import train_tokenizer
+from btx_core.model.tokenizer import train_tokenizer
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "families"
 VOCAB = 32000

@@ -82,7 +82,7 @@ def btx_command(rev: str | None) -> tuple[list[str], dict | None, Path]:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "btx_core"], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
-    code = "import sys; sys.argv[0] = 'btx'; from btx_core.cli import main; main()"
+    code = "import sys; sys.argv[0] = 'btx'; from btx_core.cli.main import main; main()"
     return [str(REPO / ".venv/bin/python"), "-P", "-c", code], env, root  # -P: not the cwd's btx_core
 
 

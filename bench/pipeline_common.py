@@ -26,7 +26,7 @@ def quiet() -> None:
 
 
 def load(raw: dict, work: Path, store: str):
-    from btx_core.validation import parse_config
+    from btx_core.config.load import parse_config
 
     raw = {**raw, "store": str(work / store), "cache_dir": str(work / "cache")}
     return parse_config(raw)

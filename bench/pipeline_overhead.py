@@ -20,15 +20,17 @@ import json
 import tempfile
 from pathlib import Path
 
-from flows.tasks import cores
 from pipeline_common import ci_raw, fresh_store, load, machine, median, quiet, timed
+
+from flows.tasks import cores
 
 
 def direct(cfg) -> None:
     import torch
 
-    from btx_core.mix_stage import mix_stage
-    from btx_core.stages import build_seed, train_expert
+    from btx_core.stages.expert import train_expert
+    from btx_core.stages.mix import mix_stage
+    from btx_core.stages.seed import build_seed
 
     torch.set_num_threads(cores())  # what the flow's seed task sets; experts get the same here
     seed = build_seed(cfg)

@@ -6,7 +6,7 @@ Starts a moto S3 server (its own process) on 127.0.0.1, writes `--files` checkpo
 of `--mb` MB random bytes, and times, in alternating order within each round:
 
 - single: s3fs with default settings, one file at a time (`fs.put_file`, then `fs.get_file`);
-- store: what `Store.write_dir` and `Store.fetch` move files with (`btx_core.transfer`'s
+- store: what `Store.write_dir` and `Store.fetch` move files with (`btx_core.store.transfer`'s
   `put_files`/`get_files` with the `Store.transfer` defaults: several files at once, each file
   of two parts or more in parallel parts: multipart upload, ranged download);
 - store+hash: `Store.write_dir` and `Store.fetch` themselves (also sha256 of every file, the size
@@ -76,8 +76,8 @@ def main() -> None:
     import boto3
     import fsspec
 
-    from btx_core.store import Store
-    from btx_core.transfer import get_files, put_files
+    from btx_core.store.core import Store
+    from btx_core.store.transfer import get_files, put_files
 
     load = os.getloadavg()[0]
     server = start_moto(port)

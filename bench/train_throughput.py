@@ -23,8 +23,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from btx_core.config import TrainSettings
-from btx_core.train import train
+from btx_core.config.schema import TrainSettings
+from btx_core.training.loop import train
 
 
 def demo_shaped_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -10,7 +10,7 @@ import time
 
 from prefect import flow, get_run_logger, task
 
-from btx_core.config import BTXConfig
+from btx_core.config.schema import BTXConfig
 from flows.progress import artifact_key, forward_library_logs, run_name
 from flows.tasks import STAGE_TASK, cores, seed_task, torch_threads
 
@@ -19,7 +19,7 @@ from flows.tasks import STAGE_TASK, cores, seed_task, torch_threads
 def compare_seed_task(config: BTXConfig, seed: int) -> dict:
     """One random seed: experts, MiX, upcycling, the BTX finetune, the four compute-matched
     baselines, and the evaluation of every model (btx_core compare_seed)."""
-    from btx_core.compare import compare_seed
+    from btx_core.stages.compare import compare_seed
 
     logger = get_run_logger()
     with torch_threads(cores()):
@@ -32,7 +32,7 @@ def compare_report_task(config: BTXConfig, per_seed: dict[int, dict], wall_s: fl
     """Tables, claims and heatmaps into the store; the tables and claims as an artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    from btx_core.compare import finish_compare, tables_markdown
+    from btx_core.stages.compare import finish_compare, tables_markdown
 
     report = finish_compare(config, per_seed, wall_s=wall_s)
     markdown = "\n".join([*tables_markdown(report), f"Heatmaps, CSVs and results.json: `{report['location']}`"])
@@ -45,7 +45,7 @@ def compare_report_task(config: BTXConfig, per_seed: dict[int, dict], wall_s: fl
 def compare_flow(config: BTXConfig) -> str:
     """BTX vs the seed, each expert, BTM, sparse upcycling and a dense baseline (compute-matched
     in tokens and in FLOPs) over `compare.seeds`; returns the results' store location."""
-    from btx_core.finetune import settings_of
+    from btx_core.stages.finetune import settings_of
 
     forward_library_logs()
     settings_of(config)  # no `finetune` section: fail before any work

@@ -6,7 +6,7 @@ resumes from the branch's newest checkpoint in the store, and a finished branch 
 manifest and not trained again. Its progress artifact is `<run>-expert-<domain>-progress`.
 
 Several GPUs: when `expert_training.nproc_per_node` gives the branch more than one process, the
-task relaunches it under torchrun (btx_core/launch.py).
+task relaunches it under torchrun (btx_core/stages/branch.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from prefect import flow, task
 from prefect.cache_policies import DEFAULT
 from prefect.tasks import exponential_backoff
 
-from btx_core import layout
-from btx_core.config import BTXConfig
+from btx_core.config.schema import BTXConfig
 from btx_core.errors import BTXError
-from btx_core.launch import processes_for, train_expert_torchrun
+from btx_core.stages.branch import processes_for, train_expert_torchrun
+from btx_core.store import layout
 from flows.progress import ProgressCallback, StageProgress, artifact_key, forward_library_logs, run_name
 from flows.tasks import RETRY_JITTER, STAGE_TASK, _report, _transient, expert_task_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from btx_core.config import BTXConfig
+from btx_core.config.schema import BTXConfig
 from flows.progress import forward_library_logs, run_name
 from flows.tasks import finetune_task
 

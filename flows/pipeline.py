@@ -15,15 +15,15 @@ from prefect import flow, task
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from btx_core import layout
-from btx_core.config import BTXConfig
+from btx_core.config.schema import BTXConfig
 from btx_core.errors import BTXError, IncompleteOutputError
-from btx_core.stages import expert_config_hash, open_store
+from btx_core.stages.common import open_store
+from btx_core.stages.expert import expert_config_hash
+from btx_core.store import layout
 from flows.local import branch_processes
 from flows.progress import forward_library_logs, run_name
 from flows.remote import run_child
-from flows.tasks import (cores, evaluate_task, expert_task_for, finetune_task, mix_task, report_task,
-                         seed_task)
+from flows.tasks import cores, evaluate_task, expert_task_for, finetune_task, mix_task, report_task, seed_task
 
 
 class BranchesFailed(BTXError):

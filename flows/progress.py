@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from btx_core.train import Progress
+from btx_core.training.loop import Progress
 
 ProgressCallback = Callable[[Progress], None]
 DisplayFactory = Callable[[str], ProgressCallback]

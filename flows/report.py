@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from btx_core import layout
-from btx_core.config import BTXConfig, scheme
+from btx_core.config.schema import BTXConfig, scheme
 from btx_core.errors import IncompleteOutputError
-from btx_core.store import Manifest, Store
-from btx_core.stages import open_store
+from btx_core.stages.common import open_store
+from btx_core.store import layout
+from btx_core.store.core import Manifest, Store
 from flows.plots import loss_curves_png, routing_heatmap_png
 from flows.progress import artifact_key
 
@@ -95,7 +95,7 @@ def evaluation_rows(config: BTXConfig, records: list[StageRecord], results: dict
 
 
 def compute_rows(records: list[StageRecord]) -> list[dict]:
-    """What each complete stage cost, from its manifest's metrics (FLOPs: btx_core.compute)."""
+    """What each complete stage cost, from its manifest's metrics (FLOPs: btx_core.training.compute)."""
     return [{"stage": r.name, "steps": r.metrics.get("steps"), "tokens": r.metrics.get("tokens"),
              "train_flops": _number(r.metrics.get("train_flops"), 0),
              "wall_s": _number(r.metrics.get("wall_s"), 2), "tokens_per_s": _number(r.metrics.get("tokens_per_s"), 1)}

@@ -16,9 +16,9 @@ from prefect import task
 from prefect.cache_policies import DEFAULT
 from prefect.tasks import exponential_backoff
 
-from btx_core import stages
-from btx_core.config import BTXConfig
+from btx_core.config.schema import BTXConfig
 from btx_core.errors import CheckpointMismatchError, ConfigError
+from btx_core.stages import common as stages
 from flows.progress import StageProgress, artifact_key, forward_library_logs
 
 STAGE_TASK = dict(persist_result=True, result_serializer="json")
@@ -74,7 +74,7 @@ def _transient(task, task_run, state) -> bool:
 def expert_task(config: BTXConfig, domain: str, seed_location: str, threads: int | None = None) -> str:
     """Branch the seed and train one domain expert, resuming from its newest checkpoint
     (btx_core train_expert); `threads`: its share of the cores when branches share a machine."""
-    from btx_core.launch import train_expert_branch
+    from btx_core.stages.branch import train_expert_branch
     from flows.expert import with_fault_hook
 
     forward_library_logs()  # in a branch's own process too
@@ -96,7 +96,7 @@ def expert_task_for(config: BTXConfig):
 @task(name="mix", **STAGE_TASK)
 def mix_task(config: BTXConfig) -> str:
     """MiX: the experts (and the seed as a generalist) -> one Mixtral in the store (btx_core mix_stage)."""
-    from btx_core.mix_stage import mix_stage
+    from btx_core.stages.mix import mix_stage
 
     progress = StageProgress(artifact_key(config.run_name, "mix", "progress"), "mix")
     with torch_threads(cores()):
@@ -107,7 +107,7 @@ def mix_task(config: BTXConfig) -> str:
 def finetune_task(config: BTXConfig) -> str:
     """MoE-finetune the mixed model on the mixture of all domains plus the general corpus,
     resuming from its newest checkpoint (btx_core finetune)."""
-    from btx_core.finetune import finetune
+    from btx_core.stages.finetune import finetune
 
     progress = StageProgress(artifact_key(config.run_name, "finetune", "progress"), "finetune")
     with torch_threads(config.finetune.training.threads or cores()):
@@ -118,7 +118,7 @@ def finetune_task(config: BTXConfig) -> str:
 def evaluate_task(config: BTXConfig) -> str:
     """Held-out loss of the seed, experts, BTM, MiX and BTX per domain and on mixed-domain text,
     and BTX's routing (btx_core evaluate_run)."""
-    from btx_core.compare import evaluate_run
+    from btx_core.stages.evaluate import evaluate_run
 
     progress = StageProgress(artifact_key(config.run_name, "evaluate", "progress"), "evaluate")
     with torch_threads(cores()):

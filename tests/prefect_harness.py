@@ -519,7 +519,7 @@ def distributed_config(cluster: Cluster) -> dict[str, Any]:
     the store in S3, quick retries."""
     import yaml
 
-    from btx_core.config import BTXConfig
+    from btx_core.config.schema import BTXConfig
 
     config = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
     config.update(

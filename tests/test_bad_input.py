@@ -2,7 +2,7 @@
 with a non-zero exit, one clear message that names the field or file and says how to fix it, no
 Python traceback, and a store (directory or bucket) exactly as it was.
 
-The commands run in this process through `btx_core.cli.main` (the console script itself, with its
+The commands run in this process through `btx_core.cli.main.main` (the console script itself, with its
 error handling), so the whole table takes seconds; `test_one_case_through_a_real_process` runs one
 case as a subprocess to show that the in-process runner sees what a terminal shows.
 """
@@ -111,8 +111,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     import torch
     from transformers import GPT2Config
 
-    from btx_core.store import Store
-    from btx_core.tokenizer import train_tokenizer
+    from btx_core.model.tokenizer import train_tokenizer
+    from btx_core.store.core import Store
     from tests.test_mix import branch, llama, mistral, save
 
     root = tmp_path_factory.mktemp("models")
@@ -153,9 +153,9 @@ def _models(world: World) -> dict[str, Path]:
 
 def stored_seed(world: World) -> None:
     """The store holds a complete seed for the config's run (nothing else)."""
-    from btx_core import layout
-    from btx_core.store import Store
-    from btx_core.validation import parse_config
+    from btx_core.config.load import parse_config
+    from btx_core.store import layout
+    from btx_core.store.core import Store
 
     config = parse_config(world.raw)
     Store(config.store).write_dir(_models(world)["seed"], layout.seed_model(config), stage="seed",
@@ -398,7 +398,7 @@ def _stream_handlers() -> list[logging.StreamHandler]:
 def run_btx(argv: list[str], capsys) -> tuple[int | str, str]:
     """`btx ARGV` through the console script's entry point; (exit status, everything shown:
     stdout, stderr, and every log record a terminal would print)."""
-    from btx_core import cli
+    from btx_core.cli import main as cli
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)  # the root handler `btx` itself installs on a terminal

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from btx_core.config import BTXConfig
-from btx_core.validation import load_config
+from btx_core.config.load import load_config
+from btx_core.config.schema import BTXConfig
 from btx_core.errors import ConfigError
 
 pytestmark = pytest.mark.unit

@@ -14,14 +14,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from btx_core.config import DataSource
-from btx_core.data.builtin import (EXCLUDED_DIRS, builtin_documents, cap_documents, clean_html,
-                                   interleave_by_bytes, stdlib_files)
-from btx_core.data.packing import (SPLITS_FILE, TokenizedSplits, data_cache_key, pack,
-                                   prepare_domain_data, split_documents, token_stream)
+from btx_core.config.schema import DataSource
+from btx_core.data.builtin.corpora import (
+    EXCLUDED_DIRS,
+    builtin_documents,
+    cap_documents,
+    clean_html,
+    interleave_by_bytes,
+    stdlib_files,
+)
+from btx_core.data.packing import (
+    SPLITS_FILE,
+    TokenizedSplits,
+    data_cache_key,
+    pack,
+    prepare_domain_data,
+    split_documents,
+    token_stream,
+)
 from btx_core.data.sources import load_documents
 from btx_core.errors import DataError
-from btx_core.tokenizer import train_tokenizer
+from btx_core.model.tokenizer import train_tokenizer
 
 unit = pytest.mark.unit  # every test here but the S3 one, which runs a server
 

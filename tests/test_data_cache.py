@@ -5,7 +5,7 @@ import json
 import pytest
 
 from btx_core.data.cache import content_id, tokenizer_id
-from btx_core.store import Store
+from btx_core.store.core import Store
 
 pytestmark = pytest.mark.unit
 

@@ -12,18 +12,20 @@ import torch
 from safetensors import safe_open
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from btx_core import layout
-from btx_core.compare import compare, evaluate_location, evaluate_run
-from btx_core.errors import BTXError
-from btx_core.evaluate import btm_logprobs, build_eval_sets
-from btx_core.finetune import build_mixture, finetune, mixture_weights
-from btx_core.mix_stage import mix_stage
-from btx_core.moe_routing import aux_loss_coefficient, paper_load_balancing_loss
-from btx_core.stages import build_seed, open_store, train_expert
 from btx_core.data.packing import SplitStats, TokenizedSplits
+from btx_core.errors import BTXError
+from btx_core.evaluation.scores import btm_logprobs, build_eval_sets
+from btx_core.moe.routing import aux_loss_coefficient, paper_load_balancing_loss
+from btx_core.stages.common import open_store
+from btx_core.stages.compare import compare
+from btx_core.stages.evaluate import evaluate_location, evaluate_run
+from btx_core.stages.expert import train_expert
+from btx_core.stages.finetune import build_mixture, finetune
+from btx_core.stages.mix import mix_stage
+from btx_core.stages.seed import build_seed
+from btx_core.store import layout
 from tests.test_cli_e2e import btx
 from tests.test_mix_stage import ci_config
-
 
 # --- the load-balancing loss -----------------------------------------------------------------------
 

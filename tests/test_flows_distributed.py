@@ -119,10 +119,9 @@ def test_failed_branch_retried_and_resumed_from_its_checkpoint(completed: Pipeli
 @pytest.mark.integration
 def test_store_records_the_resume(completed: PipelineRun) -> None:
     """The finished expert's manifest in S3 says the same as the API: trained on from a checkpoint."""
-    from btx_core import layout
-    from btx_core.config import BTXConfig
-    from btx_core.store import Store
-
+    from btx_core.config.schema import BTXConfig
+    from btx_core.store import layout
+    from btx_core.store.core import Store
     from tests.prefect_harness import S3_KEY_ID, S3_SECRET
 
     run = completed

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from btx_core.manifest import Manifest
+from btx_core.store.manifest import Manifest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[1]
@@ -22,7 +22,7 @@ DOMAINS = ("math", "code", "knowledge")
 
 
 def config(tmp: Path, store: Path, **orchestration):
-    from btx_core.validation import parse_config
+    from btx_core.config.load import parse_config
 
     raw = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
     raw.update(store=str(store), cache_dir=str(tmp / "cache"),
@@ -194,8 +194,8 @@ def test_compare_flow_runs_a_task_per_seed_and_publishes_the_table(first_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from btx_core import layout
-    from btx_core.stages import open_store
+    from btx_core.stages.common import open_store
+    from btx_core.store import layout
     from flows.compare import compare_flow
 
     cfg = first_run[0]

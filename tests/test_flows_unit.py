@@ -2,13 +2,13 @@
 
 import base64
 import io
+from pathlib import Path
 
 import pytest
 import yaml
-from pathlib import Path
 
+from btx_core.config.load import parse_config
 from btx_core.errors import ConfigError
-from btx_core.validation import parse_config
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parents[1]
@@ -52,7 +52,7 @@ def test_orchestration_defaults_and_checks():
 
 
 def test_orchestration_does_not_change_what_a_stage_computes():
-    from btx_core.stages import expert_config_hash
+    from btx_core.stages.expert import expert_config_hash
 
     raw = ci_raw()
     base = parse_config(raw)
@@ -94,9 +94,15 @@ def test_loss_curves_need_data():
 
 
 def test_report_tables_from_manifests(tmp_path):
-    from btx_core.manifest import Manifest
-    from flows.report import (StageRecord, checkpoints_markdown, compute_rows, evaluation_rows,
-                              routing_markdown, stage_locations)
+    from btx_core.store.manifest import Manifest
+    from flows.report import (
+        StageRecord,
+        checkpoints_markdown,
+        compute_rows,
+        evaluation_rows,
+        routing_markdown,
+        stage_locations,
+    )
 
     raw = ci_raw()
     raw["store"] = str(tmp_path / "store")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from btx_core.config import TrainSettings
-from btx_core.train import train
+from btx_core.config.schema import TrainSettings
+from btx_core.training.loop import train
 from tests.test_train import DirSink, blocks, pico_llama
 
 pytestmark = [pytest.mark.gpu,

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import pytest
 
-from btx_core.data.mathgen import FAMILIES, math_documents, math_problems
+from btx_core.data.builtin.mathgen import FAMILIES, math_documents, math_problems
 
 pytestmark = pytest.mark.unit
 

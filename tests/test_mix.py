@@ -9,13 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, MixtralForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralForCausalLM,
+)
 
-from btx_core.mix import Expert, MixInputError, MixOptions, mix
-from btx_core.moe_edit import drop_expert
-from btx_core.routing import RoutingSamples, mean_entropy
-from btx_core.tensor_io import CheckpointReader
+from btx_core.model.tensor_io import CheckpointReader
+from btx_core.moe.edit import drop_expert
+from btx_core.moe.mix import Expert, MixInputError, MixOptions, mix
+from btx_core.moe.router_init import RoutingSamples, mean_entropy
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parents[1]
@@ -263,7 +269,7 @@ MEMORY_PROBE = textwrap.dedent("""
     import json, sys, threading, time
     from pathlib import Path
     import torch
-    from btx_core.mix import Expert, MixOptions, mix
+    from btx_core.moe.mix import Expert, MixOptions, mix
 
     def anon():
         for line in open("/proc/self/status"):

@@ -9,13 +9,15 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from btx_core import layout
+from btx_core.config.load import parse_config
 from btx_core.errors import BTXError, IntegrityError
-from btx_core.mix import MixOptions, experts_from_dirs
-from btx_core.mix_local import mix_dirs, samples_from_paths
-from btx_core.mix_stage import mix_stage
-from btx_core.stages import build_seed, open_store, train_expert
-from btx_core.validation import parse_config
+from btx_core.moe.mix import MixOptions, experts_from_dirs
+from btx_core.stages.common import open_store
+from btx_core.stages.expert import train_expert
+from btx_core.stages.mix import mix_stage
+from btx_core.stages.mix_dirs import mix_dirs, samples_from_paths
+from btx_core.stages.seed import build_seed
+from btx_core.store import layout
 from tests.test_cli_e2e import btx
 
 pytestmark = pytest.mark.integration

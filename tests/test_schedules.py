@@ -40,12 +40,17 @@ def test_deploying_creates_the_cron_schedule(btx_deployed: Deployed) -> None:
 
 
 def test_scheduled_runs_receive_the_schedule_parameters(btx_deployed: Deployed) -> None:
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
-                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.flows import load_flow_from_entrypoint
 
-    from btx_core.config import BTXConfig
+    from btx_core.config.schema import BTXConfig
 
     declared = _declared_schedule()
     deployment = _pipeline_deployment(btx_deployed)

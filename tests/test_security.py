@@ -150,7 +150,7 @@ from tests.test_mix_stage import trained  # noqa: E402,F401  (a store with a see
 def test_every_stored_artefact_loads_with_safetensors_and_json_only(trained):
     """Seed (tokenizer, model, checkpoints), experts (models, checkpoints), tokenized data, the
     MiX and the upcycled MoE: every file the pipeline put in the store."""
-    from btx_core.mix_stage import mix_stage
+    from btx_core.stages.mix import mix_stage
 
     work, config = trained
     mix_stage(config)
@@ -206,7 +206,7 @@ def seed_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from btx_core.tokenizer import train_tokenizer
+    from btx_core.model.tokenizer import train_tokenizer
 
     path = tmp_path_factory.mktemp("seed")
     tokenizer = train_tokenizer(["the seed model reads text\n" * 30, "1 + 1 = 2\n" * 30], 300, path)
@@ -219,7 +219,7 @@ def seed_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.unit
 def test_model_loads_do_not_trust_remote_code_by_default(recorded, seed_dir):
-    from btx_core.seed import inspect_model_dir, load_causal_lm, load_tokenizer
+    from btx_core.model.dense import inspect_model_dir, load_causal_lm, load_tokenizer
 
     load_causal_lm(str(seed_dir))
     inspect_model_dir(str(seed_dir))
@@ -235,8 +235,8 @@ def test_model_loads_do_not_trust_remote_code_by_default(recorded, seed_dir):
 def test_the_seed_stage_trusts_remote_code_only_when_the_config_says_so(recorded, seed_dir, tmp_path, turned_on):
     import yaml
 
-    from btx_core.stages import build_seed
-    from btx_core.validation import parse_config
+    from btx_core.config.load import parse_config
+    from btx_core.stages.seed import build_seed
 
     raw = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
     raw.update(store=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"),

@@ -7,16 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
-from btx_core.config import TinyModelSpec
-from btx_core.validation import environment_problems, parse_config
-from btx_core.data.builtin import builtin_documents
+from btx_core.config.load import environment_problems, parse_config
+from btx_core.config.schema import TinyModelSpec
+from btx_core.data.builtin.corpora import builtin_documents
 from btx_core.errors import BTXError, UnsupportedArchitectureError
-from btx_core.seed import create_tiny_llama, load_causal_lm, parameter_breakdown
-from btx_core.stages import build_seed, train_expert
-from btx_core.tokenizer import train_tokenizer
+from btx_core.model.dense import create_tiny_llama, load_causal_lm, parameter_breakdown
+from btx_core.model.tokenizer import train_tokenizer
+from btx_core.stages.expert import train_expert
+from btx_core.stages.seed import build_seed
 
 
 @pytest.fixture(scope="module")

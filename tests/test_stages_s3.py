@@ -11,10 +11,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from btx_core import layout
-from btx_core.validation import parse_config
+from btx_core.config.load import parse_config
 from btx_core.errors import BTXError
-from btx_core.stages import build_seed, open_store, train_expert
+from btx_core.stages.common import open_store
+from btx_core.stages.expert import train_expert
+from btx_core.stages.seed import build_seed
+from btx_core.store import layout
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[1]
@@ -81,8 +83,8 @@ def test_seed_from_a_plain_hf_directory_in_s3(s3_root, tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from btx_core.data.builtin import builtin_documents
-    from btx_core.tokenizer import train_tokenizer
+    from btx_core.data.builtin.corpora import builtin_documents
+    from btx_core.model.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(builtin_documents("general", max_bytes=200_000), 400, tmp_path / "tok")
     torch.manual_seed(0)

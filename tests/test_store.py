@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-import btx_core.store as store_module
+import btx_core.store.core as store_module
 from btx_core.errors import IncompleteOutputError, IntegrityError, StoreError
-from btx_core.store import MANIFEST, Manifest, Store, checkpoint_location
+from btx_core.store.core import MANIFEST, Manifest, Store, checkpoint_location
 
 FILES = {
     "config.json": b'{"hidden_size": 32}',
@@ -496,9 +496,9 @@ def test_unreachable_endpoint_is_a_store_error(tmp_path, monkeypatch):
 def test_store_transfer_in_the_config_sets_the_policy_and_defaults_match(tmp_path):
     import yaml
 
-    from btx_core.config import BTXConfig, TransferSettings
-    from btx_core.stages import open_store, transfer_policy
-    from btx_core.transfer import TransferPolicy
+    from btx_core.config.schema import BTXConfig, TransferSettings
+    from btx_core.stages.common import open_store, transfer_policy
+    from btx_core.store.transfer import TransferPolicy
 
     assert transfer_policy(TransferSettings()) == TransferPolicy()
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from btx_core import tensor_io
-from btx_core.tensor_io import CheckpointReader, ShardedWriter, TensorMeta
+from btx_core.model import tensor_io
+from btx_core.model.tensor_io import CheckpointReader, ShardedWriter, TensorMeta
 
 pytestmark = pytest.mark.unit
 

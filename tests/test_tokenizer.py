@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from btx_core.data.builtin import builtin_documents
-from btx_core.tokenizer import EOS_TOKEN, PAD_TOKEN, train_tokenizer
+from btx_core.data.builtin.corpora import builtin_documents
+from btx_core.model.tokenizer import EOS_TOKEN, PAD_TOKEN, train_tokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from btx_core.config import TrainSettings
-from btx_core.train import Dist, batch_indices, evaluate_loss, train
+from btx_core.config.schema import TrainSettings
+from btx_core.training.loop import Dist, batch_indices, evaluate_loss, train
 
 SETTINGS = TrainSettings(steps=8, lr=3e-3, warmup_steps=2, seq_len=16, batch_size=4, grad_accum=2,
                          precision="fp32", device="cpu", checkpoint_every=3, log_every=1, seed=7)
@@ -123,7 +123,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_train import pico_llama, blocks, SETTINGS, DirSink
-from btx_core.train import train
+from btx_core.training.loop import train
 torch.set_num_threads(1)
 world = int(os.environ.get("WORLD_SIZE", "1"))
 if {mode!r}:  # nproc_per_node: batch_size is the global micro-batch, split by train() itself
@@ -238,7 +238,7 @@ def test_fsdp_on_gloo_matches_one_process_resumes_and_moves_between_process_coun
 def test_nproc_per_node_splits_the_global_batch_and_is_not_hashed():
     split = SETTINGS.model_copy(update={"nproc_per_node": 2})
     two = [Dist(rank=r, world_size=2) for r in (0, 1)]
-    from btx_core.train import per_process
+    from btx_core.training.loop import per_process
 
     assert [per_process(split, r).batch_size for r in two] == [2, 2]
     assert per_process(SETTINGS, two[0]).batch_size == 4         # a torchrun of your own: per process
@@ -257,8 +257,8 @@ def seeded_store(tmp_path_factory):
     """A config factory over stores that hold the CI seed (built once, copied per store)."""
     import yaml
 
-    from btx_core.stages import build_seed
-    from btx_core.validation import parse_config
+    from btx_core.config.load import parse_config
+    from btx_core.stages.seed import build_seed
 
     work = tmp_path_factory.mktemp("branch")
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())
@@ -283,8 +283,8 @@ def seeded_store(tmp_path_factory):
 def test_branch_relaunches_itself_under_torchrun_with_the_one_process_curve(seeded_store):
     pytest.importorskip("prefect")
     from btx_core.errors import BTXError
-    from btx_core.stages import train_expert
-    from btx_core.launch import processes_for, train_expert_torchrun
+    from btx_core.stages.branch import processes_for, train_expert_torchrun
+    from btx_core.stages.expert import train_expert
 
     one = train_expert(seeded_store("store-one"), "math")
     config = seeded_store("store-two", nproc_per_node=2)

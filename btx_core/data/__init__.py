@@ -1,0 +1,1 @@
+"""Data: sources, the held-out split, tokenization and packing, the prepared-data cache."""

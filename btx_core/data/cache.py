@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from btx_core import layout
-from btx_core.arch import TOKENIZER_FILES
-from btx_core.config import BTXConfig, DataSource, stable_hash
+from btx_core.config.schema import BTXConfig, DataSource, stable_hash
 from btx_core.data.packing import TokenizedSplits, data_cache_key, prepare_domain_data
-from btx_core.seed import load_tokenizer
-from btx_core.store import Manifest, Store
+from btx_core.model.dense import load_tokenizer
+from btx_core.model.families import TOKENIZER_FILES
+from btx_core.store import layout
+from btx_core.store.core import Manifest, Store
 
 # One salt for every stage: a document lands on the same side of the train/held-out split in the
 # seed's general corpus and in its domain, so no domain's held-out text is seen in pretraining.

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from btx_core.config import DataSource, stable_hash
+from btx_core.config.schema import DataSource, stable_hash
 from btx_core.data.sources import load_documents, source_fingerprint
 from btx_core.errors import DataError
 

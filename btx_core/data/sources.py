@@ -23,8 +23,8 @@ from typing import Any
 
 import fsspec
 
-from btx_core.config import DataSource
-from btx_core.data.builtin import builtin_documents, builtin_fingerprint, cap_documents
+from btx_core.config.schema import DataSource
+from btx_core.data.builtin.corpora import builtin_documents, builtin_fingerprint, cap_documents
 from btx_core.errors import DataError
 
 FORMAT_BY_EXTENSION = {".txt": "text", ".text": "text", ".md": "text", ".json": "json",

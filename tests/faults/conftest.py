@@ -32,8 +32,11 @@ class RestartableS3:
         self.up_at: float | None = None
 
     def start(self) -> None:
-        from moto.moto_server.werkzeug_app import (DomainDispatcherApplication,
-                                                    MotoRequestHandler, create_backend_app)
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
         from werkzeug.serving import ThreadedWSGIServer
 
         class Server(ThreadedWSGIServer):

@@ -75,13 +75,13 @@ def _failing_branch_config(run: PipelineRun, store: str) -> dict:
 @pytest.mark.integration
 def test_s3_errors_never_echo_a_secret(btx_pipeline_run: PipelineRun, s3_endpoint: str,
                                        s3_auth_enforced: None) -> None:
-    """A missing bucket and refused credentials, raised by btx_core.store.Store in this process
+    """A missing bucket and refused credentials, raised by btx_core.store.core.Store in this process
     and inside branches run by the workers: each error names the fix, and neither the exception
     (its whole chain), nor the flow run's state, logs or worker log holds a credential."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from btx_core.errors import StoreError
-    from btx_core.store import Store
+    from btx_core.store.core import Store
 
     cluster = btx_pipeline_run.deployed.cluster
     missing = f"s3://btx-missing-{secrets.token_hex(4)}/pipelines"

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from btx_core.store import Store
+from btx_core.store.core import Store
 from tests.test_cli_e2e import BTX, btx, seeded, write_config  # noqa: F401 - `seeded` is a fixture
 
 # The kill points are random but reproducible; BTX_FAULT_SEED draws others.
@@ -152,7 +152,7 @@ def _branch_config(run) -> dict:
     branch is long enough to be killed twice."""
     import copy
 
-    from btx_core.config import BTXConfig
+    from btx_core.config.schema import BTXConfig
     from tests.prefect_harness import REPO
 
     config = copy.deepcopy(run.config)
@@ -175,8 +175,8 @@ class _Branch:
     """One `train-expert/btx-faults` flow run, watched through the API and the store."""
 
     def __init__(self, cluster, config: dict, flow_run_id):
-        from btx_core import layout
-        from btx_core.config import BTXConfig
+        from btx_core.config.schema import BTXConfig
+        from btx_core.store import layout
         from tests.prefect_harness import S3_KEY_ID, S3_SECRET
 
         self.cluster, self.id = cluster, flow_run_id

@@ -21,12 +21,14 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 from s3fs import S3FileSystem
 
-from btx_core import layout
 from btx_core.errors import IntegrityError, StoreError
-from btx_core.mix_stage import mix_stage
-from btx_core.stages import build_seed, open_store, train_expert
-from btx_core.store import Store, checkpoint_location
-from btx_core.transfer import RetriesExhausted, TransferPolicy, retrying
+from btx_core.stages.common import open_store
+from btx_core.stages.expert import train_expert
+from btx_core.stages.mix import mix_stage
+from btx_core.stages.seed import build_seed
+from btx_core.store import layout
+from btx_core.store.core import Store, checkpoint_location
+from btx_core.store.transfer import RetriesExhausted, TransferPolicy, retrying
 from tests.test_mix_stage import ci_config as mix_config
 from tests.test_stages_s3 import ci_config
 from tests.test_store import stored_path, write
@@ -73,7 +75,7 @@ def test_checkpoint_upload_rides_out_a_30s_endpoint_outage(restartable_s3, s3_ro
     step8 = checkpoint_location(prefix, 8)
     fired = _outage_during_upload_of(fsspec.filesystem("s3"), "/step-00000008/",
                                      lambda: restartable_s3.outage(OUTAGE_S), monkeypatch)
-    caplog.set_level("WARNING", logger="btx_core.transfer")
+    caplog.set_level("WARNING", logger="btx_core.store.transfer")
     with ThreadPoolExecutor(1) as pool:
         branch = pool.submit(train_expert, config, "math")
         assert fired.wait(120), "the branch never uploaded checkpoint 8"

@@ -1,0 +1,53 @@
+"""The `btx` Typer app and what its commands share: loading a config, reporting a stage's output.
+Commands register on `app` from their own modules (pipeline, mix, after_mix); `main` runs it."""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Branch-Train-MiX: one seed LLM -> N domain experts -> one Mixture-of-Experts LLM.")
+
+ConfigArg = typer.Argument(..., help="Pipeline config (YAML), e.g. configs/demo.yaml")
+
+
+def package_version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source."""
+    try:
+        return version("btx")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"btx {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                               help="Print btx's version and exit")) -> None:
+    """Branch-Train-MiX: one seed LLM -> N domain experts -> one Mixture-of-Experts LLM."""
+
+
+def load(config_path: Path):
+    """The validated config; every problem is reported at once, before any heavy import."""
+    from btx_core.config.load import load_config
+
+    return load_config(config_path)
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
+
+
+def report(title: str, output) -> None:
+    state = "already complete (same config and inputs): nothing to do" if output.skipped else "done"
+    typer.echo(f"{title}: {state}\n  location: {output.location}\n  manifest: {output.manifest.hash[:16]}")
+    for note in output.notes:
+        typer.echo(f"  {note}")

@@ -1,0 +1,67 @@
+"""Terminal progress bars (tqdm) fed by the training loop's progress reports: one bar for a
+single stage's command, a stack of them for `btx run`, whose branches report from their own threads."""
+
+from __future__ import annotations
+
+import threading
+
+import typer
+
+
+class ProgressBar:
+    """A tqdm bar made on the first report (when the total and the resumed step are known)."""
+
+    def __init__(self, description: str, *, position: int | None = None,
+                 lock: threading.Lock | None = None):
+        self.description, self.position, self.lock = description, position, lock
+        self.bar = None
+
+    def __call__(self, p) -> None:
+        if self.lock is None:
+            self._show(p)
+            return
+        with self.lock:  # bars stacked by position redraw each other: one at a time
+            self._show(p)
+
+    def _show(self, p) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.total_steps, initial=p.resumed_from, desc=self.description, unit="step",
+                            position=self.position, dynamic_ncols=True, leave=True)
+            if p.resumed_from:
+                self.bar.write(f"{self.description}: resumed from step {p.resumed_from}")
+        self.bar.update(p.step - self.bar.n)
+        self.bar.set_postfix(loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:,.0f}", eta=f"{p.eta_s:,.0f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.close()
+        if kind is KeyboardInterrupt:  # typer would exit 130 without a word
+            typer.secho("interrupted: run the same command again to resume from the newest "
+                        "checkpoint", err=True, fg="yellow")
+            raise typer.Exit(130)
+
+
+class StageBars:
+    """One bar per training stage of a `btx run`, stacked in the order the stages start."""
+
+    def __init__(self):
+        self.bars: list[ProgressBar] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, label: str) -> ProgressBar:
+        with self.lock:
+            bar = ProgressBar(label, position=len(self.bars), lock=self.lock)
+            self.bars.append(bar)
+        return bar
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()

@@ -1,0 +1,458 @@
+"""The pipeline config: one typed schema for YAML files, the CLI and (later) Prefect parameters.
+
+Defaults follow the BTX paper (arXiv 2403.07816, section 4.1): AdamW, weight decay 0.1,
+100 warm-up steps, cosine decay to 10 % of the peak learning rate. `load_config` validates
+everything before any heavy work and reports every problem at once, each with its fix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from btx_core.config import checks as checks
+from btx_core.config.checks import GENERAL, HELD_OUT_FRACTION
+from btx_core.config.values import (
+    SECRET_KEYS,
+    no_credentials_in_url,
+    parse_bytes,
+    scheme,
+    stable_hash,
+    walk_keys,
+    walk_values,
+)
+from btx_core.errors import ConfigError
+
+__all__ = ["BTXConfig", "CompareSettings", "DataSource", "DomainSpec", "FinetuneSettings", "GENERAL", "MixSettings", "Orchestration", "SeedSpec",
+           "TinyModelSpec", "TrainSettings", "cross_field_problems", "parse_bytes", "scheme", "stable_hash"]
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # a Prefect work pool (and deployment) name
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        problems = cross_field_problems(type(self), self.model_dump())
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class DataSource(StrictModel):
+    """Where a corpus comes from: exactly one of `builtin`, `path` or `hub`."""
+
+    builtin: Literal["code", "math", "knowledge", "general"] | None = None
+    """A corpus shipped with btx (offline): `code` (Python stdlib source), `math` (generated
+    worked problems), `knowledge` (CIA World Factbook prose), `general` (a mixture of the three)."""
+    path: str | None = None
+    """Local path, glob or `s3://` URI of text, json/jsonl or parquet files (a file or a directory)."""
+    hub: str | None = None
+    """A Hugging Face Hub dataset name (needs network access at run time)."""
+    hub_config: str | None = None
+    """The Hub dataset's configuration name, if it has several."""
+    split: str = "train"
+    """Dataset split to read (for `path` and `hub`)."""
+    format: Literal["text", "json", "parquet"] | None = None
+    """File format for `path`; inferred from the file extension when omitted."""
+    text_column: str = "text"
+    """Column holding the documents (json/parquet/hub)."""
+    max_documents: int | None = Field(default=None, gt=0)
+    """Use at most this many documents (the first ones, in source order)."""
+    max_bytes: int | None = Field(default=None, gt=0)
+    """Cap on the bytes of text used (documents that would pass the cap are skipped)."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec storage options for `path` (e.g. `{client_kwargs: {endpoint_url: ...}}`).
+    Credentials are not allowed here: they come from the environment."""
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        found = sorted(k for k in walk_keys(value) if k.lower() in SECRET_KEYS)
+        if found:
+            raise ValueError(f"credentials ({', '.join(found)}) must not be in a config file; "
+                             "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment")
+        for v in walk_values(value):
+            no_credentials_in_url(v)
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _no_secrets_in_path(cls, value: str | None) -> str | None:
+        return no_credentials_in_url(value)
+
+
+class DomainSpec(StrictModel):
+    """One domain: the corpus one expert is trained on."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    """Domain name: lowercase letters, digits, `-` and `_` (it becomes part of store paths)."""
+    data: DataSource
+    """Where the domain's documents come from."""
+    held_out_fraction: float = Field(default=HELD_OUT_FRACTION, gt=0, lt=1)
+    """Fraction of documents kept out of training for evaluation. The split is by a hash of each
+    document, the same in every stage; keep it <= the seed's `held_out_fraction` so that no
+    held-out document of this domain was seen in the seed's pretraining."""
+
+
+class TrainSettings(StrictModel):
+    """One training stage (seed pretraining, expert training). Paper defaults where it has them."""
+
+    steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps to train. Set exactly one of `steps` and `tokens`."""
+    tokens: int | None = Field(default=None, gt=0)
+    """Training-token budget; steps = ceil(tokens / tokens per step)."""
+    lr: float = Field(default=1e-4, gt=0)
+    """Peak learning rate (paper: 1e-4 at 7B; tiny models need more, e.g. 1e-3)."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Cosine decay ends at this fraction of the peak (paper: 10 %)."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Linear warm-up steps (paper: 100)."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """AdamW weight decay (paper: 0.1)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (Llama 2's)."""
+    eps: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the gradient norm to this value; null turns clipping off."""
+    seq_len: int = Field(default=1024, gt=1)
+    """Tokens per training sequence (documents are packed into blocks of this length)."""
+    batch_size: int = Field(default=8, gt=0)
+    """Sequences per micro-batch per process; with `nproc_per_node` other than 1, the global
+    micro-batch, split evenly over the branch's processes."""
+    grad_accum: int = Field(default=1, gt=0)
+    """Micro-batches accumulated per optimizer step."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """`bf16`: bf16 autocast over fp32 weights (CPU with AMX, CUDA); `fp32`: full precision."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA when available."""
+    seed: int = 0
+    """Random seed (model init where created, data order)."""
+    checkpoint_every: int = Field(default=100, gt=0)
+    """Write a resumable checkpoint to the store every this many steps."""
+    keep_checkpoints: int = Field(default=2, gt=0)
+    """Keep the newest this many checkpoints of a run; older ones are deleted."""
+    eval_blocks: int = Field(default=64, gt=0)
+    """Held-out blocks used to measure the held-out loss at the end."""
+    log_every: int = Field(default=10, gt=0)
+    """Report progress every this many steps."""
+    threads: int | None = Field(default=None, gt=0)
+    """CPU threads for torch (default: torch's choice)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    nproc_per_node: int | Literal["auto"] = 1
+    """Processes (one per GPU) an expert branch trains on: above 1, the branch relaunches itself
+    under `torchrun`; `auto`: one per visible CUDA device (on a Kubernetes pool, the job variable
+    `gpu_count`). Other than 1, `batch_size` is the global micro-batch and each process takes
+    `batch_size / N` of it: the global batch and the data order, and so the result, do not
+    depend on how many GPUs a node has (up to float rounding)."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes train one model: `ddp` keeps a whole replica per GPU and averages
+    gradients; `fsdp` shards weights, gradients and optimizer state over the GPUs (PyTorch
+    FSDP2), for models whose training state does not fit one GPU. Same result up to rounding."""
+
+    # Fields that change how a run is observed, stored or scheduled, not what it computes.
+    # nproc_per_node: the global batch stays `batch_size` whatever the number of processes.
+    _not_hashed = ("checkpoint_every", "keep_checkpoints", "log_every", "threads",
+                   "gradient_checkpointing", "nproc_per_node", "distributed")
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _processes(cls, value: Any, info: ValidationInfo) -> Any:
+        if not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
+            raise ValueError(f"{value!r} is not a number of processes: use a whole number >= 1, "
+                             "or `auto` (one per visible CUDA device)")
+        batch = info.data.get("batch_size")  # absent if it failed its own check
+        if isinstance(value, int) and batch and batch % value:
+            raise ValueError(f"batch_size ({batch}) must be divisible by nproc_per_node ({value}): "
+                             "each process takes an equal share of the global micro-batch")
+        return value
+
+    @property
+    def splits_batch(self) -> bool:
+        """Whether `batch_size` is the global micro-batch, split over the processes."""
+        return self.nproc_per_node != 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step in one process (multiply by the world size under a torchrun
+        of your own); with `nproc_per_node` other than 1, the tokens of the whole step."""
+        return self.seq_len * self.batch_size * self.grad_accum
+
+    def global_tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens per optimizer step over all `world_size` processes."""
+        return self.tokens_per_step * (1 if self.splits_batch else world_size)
+
+    def total_steps(self, world_size: int = 1) -> int:
+        if self.steps is not None:
+            return self.steps
+        return math.ceil(self.tokens / self.global_tokens_per_step(world_size))
+
+    def result_hash(self) -> str:
+        """Hash of the fields that change the trained weights."""
+        data = self.model_dump(mode="json", exclude=set(self._not_hashed))
+        return stable_hash(data)
+
+
+class TinyModelSpec(StrictModel):
+    """A small Llama created from scratch (demos, tests). The defaults put ~64 % of the
+    parameters in the FFNs, as in Llama-2 7B: BTX keeps FFNs per expert and averages the rest,
+    so a tiny model dominated by its embeddings would lose what its experts learned."""
+
+    vocab_size: int = Field(default=4096, ge=260)
+    """Byte-level BPE vocabulary trained on the seed's pretraining corpus (>= 256 bytes + specials)."""
+    hidden_size: int = Field(default=256, gt=0)
+    """Model width."""
+    intermediate_size: int = Field(default=1024, gt=0)
+    """FFN width (4x hidden puts most parameters in the FFNs)."""
+    num_layers: int = Field(default=6, gt=0)
+    """Decoder layers."""
+    num_heads: int = Field(default=4, gt=0)
+    """Attention heads."""
+    num_kv_heads: int = Field(default=2, gt=0)
+    """Key/value heads (grouped-query attention when fewer than `num_heads`)."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the LM head."""
+    max_position_embeddings: int = Field(default=2048, gt=0)
+    """Longest sequence the rotary embedding is set up for."""
+    rope_theta: float = Field(default=10000.0, gt=0)
+    """Rotary embedding base."""
+    tokenizer_max_bytes: int = Field(default=8_000_000, gt=0)
+    """Bytes of the pretraining corpus used to train the tokenizer."""
+
+
+class SeedSpec(StrictModel):
+    """The seed LLM: an existing model (`model`) or a tiny one created and pretrained (`create`)."""
+
+    model: str | None = None
+    """A local directory or store URI in Hugging Face layout, or a Hub model id (Llama/Mistral family)."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model. Off: only transformers' own Llama/Mistral code runs."""
+    create: TinyModelSpec | None = None
+    """Create a tiny Llama with this shape and pretrain it on `pretrain_data`."""
+    pretrain_data: DataSource = Field(default_factory=lambda: DataSource(builtin="general"))
+    """Corpus for the tokenizer and pretraining of a created seed."""
+    pretrain: TrainSettings | None = None
+    """Pretraining of a created seed (required with `create`)."""
+    held_out_fraction: float = Field(default=HELD_OUT_FRACTION, gt=0, lt=1)
+    """Held-out fraction of the pretraining corpus."""
+
+
+class MixSettings(StrictModel):
+    """MiX: dense experts -> one Mixtral (BTX section 2.3). Paper defaults: the seed joins as a
+    generalist expert, top-2 routing, load balancing with alpha = 0.01 per layer."""
+
+    include_seed: bool = True
+    """Add the seed as an extra "generalist" expert (the paper mixes 3 domain experts + the seed)."""
+    seed_in_shared_mean: bool = False
+    """Whether the seed's non-FFN tensors join the mean (a pilot found the mean over the domain
+    experts alone slightly better after finetuning)."""
+    shared_policy: Literal["mean", "weighted", "copy"] = "mean"
+    """How non-FFN tensors (attention, embeddings, norms, lm_head) are merged."""
+    weights: dict[str, float] | None = None
+    """`weighted` policy: expert name -> weight (normalised to sum 1)."""
+    copy_from: str | None = None
+    """`copy` policy: the expert whose non-FFN tensors are copied."""
+    router_init: Literal["normal", "zeros", "uniform", "centroid"] = "normal"
+    """New routers: `normal` (std = the model's initializer_range), `zeros` (uniform routing),
+    `uniform` (nn.Linear's default), `centroid` (each expert's mean router input on its domain)."""
+    top_k: int = Field(default=2, ge=1)
+    """Experts per token."""
+    load_balancing_alpha: float = Field(default=0.01, ge=0)
+    """The paper's load-balancing coefficient per layer; the Mixtral config gets
+    alpha x num_layers (transformers averages the loss over layers, the paper sums it)."""
+    sample_blocks: int = Field(default=32, gt=0)
+    """Blocks per domain for the centroid init and the routing report."""
+    shard_size: str = "2GB"
+    """Largest output shard, e.g. `2GB`, `500MB`."""
+
+    @field_validator("shard_size")
+    @classmethod
+    def _byte_size(cls, value: str) -> str:
+        parse_bytes(value)
+        return value
+
+
+class FinetuneSettings(StrictModel):
+    """MoE finetuning (BTX section 2.4): the mixed model trained on the mixture of every domain
+    plus the general corpus, with the LM loss and the load-balancing loss. Sparse upcycling and
+    the dense baseline train on the same mixture with the same settings (their own budgets)."""
+
+    training: TrainSettings
+    """The training run: the same loop, checkpoints and resume as expert training."""
+    mixture: dict[str, float] | None = None
+    """Source -> weight, over the domain names and `general` (the seed's pretraining corpus);
+    normalised to sum 1. Default: uniform over all of them, as in the paper."""
+    routing: Literal["top_k", "soft"] = "top_k"
+    """`top_k`: softmax over the top-k router logits (Mixtral, the paper's default). `soft`: every
+    expert, weighted by the full softmax (k = number of experts). Strategies live in a registry
+    (btx_core/moe/routing.py), where Switch top-1 and sample top-1 would be added."""
+    top_k: int | None = Field(default=None, ge=1)
+    """Experts per token for `top_k` routing; default: `mix.top_k`."""
+    load_balancing: bool = True
+    """Add the load-balancing loss (transformers' Mixtral aux loss) to the LM loss."""
+    load_balancing_alpha: float | None = Field(default=None, ge=0)
+    """The paper's alpha per layer (default: `mix.load_balancing_alpha`, 0.01)."""
+    freeze_experts: bool = False
+    """Train only the routers and the shared (non-FFN) parameters; expert FFNs stay as mixed."""
+
+
+class CompareSettings(StrictModel):
+    """`btx compare`: BTX against its baselines at matched compute (BTX paper, Table 2)."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """Random seeds; each is a full branch-train-mix-finetune plus baselines from the same seed
+    model (expert data order, router init, finetune data order change with it)."""
+    eval_blocks: int = Field(default=64, gt=0)
+    """Held-out blocks per domain in the single-domain evaluation set."""
+    mixed_blocks: int = Field(default=64, gt=0)
+    """Blocks in the mixed-domain set, each spliced from 2-3 domains' held-out text."""
+    btm_top_k: list[int] = Field(default_factory=lambda: [1, 2])
+    """Branch-Train-Merge ensembles to evaluate: top-k experts by domain posterior."""
+    batch_size: int = Field(default=8, gt=0)
+    """Blocks per evaluation forward pass."""
+
+
+class Orchestration(StrictModel):
+    """How Prefect runs the pipeline (`flows/`). Nothing here changes what is computed, so none
+    of it enters a stage's config hash: a run can move between modes and keep its outputs."""
+
+    expert_runner: Literal["local", "deployments"] = "local"
+    """`local`: expert branches run as concurrent tasks in the pipeline flow's process (embedded
+    mode, `btx run`). `deployments`: each branch is a run of the `train-expert/<pool>` deployment
+    on its own work pool, launched with `run_deployment`; the pipeline waits on the store."""
+    expert_pool: str = Field(default="btx-experts", pattern=POOL_PATTERN)
+    """Default work pool of the expert branches (`deployments` mode); the branch runs the
+    deployment `train-expert/<pool>`."""
+    domain_pools: dict[str, str] = Field(default_factory=dict)
+    """Per-domain work pool overrides (domain name -> pool), e.g. one pool per hardware class."""
+    mix_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
+    """Work pool of the MiX stage; null runs it in the pipeline flow's process."""
+    finetune_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
+    """Work pool of the MoE-finetune stage; null runs it in the pipeline flow's process."""
+    retries: int = Field(default=3, ge=0)
+    """Retries of a failed expert branch; each retry resumes from the branch's newest checkpoint."""
+    retry_delay_s: float = Field(default=10.0, ge=0)
+    """Exponential backoff base: retry r waits retry_delay_s x 2^r seconds, +-50 % jitter."""
+    max_parallel_branches: int | None = Field(default=None, gt=0)
+    """`local` mode: expert branches trained at once (default: all). Each gets its share of the
+    CPU cores as torch threads (cores // branches at once), unless `expert_training.threads` is set."""
+
+    @field_validator("domain_pools")
+    @classmethod
+    def _pool_names(cls, pools: dict[str, str]) -> dict[str, str]:
+        bad = sorted(p for p in pools.values() if not re.fullmatch(POOL_PATTERN, p))
+        if bad:
+            raise ValueError(f"work pool name(s) {', '.join(map(repr, bad))} are not valid: use letters, "
+                             "digits, '-', '_' and '.' (the pool names a deployment, `train-expert/<pool>`)")
+        return pools
+
+
+class TransferSettings(StrictModel):
+    """How the store moves files to and from S3 (btx_core/store/transfer.py). Only speed and patience
+    change with it, never what is stored, so it enters no config hash. The defaults equal
+    `TransferPolicy()`; BENCHMARKS.md "S3 transfer" measured them."""
+
+    files_at_once: int = Field(default=4, gt=0)
+    """Files moved concurrently."""
+    connections: int = Field(default=8, gt=0)
+    """Requests in flight in all, shared by the files in flight (a large file's parts)."""
+    part_size_mib: int = Field(default=32, ge=5)
+    """Multipart part and ranged-read size in MiB (S3's minimum part is 5). Memory held is up to
+    max(connections, 2 x files_at_once) parts."""
+    attempts: int = Field(default=8, gt=0)
+    """Tries of each file before a transient error (dropped connection, 5xx, SlowDown) is final."""
+    first_wait_s: float = Field(default=1.0, gt=0)
+    max_wait_s: float = Field(default=30.0, gt=0)
+    """Waits between tries double from `first_wait_s` up to `max_wait_s` (jittered)."""
+
+
+class BTXConfig(StrictModel):
+    """A whole BTX pipeline run."""
+
+    run_name: str = Field(pattern=NAME_PATTERN)
+    """Name of the run; outputs go to `<store>/<run_name>/...`."""
+    store: str = "./store"
+    """Object store root: a local path, `file://...` or `s3://bucket/prefix`. S3 endpoint and
+    credentials come from the environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)."""
+    cache_dir: str = "~/.cache/btx"
+    """Local cache for checkpoints fetched from the store."""
+    store_transfer: TransferSettings = Field(default_factory=TransferSettings)
+    """Concurrency, part size and retries of the store's S3 transfers (no effect on local stores)."""
+    seed: SeedSpec
+    """The seed model."""
+    domains: list[DomainSpec] = Field(min_length=1)
+    """The domains, one expert each."""
+    expert_training: TrainSettings
+    """Continued pretraining of each expert on its domain (Branch + Train)."""
+    mix: MixSettings = Field(default_factory=MixSettings)
+    """How the experts are mixed into one MoE."""
+    finetune: FinetuneSettings | None = None
+    """MoE finetuning of the mixed model; null: the pipeline ends at MiX."""
+    compare: CompareSettings = Field(default_factory=CompareSettings)
+    """`btx compare` and evaluation: seeds, held-out set sizes, BTM variants."""
+    orchestration: Orchestration = Field(default_factory=Orchestration)
+    """How Prefect runs the stages (embedded or on work pools, retries, parallelism)."""
+
+    @field_validator("store")
+    @classmethod
+    def _known_scheme(cls, store: str) -> str:
+        no_credentials_in_url(store)
+        kind = scheme(store)
+        if kind not in ("file", "local", "s3"):
+            raise ValueError(f"unknown scheme '{kind}://' in {store!r}; use a local path, "
+                             "file:///abs/path or s3://bucket/prefix")
+        return store
+
+    @field_validator("domains")
+    @classmethod
+    def _unique_domains(cls, domains: list[DomainSpec]) -> list[DomainSpec]:
+        names = [d.name for d in domains]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate domain name(s) {', '.join(dupes)}: give each domain a unique name")
+        return domains
+
+    @field_validator("orchestration")
+    @classmethod
+    def _pools_of_known_domains(cls, orchestration: Orchestration, info: ValidationInfo) -> Orchestration:
+        names = [d.name for d in info.data.get("domains") or []]  # absent if `domains` failed
+        unknown = sorted(set(orchestration.domain_pools) - set(names))
+        if names and unknown:
+            raise ValueError(f"domain_pools names unknown domain(s) {', '.join(unknown)}; the "
+                             f"domains are: {', '.join(names)}")
+        return orchestration
+
+    def domain(self, name: str) -> DomainSpec:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.domains)
+        raise ConfigError([f"domain {name!r} is not in `domains` (known: {known}): use one of them, "
+                           f"e.g. --domain {self.domains[0].name}, or add it to `domains`"])
+
+
+# Cross-field checks (btx_core/config/checks.py), per model class; a class absent here has none.
+CROSS_CHECKS = {DataSource: checks.source_problems, TrainSettings: checks.budget_problems,
+                TinyModelSpec: checks.head_problems, SeedSpec: checks.seed_problems,
+                BTXConfig: checks.config_problems}
+
+
+def cross_field_problems(model: type[BaseModel], data: Mapping) -> list[str]:
+    """The cross-field problems of one model's data; defaults fill what `data` leaves out."""
+    check = CROSS_CHECKS.get(model)
+    if check is None:
+        return []
+    defaults = {name: f.get_default(call_default_factory=True)
+                for name, f in model.model_fields.items() if not f.is_required()}
+    try:
+        return check({**defaults, **data})
+    except (TypeError, ValueError, KeyError, ZeroDivisionError):
+        return []  # wrongly typed fields: already reported by the field checks

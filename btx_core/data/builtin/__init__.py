@@ -1,0 +1,1 @@
+"""The built-in demo corpora and the generators behind them."""

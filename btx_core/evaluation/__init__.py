@@ -1,0 +1,1 @@
+"""Evaluation: held-out scores, routing counts, the BTM ensemble, report tables and plots."""

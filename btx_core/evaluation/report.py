@@ -1,0 +1,176 @@
+"""The comparison's results: per-seed rows aggregated over seeds (mean, spread), a markdown table
+shaped like the BTX paper's Table 2 (held-out loss per domain instead of benchmarks, plus the
+average, the mixed-domain set and the compute), the paper's claims checked seed by seed, and
+routing heatmaps. Pure functions of the rows: nothing here trains or evaluates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from btx_core.training.compute import human_flops
+
+# Row names: what each baseline is, in the order of the table.
+LABELS = {
+    "seed": "Seed (dense, no further training)",
+    "dense-tokens": "Dense: seed trained on the mixture, token-matched",
+    "dense-flops": "Dense: seed trained on the mixture, FLOP-matched",
+    "upcycle-tokens": "Sparse upcycling, token-matched",
+    "upcycle-flops": "Sparse upcycling, FLOP-matched",
+    "btx-mix": "BTX before MoE-finetuning (MiX only)",
+    "btx": "**BTX** (MiX + MoE-finetune)",
+}
+
+
+def row_label(name: str) -> str:
+    if name.startswith("expert:"):
+        return f"Expert {name.split(':', 1)[1]}"
+    if name.startswith("btm-top"):
+        return f"BTM ensemble, top-{name.removeprefix('btm-top')}"
+    return LABELS.get(name, name)
+
+
+def _stats(values: Sequence[float]) -> dict:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if not len(v):
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+
+def aggregate(runs: Mapping[int, Mapping[str, Mapping]], domains: list[str]) -> dict:
+    """runs: seed -> row name -> {single: {domain: loss}, average, mixed, tokens, flops, wall_s}."""
+    names = list(dict.fromkeys(n for rows in runs.values() for n in rows))
+    out = {}
+    for name in names:
+        rows = [rows[name] for rows in runs.values() if name in rows]
+        metrics = {f"loss:{d}": [r.get("single", {}).get(d) for r in rows] for d in domains}
+        metrics |= {f"mixed:{d}": [r.get("mixed_by_domain", {}).get(d) for r in rows] for d in domains}
+        for key in ("average", "mixed", "tokens", "flops", "wall_s"):
+            metrics[key] = [r.get(key) for r in rows]
+        out[name] = {k: _stats(v) for k, v in metrics.items()}
+    return out
+
+
+def _cell(stats: Mapping, digits: int = 3) -> str:
+    if stats["mean"] is None:
+        return "–"
+    if stats["n"] > 1:
+        return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f}"
+
+
+def markdown_table(summary: Mapping, domains: list[str], seeds: Sequence[int]) -> str:
+    """Table 2, small: held-out loss (nats/token, lower is better), mean ± std over seeds."""
+    head = ["Model", *domains, "Average", "Mixed-domain", "Train tokens", "Train FLOPs", "Wall (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in summary.items():
+        cells = [row_label(name), *(_cell(s[f"loss:{d}"]) for d in domains), _cell(s["average"]),
+                 _cell(s["mixed"])]
+        tokens, flops, wall = s["tokens"]["mean"], s["flops"]["mean"], s["wall_s"]["mean"]
+        cells += [f"{tokens / 1e6:.2f}M" if tokens else "0", human_flops(flops or 0),
+                  f"{wall:.0f}" if wall else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"Held-out loss in nats per token (lower is better), mean ± sample std over seeds "
+            f"{', '.join(map(str, seeds))}. Training cost counts what each model trained after the "
+            "shared seed; BTM and MiX cost their experts' training.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def mixed_table(summary: Mapping, domains: list[str]) -> str:
+    """Loss on each domain's segments of the mixed-domain blocks (context from other domains)."""
+    head = ["Model", *(f"{d} segments" for d in domains), "All tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in summary.items():
+        lines.append("| " + " | ".join([row_label(name), *(_cell(s[f"mixed:{d}"]) for d in domains),
+                                        _cell(s["mixed"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the paper's claims, checked per seed -------------------------------------------------------
+
+def claims(runs: Mapping[int, Mapping[str, Mapping]], domains: list[str]) -> list[dict]:
+    """Each claim as a per-seed difference (a - b, in nats; negative means a is better)."""
+    checks: list[tuple[str, str, str, str]] = []  # (claim, a, b, metric)
+    for d in domains:
+        checks.append((f"expert {d} beats the seed on {d}", f"expert:{d}", "seed", f"loss:{d}"))
+    for d in domains:
+        checks.append((f"BTX beats the seed on {d}", "btx", "seed", f"loss:{d}"))
+    for metric, where in (("average", "average over domains"), ("mixed", "mixed-domain set")):
+        for other in ("upcycle-flops", "upcycle-tokens", "dense-flops", "dense-tokens",
+                      *sorted(n for n in next(iter(runs.values())) if n.startswith("btm-top"))):
+            checks.append((f"BTX beats {row_label(other)} ({where})", "btx", other, metric))
+    for d in domains:
+        checks.append((f"BTX beats expert {d} on {d}", "btx", f"expert:{d}", f"loss:{d}"))
+    for d in domains:  # the same, on each domain's segments of the mixed-domain blocks
+        checks.append((f"expert {d} beats the seed on {d} segments (mixed set)", f"expert:{d}", "seed", f"mixed:{d}"))
+        checks.append((f"BTX beats the seed on {d} segments (mixed set)", "btx", "seed", f"mixed:{d}"))
+        checks.append((f"BTX beats expert {d} on {d} segments (mixed set)", "btx", f"expert:{d}", f"mixed:{d}"))
+    out = []
+    for text, a, b, metric in checks:
+        diffs = [_metric(rows, a, metric) - _metric(rows, b, metric) for rows in runs.values()
+                 if a in rows and b in rows and _metric(rows, a, metric) is not None
+                 and _metric(rows, b, metric) is not None]
+        if diffs:
+            out.append({"claim": text, "a": a, "b": b, "metric": metric, "diffs": diffs,
+                        **{k: v for k, v in _stats(diffs).items() if k != "n"},
+                        "holds_in": sum(x < 0 for x in diffs), "seeds": len(diffs)})
+    return out
+
+
+def _metric(rows: Mapping, name: str, metric: str) -> float | None:
+    row = rows[name]
+    if metric.startswith("loss:"):
+        return row.get("single", {}).get(metric[5:])
+    if metric.startswith("mixed:"):
+        return row.get("mixed_by_domain", {}).get(metric[6:])
+    return row.get(metric)
+
+
+def claims_markdown(items: list[dict]) -> str:
+    lines = ["| Claim | a - b (nats), mean ± std | Holds (a < b) in |", "|---|---|---|"]
+    for c in items:
+        spread = f" ± {c['std']:.3f}" if c["seeds"] > 1 else ""
+        lines.append(f"| {c['claim']} | {c['mean']:+.3f}{spread} | {c['holds_in']}/{c['seeds']} seeds |")
+    return "\n".join(lines) + "\n"
+
+
+# --- routing heatmaps ------------------------------------------------------------------------------
+
+def routing_heatmap(routing: Mapping, path: Path, *, title: str, key: str = "by_domain_top1") -> Path:
+    """One panel per domain: layers x experts, the share of the domain's tokens routed to each
+    expert (top-1 or top-k), as a PNG file."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    by_domain, experts = routing[key], routing["experts"]
+    fig, axes = plt.subplots(1, len(by_domain), figsize=(0.2 + 2.6 * len(by_domain), 3.2), squeeze=False)
+    for ax, (domain, shares) in zip(axes[0], by_domain.items()):
+        grid = np.asarray(shares)
+        image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_title(domain, fontsize=10)
+        ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(grid.shape[0]), [f"L{i}" for i in range(grid.shape[0])], fontsize=8)
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if value < 0.6 else "black")
+    fig.suptitle(title, fontsize=10)
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, pad=0.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def routing_csv(routing: Mapping, key: str = "by_domain_top1") -> str:
+    """domain,layer,<expert...> rows of the shares in `key`."""
+    lines = ["domain,layer," + ",".join(routing["experts"])]
+    for domain, shares in routing[key].items():
+        for layer, row in enumerate(shares):
+            lines.append(f"{domain},{layer}," + ",".join(f"{x:.4f}" for x in row))
+    return "\n".join(lines) + "\n"

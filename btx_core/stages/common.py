@@ -1,0 +1,139 @@
+"""What every training stage shares: its store and cache, checkpoints in the store, and the
+recipe of a training stage (resume, train, measure the held-out loss, save with a manifest).
+
+Every stage is idempotent: an output whose manifest records the same config hash and the same
+inputs (the seed's manifest, the content of the data) is returned without any work, so rerunning
+a finished pipeline trains nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from btx_core.config.schema import BTXConfig, TrainSettings, TransferSettings
+from btx_core.data.packing import TokenizedSplits
+from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
+from btx_core.moe.routing import lm_loss_only
+from btx_core.store.core import Manifest, Store, checkpoint_location
+from btx_core.store.outputs import StageOutput
+from btx_core.store.transfer import TransferPolicy
+from btx_core.training.compute import flops_per_token
+from btx_core.training.loop import Dist, Progress, evaluate_loss, main_rank_first, train
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class StoreCheckpoints:
+    """A CheckpointSink over a store prefix; refuses checkpoints of a different config."""
+
+    def __init__(self, store: Store, prefix: str, *, config_hash: str, inputs: dict[str, str],
+                 keep: int, cache_dir: Path):
+        self.store, self.prefix, self.keep, self.cache_dir = store, prefix, keep, cache_dir
+        self.config_hash, self.inputs = config_hash, inputs
+
+    def latest(self) -> tuple[int, Path] | None:
+        found = self.store.latest_checkpoint(self.prefix)
+        if found is None:
+            return None
+        step, location = found
+        manifest = self.store.read_manifest(location)
+        if manifest.config_hash != self.config_hash or manifest.inputs != self.inputs:
+            raise CheckpointMismatchError(
+                f"checkpoint {location} was made with a different config, seed or data. Delete "
+                f"{self.prefix} to start this stage over, or restore the config it was made with")
+        return step, self.store.fetch(location, self.cache_dir)
+
+    def save(self, step: int, directory: Path) -> None:
+        self.store.write_dir(directory, checkpoint_location(self.prefix, step), stage="checkpoint",
+                             config_hash=self.config_hash, inputs=self.inputs, metrics={"step": step})
+        self.store.prune_checkpoints(self.prefix, keep=self.keep)
+
+
+@dataclass
+class TrainingRun:
+    """The shared recipe of every training stage: resume from the store, train, measure the
+    held-out loss, save the model once (rank 0) with its manifest and metrics."""
+
+    store: Store
+    config: BTXConfig
+    settings: TrainSettings
+    ranks: Dist
+    location: str
+    checkpoints: str
+    stage: str
+    config_hash: str
+    inputs: dict[str, str]
+
+    def heldout_loss(self, model, data: TokenizedSplits) -> float:
+        s = self.settings
+        with lm_loss_only(model):  # an MoE's held-out loss leaves out its load-balancing term
+            return evaluate_loss(model, data.heldout, batch_size=s.batch_size, max_blocks=s.eval_blocks,
+                                 precision=s.precision)
+
+    def train_and_save(self, model, tokenizer, data: TokenizedSplits, *, metrics: dict,
+                       on_progress: ProgressCallback | None = None,
+                       stop_after: int | None = None) -> StageOutput:
+        sink = StoreCheckpoints(self.store, self.checkpoints, config_hash=self.config_hash,
+                                inputs=self.inputs, keep=self.settings.keep_checkpoints,
+                                cache_dir=cache_dir(self.config))
+        result = train(model, data.train, self.settings, checkpoints=sink, on_progress=on_progress,
+                       stop_after=stop_after)
+        if result.steps < self.settings.total_steps(self.ranks.world_size):
+            raise BTXError(f"{self.stage} stopped at step {result.steps} (stop_after); rerun to resume")
+        fpt = flops_per_token(model.config.to_dict(), self.settings.seq_len)
+        metrics = {"final_train_loss": result.final_loss, "heldout_loss": self.heldout_loss(model, data),
+                   "steps": result.steps, "tokens": result.tokens, "resumed_from_step": result.resumed_from,
+                   "flops_per_token": fpt, "train_flops": fpt * result.tokens,
+                   "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
+                   "train_losses": result.losses, **metrics}
+        with main_rank_first(self.ranks):  # one writer; the other ranks then read its manifest
+            if self.ranks.is_main:
+                save_model(self.store, model, tokenizer, self.location, stage=self.stage,
+                            config_hash=self.config_hash, inputs=self.inputs, metrics=metrics)
+        notes = [f"resumed from step {result.resumed_from}"] if result.resumed_from else []
+        return StageOutput(self.location, self.store.read_manifest(self.location), skipped=False,
+                           notes=notes)
+
+
+def open_store(config: BTXConfig) -> Store:
+    """The run's store; with the config's `store_transfer` if it sets one, else `Store.transfer`."""
+    store = Store(config.store)
+    if "store_transfer" in config.model_fields_set:
+        store.transfer = transfer_policy(config.store_transfer)
+    return store
+
+
+def transfer_policy(t: TransferSettings) -> TransferPolicy:
+    return TransferPolicy(files_at_once=t.files_at_once, connections=t.connections,
+                          part_size=t.part_size_mib << 20, attempts=t.attempts,
+                          first_wait_s=t.first_wait_s, max_wait_s=t.max_wait_s)
+
+
+def cache_dir(config: BTXConfig) -> Path:
+    return Path(os.path.expanduser(config.cache_dir))
+
+
+def complete_input(store: Store, location: str, what: str, command: str) -> Manifest:
+    """The manifest of a stage's input, or an error saying which command makes it."""
+    try:
+        return store.read_manifest(location)
+    except IncompleteOutputError:
+        raise BTXError(f"{what} is not complete at {location}: run `{command}` first") from None
+
+
+def save_model(store: Store, model, tokenizer, location: str, *, stage: str, config_hash: str,
+                inputs: dict[str, str], metrics: dict) -> Manifest:
+    """Save in the model's own dtype, HF layout, safetensors; then commit to the store."""
+    dtype = getattr(model.config, "dtype", None)
+    with tempfile.TemporaryDirectory(prefix=f"btx-{stage}-") as tmp:
+        model.to("cpu")
+        if dtype is not None and dtype != next(model.parameters()).dtype:
+            model.to(dtype)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        return store.write_dir(Path(tmp), location, stage=stage, config_hash=config_hash,
+                               inputs=inputs, metrics=metrics)

@@ -1,0 +1,200 @@
+"""`btx compare`: BTX against its baselines from the same code paths, at matched compute, over
+several random seeds (the BTX paper's Table 2, small).
+
+Per random seed: seed -> experts -> MiX -> MoE-finetune (BTX); sparse upcycling and the dense
+baseline finetuned on the same mixture with budgets matched to BTX's training after the seed, once
+in tokens and once in FLOPs; the BTM ensemble of the experts; all evaluated on the same held-out
+sets. Every stage is a store output, so a rerun (or a run after `btx run`) reuses what exists.
+The seed model is shared by all random seeds, as in the paper (a given pretrained LLM); a seed
+other than the config's own runs as `<run_name>-seed<r>`, which imports that seed model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from btx_core.config.schema import BTXConfig, SeedSpec
+from btx_core.evaluation.report import (
+    aggregate,
+    claims,
+    claims_markdown,
+    markdown_table,
+    mixed_table,
+    routing_csv,
+    routing_heatmap,
+)
+from btx_core.evaluation.scores import EvalSets, ModelScores, btm_scores
+from btx_core.stages.common import cache_dir, open_store
+from btx_core.stages.evaluate import eval_sets, score_location
+from btx_core.stages.expert import train_expert
+from btx_core.stages.finetune import finetune, settings_of
+from btx_core.stages.mix import mix_stage
+from btx_core.stages.seed import build_seed
+from btx_core.store import layout
+from btx_core.store.core import Store
+from btx_core.training.compute import StageCompute, flops_per_token, matched_budgets
+
+log = logging.getLogger(__name__)
+BASELINES = ("upcycle-tokens", "upcycle-flops", "dense-tokens", "dense-flops")
+StageCallback = Callable[[str], None]
+
+
+def seed_config(config: BTXConfig, seed: int) -> BTXConfig:
+    """The run of one random seed: the config itself for its own seed; otherwise the same run
+    under `<run_name>-seed<r>`, branching from the config's (shared) seed model."""
+    if seed == config.expert_training.seed:
+        return config
+    shared = SeedSpec(model=layout.seed_model(config), trust_remote_code=config.seed.trust_remote_code,
+                      pretrain_data=config.seed.pretrain_data, held_out_fraction=config.seed.held_out_fraction)
+    ft = settings_of(config)
+    return config.model_copy(update={
+        "run_name": f"{config.run_name}-seed{seed}", "seed": shared,
+        "expert_training": config.expert_training.model_copy(update={"seed": seed}),
+        "finetune": ft.model_copy(update={"training": ft.training.model_copy(update={"seed": seed})})})
+
+
+# --- one random seed -------------------------------------------------------------------------------
+
+def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s: None) -> dict:
+    """Train what is missing for one random seed, evaluate every model; rows and routing."""
+    store = open_store(config)
+    stage("seed")
+    build_seed(config)
+    experts = {}
+    for d in config.domains:
+        stage(f"expert {d.name}")
+        experts[d.name] = train_expert(config, d.name).manifest
+    stage("mix")
+    mix_stage(config)
+    stage("upcycle")
+    mix_stage(config, upcycle=True)
+    stage("finetune btx")
+    btx = finetune(config, "btx").manifest
+    seed_cfg = json.loads((store.fetch(layout.seed_model(config), cache_dir(config)) / "config.json").read_text())
+    ft = settings_of(config).training
+    dense_fpt = flops_per_token(seed_cfg, config.expert_training.seq_len)
+    expert_cost = [StageCompute(m.metrics["tokens"], m.metrics["tokens"] * dense_fpt) for m in experts.values()]
+    btx_cost = StageCompute(btx.metrics["tokens"], btx.metrics["tokens"] * btx.metrics["flops_per_token"])
+    budgets = matched_budgets([*expert_cost, btx_cost], tokens_per_step=ft.tokens_per_step,
+                              dense_fpt=flops_per_token(seed_cfg, ft.seq_len), moe_fpt=btx.metrics["flops_per_token"])
+    trained = {"btx": btx}
+    for name in BASELINES:
+        stage(f"finetune {name}")
+        trained[name] = finetune(config, name.split("-")[0], steps=budgets.steps(name), name=name).manifest
+
+    experts_tokens = sum(c.tokens for c in expert_cost)
+    experts_flops = sum(c.flops for c in expert_cost)
+    experts_wall = sum(m.metrics["wall_s"] for m in experts.values())
+    rows: dict[str, dict] = {}
+    scores: dict[str, ModelScores] = {}
+    stage("evaluate")
+    scores["seed"] = score_location(config, layout.seed_model(config), sets)
+    rows["seed"] = {**scores["seed"].losses(), "tokens": 0, "flops": 0.0, "wall_s": 0.0}
+    for (d, manifest), cost in zip(experts.items(), expert_cost):
+        scores[f"expert:{d}"] = score_location(config, layout.expert_model(config, d), sets)
+        rows[f"expert:{d}"] = {**scores[f"expert:{d}"].losses(), "tokens": cost.tokens, "flops": cost.flops,
+                               "wall_s": manifest.metrics["wall_s"]}
+    ensemble = [scores[f"expert:{d.name}"] for d in config.domains]
+    if config.mix.include_seed:
+        ensemble.append(scores["seed"])  # the same experts as BTX's MoE: the seed as a generalist
+    for k in config.compare.btm_top_k:
+        rows[f"btm-top{k}"] = {**btm_scores(ensemble, k).losses(), "tokens": experts_tokens,
+                               "flops": experts_flops, "wall_s": experts_wall}
+    routing = {}
+    mix_scores = score_location(config, layout.mix_model(config), sets)
+    rows["btx-mix"] = {**mix_scores.losses(), "tokens": experts_tokens, "flops": experts_flops,
+                       "wall_s": experts_wall}
+    routing["btx-mix"] = mix_scores.routing
+    for name, manifest in trained.items():
+        result = score_location(config, layout.trained_model(config, name), sets)
+        extra = (experts_tokens, experts_flops, experts_wall) if name == "btx" else (0, 0.0, 0.0)
+        rows[name] = {**result.losses(), "tokens": manifest.metrics["tokens"] + extra[0],
+                      "flops": manifest.metrics["tokens"] * manifest.metrics["flops_per_token"] + extra[1],
+                      "wall_s": manifest.metrics["wall_s"] + extra[2]}
+        if result.routing:
+            routing[name] = result.routing
+    return {"rows": rows, "routing": routing, "budgets": budgets.to_dict(), "run_name": config.run_name}
+
+
+# --- the whole comparison --------------------------------------------------------------------------
+
+def compare(config: BTXConfig, *, out_dir: Path | None = None, stage: StageCallback = lambda s: None) -> dict:
+    """Every seed of `config.compare.seeds`, then the tables, claims and heatmaps: written to the
+    store (`<run>/compare/results`) and, when given, to `out_dir`."""
+    settings_of(config)  # a comparison needs the finetuning recipe: fail before any work
+    started = time.perf_counter()
+    stage("seed")
+    build_seed(config)
+    sets = eval_sets(config)
+    per_seed = {r: run_seed(seed_config(config, r), sets, stage=lambda s, r=r: stage(f"seed {r}: {s}"))
+                for r in config.compare.seeds}
+    return finish_compare(config, per_seed, wall_s=time.perf_counter() - started, out_dir=out_dir, sets=sets)
+
+
+def compare_seed(config: BTXConfig, seed: int, stage: StageCallback = lambda s: None) -> dict:
+    """One random seed of `compare` on its own (the shared seed model is built if missing): what
+    the Prefect flow `btx-compare` runs as one task per seed."""
+    settings_of(config)
+    build_seed(config)
+    return run_seed(seed_config(config, seed), eval_sets(config), stage)
+
+
+def finish_compare(config: BTXConfig, per_seed: dict[int, dict], *, wall_s: float,
+                   out_dir: Path | None = None, sets: EvalSets | None = None) -> dict:
+    """The report of finished seeds (`run_seed` results, by random seed): tables, claims and
+    heatmaps, written to the store (`<run>/compare/results`) and, when given, to `out_dir`."""
+    domains = [d.name for d in config.domains]
+    runs = {r: result["rows"] for r, result in per_seed.items()}
+    report = {"run_name": config.run_name, "seeds": list(per_seed), "domains": domains,
+              "eval_sets": (sets or eval_sets(config)).describe(), "summary": aggregate(runs, domains),
+              "claims": claims(runs, domains), "per_seed": per_seed, "wall_s": wall_s,
+              "config": config.model_dump(mode="json")}
+    with tempfile.TemporaryDirectory(prefix="btx-compare-") as tmp:
+        files = write_report(report, Path(tmp))
+        store: Store = open_store(config)
+        store.write_dir(Path(tmp), layout.compare_results(config), stage="compare",
+                        config_hash=f"seeds={report['seeds']}", metrics={"wall_s": report["wall_s"]})
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                (out_dir / f.name).write_bytes(f.read_bytes())
+    report["location"] = layout.compare_results(config)
+    return report
+
+
+def tables_markdown(report: dict) -> list[str]:
+    """The report's title, loss tables and claims, as markdown sections (results.md's head, and
+    the `btx-compare` flow's artifact)."""
+    domains, seeds = report["domains"], report["seeds"]
+    return [f"# {report['run_name']}: BTX vs baselines, seeds {', '.join(map(str, seeds))}\n",
+            markdown_table(report["summary"], domains, seeds),
+            "## Mixed-domain blocks, by the domain of each segment\n", mixed_table(report["summary"], domains),
+            "## The paper's claims, seed by seed\n", claims_markdown(report["claims"])]
+
+
+def write_report(report: dict, directory: Path) -> list[Path]:
+    seeds = report["seeds"]
+    files = [directory / "results.json"]
+    files[0].write_text(json.dumps(report, indent=1, sort_keys=False, default=float))
+    md = [*tables_markdown(report), "## Routing\n"]
+    first = report["per_seed"][seeds[0]]
+    for name, routing in first["routing"].items():
+        for kind in ("single", "mixed"):
+            for key in ("by_domain_top1", "by_domain_topk"):
+                stem = f"routing-{name}-{kind}-{key.removeprefix('by_domain_')}"
+                png = routing_heatmap(routing[kind], directory / f"{stem}.png", key=key,
+                                      title=f"{name}, {kind}-domain set, seed {seeds[0]}: share of each "
+                                            f"domain's tokens per expert ({key.removeprefix('by_domain_')})")
+                csv = directory / f"{stem}.csv"
+                csv.write_text(routing_csv(routing[kind], key))
+                files += [png, csv]
+                if key == "by_domain_top1":
+                    md.append(f"![{stem}]({png.name})\n")
+    (directory / "results.md").write_text("\n".join(md))
+    files.append(directory / "results.md")
+    return files

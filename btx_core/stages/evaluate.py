@@ -1,0 +1,91 @@
+"""The evaluate stage: held-out losses of any model (a store output or a local directory) on a
+run's two held-out sets, and the pipeline's evaluation of the seed, each expert, their BTM
+ensembles, the MiX output and BTX, recorded in the store."""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+from pathlib import Path
+
+from btx_core.config.schema import BTXConfig, stable_hash
+from btx_core.data.cache import ensure_prepared, tokenizer_id
+from btx_core.evaluation.scores import EvalSets, ModelScores, btm_scores, build_eval_sets, score_model
+from btx_core.model.dense import load_causal_lm
+from btx_core.stages.common import cache_dir, open_store
+from btx_core.store import layout
+from btx_core.store.outputs import STAGE_FORMAT, StageOutput
+
+
+def eval_sets(config: BTXConfig) -> EvalSets:
+    """The held-out sets of a run: its domains' held-out blocks, packed as the experts were trained."""
+    store, cache = open_store(config), cache_dir(config)
+    seed_location = layout.seed_model(config)
+    seed = store.read_manifest(seed_location)
+    settings = config.expert_training
+    heldout = {}
+    for d in config.domains:
+        prepared = ensure_prepared(config, store, d.data, tokenizer=tokenizer_id(seed),
+                                   tokenizer_dir=lambda: store.fetch(seed_location, cache),
+                                   seq_len=settings.seq_len, held_out_fraction=d.held_out_fraction,
+                                   cache_dir=cache)
+        heldout[d.name] = prepared.load(store, cache).heldout
+    return build_eval_sets(heldout, eval_blocks=config.compare.eval_blocks,
+                           mixed_blocks=config.compare.mixed_blocks)
+
+
+def _model_dir(config: BTXConfig, location: str) -> Path:
+    """A local directory of a model: a store output (verified), or a plain local directory."""
+    path = Path(location).expanduser()
+    if path.is_dir() and not (path / "_manifest.json").exists():
+        return path
+    return open_store(config).fetch(location, cache_dir(config))
+
+
+def score_location(config: BTXConfig, location: str, sets: EvalSets) -> ModelScores:
+    model, _ = load_causal_lm(str(_model_dir(config, location)), allow_moe=True,
+                              trust_remote_code=config.seed.trust_remote_code)
+    try:
+        return score_model(model, sets, batch_size=config.compare.batch_size,
+                           precision=config.expert_training.precision)
+    finally:
+        del model
+        gc.collect()
+
+
+def evaluate_location(config: BTXConfig, location: str) -> dict:
+    """`btx eval`: one model's held-out losses (and routing, for an MoE) on the run's sets."""
+    sets = eval_sets(config)
+    scores = score_location(config, location, sets)
+    return {"model": location, "sets": sets.describe(), **scores.losses(), "routing": scores.routing}
+
+
+def evaluate_run(config: BTXConfig) -> StageOutput:
+    """The pipeline's evaluation stage: the seed, each expert, their BTM ensembles, the MiX output
+    and (once finetuned) BTX on both held-out sets; the losses and BTX's routing go into the
+    manifest of `<run>/eval/results` (with results.json). Skipped when nothing changed."""
+    store = open_store(config)
+    models = {"seed": layout.seed_model(config),
+              **{f"expert:{d.name}": layout.expert_model(config, d.name) for d in config.domains},
+              "btx-mix": layout.mix_model(config)}
+    if store.is_complete(layout.trained_model(config, "btx")):
+        models["btx"] = layout.trained_model(config, "btx")
+    inputs = {name: store.read_manifest(location).hash for name, location in models.items()}
+    location = layout.eval_results(config)
+    config_hash = stable_hash({"stage": "eval", "format": STAGE_FORMAT, "include_seed": config.mix.include_seed,
+                               "compare": config.compare.model_dump(mode="json", exclude={"seeds"})})
+    if (done := store.exists_with(location, config_hash, inputs)) is not None:
+        return StageOutput(location, done, skipped=True)
+    sets = eval_sets(config)
+    scores = {name: score_location(config, loc, sets) for name, loc in models.items()}
+    results = {name: s.losses() for name, s in scores.items()}
+    ensemble = [scores[f"expert:{d.name}"] for d in config.domains] + [scores["seed"]] * config.mix.include_seed
+    results.update({f"btm-top{k}": btm_scores(ensemble, k).losses() for k in config.compare.btm_top_k})
+    routing = {name: s.routing for name, s in scores.items() if s.routing}
+    with tempfile.TemporaryDirectory(prefix="btx-eval-") as tmp:
+        (Path(tmp) / "results.json").write_text(json.dumps({"losses": results, "routing": routing,
+                                                            "sets": sets.describe()}, indent=1))
+        manifest = store.write_dir(Path(tmp), location, stage="eval", config_hash=config_hash, inputs=inputs,
+                                   metrics={"losses": results, "routing": routing})
+    return StageOutput(location, manifest, skipped=False)

@@ -1,0 +1,91 @@
+"""The MiX stage of a pipeline run, and sparse upcycling: experts (or seed copies) from the store
+-> one MoE in the store, with its manifest and lineage. Idempotent like every stage."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from btx_core.config.schema import BTXConfig, parse_bytes, stable_hash
+from btx_core.data.cache import ensure_prepared, tokenizer_id
+from btx_core.moe.mix import Expert, MixOptions, mix
+from btx_core.moe.router_init import RoutingSamples
+from btx_core.stages.common import cache_dir, complete_input, open_store
+from btx_core.stages.mix_dirs import routing_notes, sample_blocks
+from btx_core.store import layout
+from btx_core.store.core import Manifest, Store
+from btx_core.store.outputs import STAGE_FORMAT, StageOutput
+
+log = logging.getLogger(__name__)
+GENERALIST = "seed"
+
+
+def options_from_config(config: BTXConfig, *, upcycle: bool = False) -> MixOptions:
+    m = config.mix
+    exclude = (GENERALIST,) if m.include_seed and not m.seed_in_shared_mean and not upcycle else ()
+    return MixOptions(top_k=m.top_k, shared_policy="mean" if upcycle else m.shared_policy,
+                      weights=m.weights, copy_from=None if upcycle else m.copy_from,
+                      shared_exclude=exclude, router_init=m.router_init,
+                      router_seed=config.expert_training.seed, load_balancing_alpha=m.load_balancing_alpha,
+                      shard_size=parse_bytes(m.shard_size))
+
+
+def mix_stage(config: BTXConfig, *, upcycle: bool = False) -> StageOutput:
+    """BTX's MiX of the run's trained experts (plus the seed as a generalist when
+    `mix.include_seed`); with `upcycle`, sparse upcycling: as many copies of the seed instead."""
+    store, cache = open_store(config), cache_dir(config)
+    seed_location = layout.seed_model(config)
+    seed = complete_input(store, seed_location, "the seed", "btx seed CONFIG")
+    domains = [d.name for d in config.domains]
+    if upcycle:
+        count = len(domains) + config.mix.include_seed
+        sources = [(f"copy{i}", seed_location, seed) for i in range(count)]
+        centroid_domains = [*domains, None][:count]
+    else:
+        sources = [(d, layout.expert_model(config, d),
+                    complete_input(store, layout.expert_model(config, d), f"expert {d}",
+                              f"btx train-expert CONFIG --domain {d}")) for d in domains]
+        if config.mix.include_seed:
+            sources.append((GENERALIST, seed_location, seed))
+        centroid_domains = [*domains, None]
+    stage = "upcycle" if upcycle else "mix"
+    location = layout.upcycle_model(config) if upcycle else layout.mix_model(config)
+    data = {d: _prepared(config, store, d, seed_location, seed) for d in domains}
+    inputs = {**{f"expert:{name}": m.hash for name, _, m in sources},
+              **{f"data:{d}": p.content_id for d, p in data.items()}}
+    config_hash = stable_hash({"stage": stage, "format": STAGE_FORMAT, "names": [s[0] for s in sources],
+                               "mix": config.mix.model_dump(mode="json"),
+                               "seq_len": config.expert_training.seq_len, "seed": config.expert_training.seed})
+    if (done := store.exists_with(location, config_hash, inputs)) is not None:
+        return StageOutput(location, done, skipped=True)
+
+    local = {loc: store.fetch(loc, cache) for loc in dict.fromkeys(loc for _, loc, _ in sources)}
+    experts = [Expert(name, local[loc], loc, m.hash,
+                      seed.hash if loc == seed_location else m.inputs.get("seed"))
+               for name, loc, m in sources]
+    splits = {d: p.load(store, cache) for d, p in data.items()}
+    n = config.mix.sample_blocks
+    samples = RoutingSamples(
+        centroid={name: None if d is None else sample_blocks(splits[d].train, n, config.expert_training.seed)
+                  for (name, _, _), d in zip(sources, centroid_domains)},
+        heldout={d: sample_blocks(s.heldout, n, config.expert_training.seed) for d, s in splits.items()})
+    started = time.perf_counter()
+    with store.staging_dir(location, cache) as tmp:
+        result = mix(experts, options_from_config(config, upcycle=upcycle), tmp, samples=samples,
+                     card={"title": f"{config.run_name}: {'sparse upcycling' if upcycle else 'BTX'} MoE"})
+        metrics = {"routing": result.routing, "experts": [e.name for e in experts],
+                   "wall_s": time.perf_counter() - started}
+        manifest = store.write_dir(tmp, location, stage=stage, config_hash=config_hash, inputs=inputs,
+                                   metrics=metrics, known=result.files, move=True)
+    return StageOutput(location, manifest, skipped=False, notes=routing_notes(result.routing))
+
+
+def _prepared(config: BTXConfig, store: Store, domain: str, seed_location: str, seed: Manifest):
+    """The domain's packed blocks, exactly as its expert was trained and evaluated on them."""
+    settings, spec = config.expert_training, config.domain(domain)
+    return ensure_prepared(config, store, spec.data, tokenizer=tokenizer_id(seed),
+                           tokenizer_dir=lambda: store.fetch(seed_location, cache_dir(config)),
+                           seq_len=settings.seq_len, held_out_fraction=spec.held_out_fraction,
+                           cache_dir=cache_dir(config))
+
+

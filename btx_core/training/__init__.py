@@ -1,0 +1,1 @@
+"""Training: the loop, resumable training state, FLOPs accounting."""

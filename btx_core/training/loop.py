@@ -1,0 +1,446 @@
+"""One training loop for every stage: seed pretraining, expert training (and, later, MoE finetuning).
+
+Plain PyTorch around a transformers causal LM: AdamW, warm-up then cosine decay to a fraction of
+the peak (transformers' scheduler), bf16 autocast over fp32 weights, gradient accumulation, and,
+when launched by `torchrun`, DDP or FSDP (`distributed`). Resumability is the design constraint:
+the data order is a pure function of (seed, step), so a checkpoint only needs the step to put the
+data back where it was, and restoring weights, optimizer, scheduler and RNG makes a resumed run
+end with the same weights as an uninterrupted one. Checkpoints hold the full (unsharded) state
+whatever the wrapping, written by rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+from btx_core.config.schema import TrainSettings
+from btx_core.errors import BTXError, CheckpointMismatchError, DataError
+from btx_core.training.state import (
+    TrainState,
+    load_model_weights,
+    load_training_state,
+    read_train_state,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+BARRIER_TIMEOUT = timedelta(hours=2)
+FINAL_LOSS_WINDOW = 10  # steps averaged for the reported final training loss
+# A launcher (btx_core/stages/branch.py) that runs training in processes of its own names a file here;
+# rank 0 appends every progress report to it as a JSON line.
+PROGRESS_FILE_ENV = "BTX_PROGRESS_FILE"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback receives every `log_every` steps."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    eta_s: float
+    resumed_from: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    tokens: int
+    final_loss: float
+    losses: list[float]
+    resumed_from: int
+    wall_s: float
+    tokens_per_s: float
+
+
+class CheckpointSink(Protocol):
+    """Where a run's checkpoints live (a store prefix, in practice)."""
+
+    def latest(self) -> tuple[int, Path] | None:
+        """The newest complete checkpoint as (step, local directory), or None."""
+
+    def save(self, step: int, directory: Path) -> None:
+        """Persist a checkpoint directory written by `save_checkpoint`."""
+
+
+# --- distributed -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); otherwise one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(local_rank)  # before NCCL starts, or every rank uses GPU 0
+        # The other ranks wait in a barrier while rank 0 uploads a checkpoint: give big models time.
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+@contextlib.contextmanager
+def main_rank_first(ranks: Dist):
+    """Rank 0 runs the block first (e.g. tokenizes into the shared cache); the others then run it."""
+    if ranks.world_size > 1 and not ranks.is_main:
+        dist.barrier()
+    yield
+    if ranks.world_size > 1 and ranks.is_main:
+        dist.barrier()
+
+
+def pick_device(setting: str, ranks: Dist, precision: str = "fp32") -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise BTXError("device: cuda was asked for but no CUDA device is visible; "
+                               "use `device: auto` or `cpu`")
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise BTXError(f"{torch.cuda.get_device_name()} has no bf16 support: use "
+                               "`precision: fp32` (pre-Ampere GPUs such as V100 and T4)")
+        return torch.device("cuda", ranks.local_rank)
+    return torch.device("cpu")
+
+
+# --- data order --------------------------------------------------------------------------------
+
+def per_process(settings: TrainSettings, ranks: Dist) -> TrainSettings:
+    """This process's settings: with `nproc_per_node` other than 1, `batch_size` is the global
+    micro-batch and each process takes an equal share (the global batch, and so the data order,
+    is then the same for any number of processes)."""
+    if not settings.splits_batch or ranks.world_size == 1:
+        return settings
+    if settings.batch_size % ranks.world_size:
+        raise BTXError(f"batch_size ({settings.batch_size}) must be divisible by the {ranks.world_size} "
+                       "processes this run has: change batch_size or nproc_per_node")
+    return settings.model_copy(update={"batch_size": settings.batch_size // ranks.world_size})
+
+
+def batch_indices(n_blocks: int, step: int, micro: int, settings: TrainSettings, ranks: Dist) -> np.ndarray:
+    """Block indices of one micro-batch of one process: a pure function of (seed, step).
+
+    The stream of blocks is a new permutation every epoch; each optimizer step takes the next
+    `batch_size * grad_accum * world_size` blocks, and each process its slice of every micro-batch,
+    so N processes with batch B see the same global batch as one process with batch N*B.
+    """
+    global_micro = settings.batch_size * ranks.world_size
+    start = (step * settings.grad_accum + micro) * global_micro + ranks.rank * settings.batch_size
+    positions = np.arange(start, start + settings.batch_size)
+    epochs, offsets = np.divmod(positions, n_blocks)
+    out = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([settings.seed, int(epoch)]).permutation(n_blocks)
+        out[epochs == epoch] = order[offsets[epochs == epoch]]
+    return out
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *,
+          checkpoints: CheckpointSink | None = None,
+          on_progress: Callable[[Progress], None] | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train `model` in place on packed token blocks [n, seq_len]; resume from `checkpoints`.
+
+    `stop_after` ends the run early after that many steps (as a kill would), for tests. Under
+    FSDP the training runs on a sharded copy; `model` gets its final weights at the end.
+    """
+    if blocks.ndim != 2 or blocks.shape[1] != settings.seq_len:
+        raise ValueError(f"blocks have shape {blocks.shape}, expected [n, {settings.seq_len}]: "
+                         "pack the data with the stage's seq_len")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    ranks = init_distributed(settings.device)
+    device = pick_device(settings.device, ranks, settings.precision)
+    total_steps = settings.total_steps(ranks.world_size)
+    settings = per_process(settings, ranks)  # from here on, batch_size is this process's share
+    fsdp = settings.distributed == "fsdp" and ranks.world_size > 1
+    # FSDP trains a sharded copy (below); `model` stays whole, on the CPU, to write checkpoints from.
+    model.to("cpu" if fsdp else device).train()
+    if settings.gradient_checkpointing:
+        # Non-reentrant checkpointing is the variant that works under DDP and FSDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with main_rank_first(ranks):  # rank 0 fetches into the shared cache; the others reuse it
+        latest = checkpoints.latest() if checkpoints else None
+    if latest is not None:
+        _check_resumable(latest, settings, ranks)
+        load_model_weights(latest[1], model)
+    runner = _shard(model, device, ranks) if fsdp else model
+    optimizer = _optimizer(runner, settings, fused=device.type == "cuda" and not fsdp)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=min(settings.warmup_steps, total_steps),
+        num_training_steps=total_steps, min_lr_rate=settings.min_lr_ratio)
+    state = TrainState(step=0, sequences_seen=0, tokens_seen=0, world_size=ranks.world_size, losses=[])
+    if latest is not None:
+        state = load_training_state(latest[1], scheduler, _optimizer_loader(runner, optimizer, fsdp))
+        state.world_size = ranks.world_size
+        log.info("resuming from step %d (%s)", state.step, latest[1])
+    resumed_from = state.step
+    wrapped = runner if fsdp else _wrap_ddp(model, device, ranks)
+    autocast = _autocast(settings.precision, device)
+    data = torch.from_numpy(np.ascontiguousarray(blocks))  # int32 in memory; int64 per micro-batch
+    tokens_per_step = settings.tokens_per_step * ranks.world_size
+    report = _with_progress_file(on_progress) if ranks.is_main else None
+
+    started = window_start = time.perf_counter()
+    window_steps = 0
+    last_stop = total_steps if stop_after is None else min(total_steps, resumed_from + stop_after)
+    while state.step < last_stop:
+        loss = _step(wrapped, data, state.step, settings, ranks, device, autocast, optimizer)
+        scheduler.step()
+        state.step += 1
+        state.sequences_seen += settings.batch_size * settings.grad_accum * ranks.world_size
+        state.tokens_seen += tokens_per_step
+        state.losses.append(loss)
+        window_steps += 1
+        if report and (state.step % settings.log_every == 0 or state.step == total_steps):
+            now = time.perf_counter()
+            rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+            report(Progress(step=state.step, total_steps=total_steps, loss=loss,
+                            lr=scheduler.get_last_lr()[0], tokens_per_s=rate,
+                            eta_s=(total_steps - state.step) * tokens_per_step / rate,
+                            resumed_from=resumed_from))
+            window_start, window_steps = now, 0
+        if checkpoints and (state.step % settings.checkpoint_every == 0 or state.step == total_steps):
+            _save(checkpoints, state, model, runner if fsdp else None, optimizer, scheduler, ranks)
+
+    if fsdp:  # the trained weights back into the caller's (plain) model, on every rank
+        model.load_state_dict(_full_weights(runner, everywhere=True))
+        model.to(device)
+        del runner, optimizer
+    wall = time.perf_counter() - started
+    trained_tokens = (state.step - resumed_from) * tokens_per_step
+    recent = state.losses[-FINAL_LOSS_WINDOW:]
+    return TrainResult(steps=state.step, tokens=state.tokens_seen,
+                       final_loss=sum(recent) / len(recent) if recent else math.nan,
+                       losses=list(state.losses), resumed_from=resumed_from, wall_s=wall,
+                       tokens_per_s=trained_tokens / wall if wall > 0 else 0.0)
+
+
+def _step(model, data: torch.Tensor, step: int, settings: TrainSettings, ranks: Dist,
+          device: torch.device, autocast, optimizer) -> float:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all ranks."""
+    total = torch.zeros((), device=device)
+    for micro in range(settings.grad_accum):
+        ids = data[batch_indices(len(data), step, micro, settings, ranks)].to(device, non_blocking=True).long()
+        # DDP and FSDP reduce gradients on every backward; only the last micro-batch needs it.
+        sync = micro == settings.grad_accum - 1
+        with _gradient_sync(model, sync), autocast:
+            loss = model(input_ids=ids, labels=ids).loss / settings.grad_accum
+        loss.backward()
+        total += loss.detach()
+    if settings.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ranks.world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    return float(total)
+
+
+@contextlib.contextmanager
+def _gradient_sync(model, sync: bool):
+    if sync or not (hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")):
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def _optimizer(model: torch.nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.AdamW:
+    # No weight decay on norms and biases (1-d tensors), as in Llama's and GPT's recipes.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                             fused=fused or None)
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _wrap_ddp(model: torch.nn.Module, device: torch.device, ranks: Dist):
+    if ranks.world_size == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+# --- FSDP: a sharded copy for training; full state for checkpoints ----------------------------------
+
+def _shard(model: torch.nn.Module, device: torch.device, ranks: Dist) -> torch.nn.Module:
+    """A copy of `model` sharded over the ranks with FSDP2 (one unit per decoder layer, then the
+    rest); `model` itself moves to the CPU. Rank 0's weights win, as under DDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model.to("cpu")  # the device never holds two whole copies
+    sharded = copy.deepcopy(model).to(device)
+    with torch.no_grad():
+        for tensor in [*sharded.parameters(), *sharded.buffers()]:
+            dist.broadcast(tensor, src=0)
+    mesh = init_device_mesh(device.type, (ranks.world_size,))
+    units = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(sharded.modules())[1:]:
+        if type(module).__name__ in units:
+            fully_shard(module, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    return sharded
+
+
+def _full_weights(sharded: torch.nn.Module, *, everywhere: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict on the CPU: gathered one tensor at a time (every rank takes part),
+    kept on rank 0 only unless `everywhere`."""
+    from torch.distributed.tensor import DTensor
+
+    keep = everywhere or dist.get_rank() == 0
+    out = {}
+    for name, tensor in sharded.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if keep:
+            out[name] = full.detach().cpu()
+    return out
+
+
+def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order a plain optimizer numbers its parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """The whole optimizer state on rank 0, keyed by index like a plain optimizer's (None elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(sharded, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    index = {name: i for i, name in enumerate(_parameter_names(sharded, optimizer))}
+    return {"state": {index[name]: value for name, value in full["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in full["param_groups"]]}
+
+
+def _optimizer_loader(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool):
+    """How a checkpoint's (index-keyed, full) optimizer state goes into this run's optimizer."""
+    if not fsdp:
+        return optimizer.load_state_dict
+
+    def load(state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = _parameter_names(runner, optimizer)
+        by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+                   "param_groups": [dict(g, params=[names[i] for i in g["params"]])
+                                    for g in state["param_groups"]]}
+        set_optimizer_state_dict(runner, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+    return load
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def _check_resumable(latest: tuple[int, Path], settings: TrainSettings, ranks: Dist) -> None:
+    step, directory = latest
+    saved = read_train_state(directory)
+    if saved.world_size == ranks.world_size:
+        return
+    # A split batch makes the global batch, and so the data order, independent of the number of
+    # processes: a branch retried on a node with other GPUs resumes where it was.
+    global_batch = settings.batch_size * settings.grad_accum * ranks.world_size
+    if settings.splits_batch and saved.sequences_seen == saved.step * global_batch:
+        return
+    raise CheckpointMismatchError(f"checkpoint at step {step} was trained with {saved.world_size} "
+                                  f"process(es), this run has {ranks.world_size}: resume with the same "
+                                  "number of processes (the data order depends on it), or set "
+                                  "nproc_per_node so that batch_size is the global batch")
+
+
+def _save(checkpoints: CheckpointSink, state: TrainState, model, sharded, optimizer, scheduler, ranks: Dist):
+    """Rank 0 writes the full state; under FSDP every rank first helps gather it into `model`."""
+    optimizer_state = None
+    if sharded is not None:
+        weights = _full_weights(sharded, everywhere=False)
+        optimizer_state = _full_optimizer_state(sharded, optimizer)
+        if ranks.is_main:
+            model.load_state_dict(weights)
+    if ranks.is_main:
+        with tempfile.TemporaryDirectory(prefix="btx-ckpt-") as tmp:
+            save_checkpoint(Path(tmp), model, optimizer, scheduler, state, optimizer_state=optimizer_state)
+            checkpoints.save(state.step, Path(tmp))
+    if ranks.world_size > 1:
+        dist.barrier()
+
+
+def _with_progress_file(on_progress: Callable[[Progress], None] | None):
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if not path:
+        return on_progress
+
+    def report(p: Progress) -> None:
+        if on_progress:
+            on_progress(p)
+        with open(path, "a") as f:
+            f.write(json.dumps(asdict(p)) + "\n")
+
+    return report
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, blocks: np.ndarray, *, batch_size: int, max_blocks: int,
+                  precision: str = "fp32", device: torch.device | None = None) -> float:
+    """Mean next-token loss (nats per token) over the first `max_blocks` held-out blocks."""
+    if len(blocks) == 0:
+        raise DataError("no held-out blocks to evaluate: add data or raise held_out_fraction")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    data = torch.from_numpy(np.ascontiguousarray(blocks[:max_blocks]))
+    total, count = 0.0, 0
+    with _autocast(precision, device):
+        for start in range(0, len(data), batch_size):
+            ids = data[start:start + batch_size].to(device).long()
+            # .loss is a mean over the batch's predicted tokens; weigh batches by their size.
+            n = ids.shape[0] * (ids.shape[1] - 1)
+            total += float(model(input_ids=ids, labels=ids).loss) * n
+            count += n
+    model.train(was_training)
+    return total / count
