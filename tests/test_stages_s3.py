@@ -116,7 +116,7 @@ def test_changed_data_is_a_new_input_and_unchanged_data_is_not(tmp_path):
     raw["expert_training"].update(steps=4, checkpoint_every=2)
     config = parse_config(raw)
     build_seed(config)
-    first = train_expert(config, "fox")
+    train_expert(config, "fox")
     os.utime(corpus, (time.time() + 100, time.time() + 100))             # touched, same content
     assert train_expert(config, "fox").skipped
     corpus.write_text("\n".join(lines + [json.dumps({"text": "A new document. " * 40})]))

@@ -15,7 +15,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from btx_core.config.schema import TrainSettings
-from btx_core.training.loop import Dist, batch_indices, evaluate_loss, train
+from btx_core.training.distributed import Dist
+from btx_core.training.loop import batch_indices, evaluate_loss, train
 
 SETTINGS = TrainSettings(steps=8, lr=3e-3, warmup_steps=2, seq_len=16, batch_size=4, grad_accum=2,
                          precision="fp32", device="cpu", checkpoint_every=3, log_every=1, seed=7)

@@ -22,7 +22,8 @@ from btx_core.store.core import Manifest, Store, checkpoint_location
 from btx_core.store.outputs import StageOutput
 from btx_core.store.transfer import TransferPolicy
 from btx_core.training.compute import flops_per_token
-from btx_core.training.loop import Dist, Progress, evaluate_loss, main_rank_first, train
+from btx_core.training.distributed import Dist, main_rank_first
+from btx_core.training.loop import Progress, evaluate_loss, train
 
 ProgressCallback = Callable[[Progress], None]
 

@@ -10,7 +10,7 @@ from btx_core.model.dense import load_causal_lm
 from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, open_store
 from btx_core.store import layout
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
-from btx_core.training.loop import init_distributed, main_rank_first, pick_device
+from btx_core.training.distributed import init_distributed, main_rank_first, pick_device
 
 
 def expert_config_hash(config: BTXConfig, domain: str) -> str:

@@ -23,7 +23,7 @@ from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, ope
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
-from btx_core.training.loop import init_distributed, main_rank_first
+from btx_core.training.distributed import init_distributed, main_rank_first
 
 log = logging.getLogger(__name__)
 # What a seed directory contributes: weights, configs, and the tokenizer in any of its layouts.

@@ -1,8 +1,8 @@
-"""One training loop for every stage: seed pretraining, expert training (and, later, MoE finetuning).
+"""One training loop for every stage: seed pretraining, expert training and MoE finetuning.
 
 Plain PyTorch around a transformers causal LM: AdamW, warm-up then cosine decay to a fraction of
 the peak (transformers' scheduler), bf16 autocast over fp32 weights, gradient accumulation, and,
-when launched by `torchrun`, DDP or FSDP (`distributed`). Resumability is the design constraint:
+when launched by `torchrun`, DDP or FSDP (`training/distributed.py`). Resumability is the design constraint:
 the data order is a pure function of (seed, step), so a checkpoint only needs the step to put the
 data back where it was, and restoring weights, optimizer, scheduler and RNG makes a resumed run
 end with the same weights as an uninterrupted one. Checkpoints hold the full (unsharded) state
@@ -12,7 +12,6 @@ whatever the wrapping, written by rank 0.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -20,7 +19,6 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -31,6 +29,18 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from btx_core.config.schema import TrainSettings
 from btx_core.errors import BTXError, CheckpointMismatchError, DataError
+from btx_core.training.distributed import (
+    Dist,
+    full_optimizer_state,
+    full_weights,
+    gradient_sync,
+    init_distributed,
+    main_rank_first,
+    optimizer_loader,
+    pick_device,
+    shard,
+    wrap_ddp,
+)
 from btx_core.training.state import (
     TrainState,
     load_model_weights,
@@ -40,7 +50,6 @@ from btx_core.training.state import (
 )
 
 log = logging.getLogger(__name__)
-BARRIER_TIMEOUT = timedelta(hours=2)
 FINAL_LOSS_WINDOW = 10  # steps averaged for the reported final training loss
 # A launcher (btx_core/stages/branch.py) that runs training in processes of its own names a file here;
 # rank 0 appends every progress report to it as a JSON line.
@@ -79,56 +88,6 @@ class CheckpointSink(Protocol):
 
     def save(self, step: int, directory: Path) -> None:
         """Persist a checkpoint directory written by `save_checkpoint`."""
-
-
-# --- distributed -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> Dist:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1); otherwise one process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Dist()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        if cuda:
-            torch.cuda.set_device(local_rank)  # before NCCL starts, or every rank uses GPU 0
-        # The other ranks wait in a barrier while rank 0 uploads a checkpoint: give big models time.
-        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
-
-
-@contextlib.contextmanager
-def main_rank_first(ranks: Dist):
-    """Rank 0 runs the block first (e.g. tokenizes into the shared cache); the others then run it."""
-    if ranks.world_size > 1 and not ranks.is_main:
-        dist.barrier()
-    yield
-    if ranks.world_size > 1 and ranks.is_main:
-        dist.barrier()
-
-
-def pick_device(setting: str, ranks: Dist, precision: str = "fp32") -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise BTXError("device: cuda was asked for but no CUDA device is visible; "
-                               "use `device: auto` or `cpu`")
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise BTXError(f"{torch.cuda.get_device_name()} has no bf16 support: use "
-                               "`precision: fp32` (pre-Ampere GPUs such as V100 and T4)")
-        return torch.device("cuda", ranks.local_rank)
-    return torch.device("cpu")
 
 
 # --- data order --------------------------------------------------------------------------------
@@ -194,18 +153,18 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
     if latest is not None:
         _check_resumable(latest, settings, ranks)
         load_model_weights(latest[1], model)
-    runner = _shard(model, device, ranks) if fsdp else model
+    runner = shard(model, device, ranks) if fsdp else model
     optimizer = _optimizer(runner, settings, fused=device.type == "cuda" and not fsdp)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=min(settings.warmup_steps, total_steps),
         num_training_steps=total_steps, min_lr_rate=settings.min_lr_ratio)
     state = TrainState(step=0, sequences_seen=0, tokens_seen=0, world_size=ranks.world_size, losses=[])
     if latest is not None:
-        state = load_training_state(latest[1], scheduler, _optimizer_loader(runner, optimizer, fsdp))
+        state = load_training_state(latest[1], scheduler, optimizer_loader(runner, optimizer, fsdp))
         state.world_size = ranks.world_size
         log.info("resuming from step %d (%s)", state.step, latest[1])
     resumed_from = state.step
-    wrapped = runner if fsdp else _wrap_ddp(model, device, ranks)
+    wrapped = runner if fsdp else wrap_ddp(model, device, ranks)
     autocast = _autocast(settings.precision, device)
     data = torch.from_numpy(np.ascontiguousarray(blocks))  # int32 in memory; int64 per micro-batch
     tokens_per_step = settings.tokens_per_step * ranks.world_size
@@ -234,7 +193,7 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
             _save(checkpoints, state, model, runner if fsdp else None, optimizer, scheduler, ranks)
 
     if fsdp:  # the trained weights back into the caller's (plain) model, on every rank
-        model.load_state_dict(_full_weights(runner, everywhere=True))
+        model.load_state_dict(full_weights(runner, everywhere=True))
         model.to(device)
         del runner, optimizer
     wall = time.perf_counter() - started
@@ -254,7 +213,7 @@ def _step(model, data: torch.Tensor, step: int, settings: TrainSettings, ranks: 
         ids = data[batch_indices(len(data), step, micro, settings, ranks)].to(device, non_blocking=True).long()
         # DDP and FSDP reduce gradients on every backward; only the last micro-batch needs it.
         sync = micro == settings.grad_accum - 1
-        with _gradient_sync(model, sync), autocast:
+        with gradient_sync(model, sync), autocast:
             loss = model(input_ids=ids, labels=ids).loss / settings.grad_accum
         loss.backward()
         total += loss.detach()
@@ -265,21 +224,6 @@ def _step(model, data: torch.Tensor, step: int, settings: TrainSettings, ranks: 
     if ranks.world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     return float(total)
-
-
-@contextlib.contextmanager
-def _gradient_sync(model, sync: bool):
-    if sync or not (hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")):
-        yield
-    elif hasattr(model, "no_sync"):  # DDP
-        with model.no_sync():
-            yield
-    else:  # FSDP2
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
 
 
 def _optimizer(model: torch.nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.AdamW:
@@ -295,85 +239,6 @@ def _autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _wrap_ddp(model: torch.nn.Module, device: torch.device, ranks: Dist):
-    if ranks.world_size == 1:
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-# --- FSDP: a sharded copy for training; full state for checkpoints ----------------------------------
-
-def _shard(model: torch.nn.Module, device: torch.device, ranks: Dist) -> torch.nn.Module:
-    """A copy of `model` sharded over the ranks with FSDP2 (one unit per decoder layer, then the
-    rest); `model` itself moves to the CPU. Rank 0's weights win, as under DDP."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    model.to("cpu")  # the device never holds two whole copies
-    sharded = copy.deepcopy(model).to(device)
-    with torch.no_grad():
-        for tensor in [*sharded.parameters(), *sharded.buffers()]:
-            dist.broadcast(tensor, src=0)
-    mesh = init_device_mesh(device.type, (ranks.world_size,))
-    units = set(getattr(model, "_no_split_modules", None) or ())
-    for module in list(sharded.modules())[1:]:
-        if type(module).__name__ in units:
-            fully_shard(module, mesh=mesh)
-    fully_shard(sharded, mesh=mesh)
-    return sharded
-
-
-def _full_weights(sharded: torch.nn.Module, *, everywhere: bool) -> dict[str, torch.Tensor]:
-    """The whole state dict on the CPU: gathered one tensor at a time (every rank takes part),
-    kept on rank 0 only unless `everywhere`."""
-    from torch.distributed.tensor import DTensor
-
-    keep = everywhere or dist.get_rank() == 0
-    out = {}
-    for name, tensor in sharded.state_dict().items():
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if keep:
-            out[name] = full.detach().cpu()
-    return out
-
-
-def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the order a plain optimizer numbers its parameters."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-def _full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """The whole optimizer state on rank 0, keyed by index like a plain optimizer's (None elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    full = get_optimizer_state_dict(sharded, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return None
-    index = {name: i for i, name in enumerate(_parameter_names(sharded, optimizer))}
-    return {"state": {index[name]: value for name, value in full["state"].items()},
-            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in full["param_groups"]]}
-
-
-def _optimizer_loader(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool):
-    """How a checkpoint's (index-keyed, full) optimizer state goes into this run's optimizer."""
-    if not fsdp:
-        return optimizer.load_state_dict
-
-    def load(state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        names = _parameter_names(runner, optimizer)
-        by_name = {"state": {names[i]: value for i, value in state["state"].items()},
-                   "param_groups": [dict(g, params=[names[i] for i in g["params"]])
-                                    for g in state["param_groups"]]}
-        set_optimizer_state_dict(runner, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-
-    return load
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -398,8 +263,8 @@ def _save(checkpoints: CheckpointSink, state: TrainState, model, sharded, optimi
     """Rank 0 writes the full state; under FSDP every rank first helps gather it into `model`."""
     optimizer_state = None
     if sharded is not None:
-        weights = _full_weights(sharded, everywhere=False)
-        optimizer_state = _full_optimizer_state(sharded, optimizer)
+        weights = full_weights(sharded, everywhere=False)
+        optimizer_state = full_optimizer_state(sharded, optimizer)
         if ranks.is_main:
             model.load_state_dict(weights)
     if ranks.is_main:
