@@ -4,7 +4,6 @@ Commands register on `app` from their own modules (pipeline, mix, after_mix); `m
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import typer
@@ -15,17 +14,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 ConfigArg = typer.Argument(..., help="Pipeline config (YAML), e.g. configs/demo.yaml")
 
 
-def package_version() -> str:
-    """The installed distribution's version: pyproject.toml is its one source."""
-    try:
-        return version("btx")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed: pip install -e .)"
-
-
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"btx {package_version()}")
+        from btx_core import __version__
+
+        typer.echo(f"btx {__version__}")
         raise typer.Exit()
 
 

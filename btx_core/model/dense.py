@@ -1,4 +1,4 @@
-"""The seed: load a dense Llama/Mistral-family model, or create a tiny Llama for demos and tests.
+"""Dense models (a seed, an expert): load one of a supported family, or create a tiny Llama for demos and tests.
 
 Loading goes through transformers' Auto classes for local directories and Hub ids alike (the
 code path tests exercise on local directories is the one real users take with Hub ids); store
