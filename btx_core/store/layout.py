@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from btx_core.config.schema import BTXConfig
 
 
@@ -27,49 +29,29 @@ def run_root(config: BTXConfig) -> str:
     return _join(config.store, config.run_name)
 
 
-def seed_tokenizer(config: BTXConfig) -> str:
-    return _join(run_root(config), "seed", "tokenizer")
-
-
-def seed_model(config: BTXConfig) -> str:
-    return _join(run_root(config), "seed", "model")
-
-
-def seed_checkpoints(config: BTXConfig) -> str:
-    return _join(run_root(config), "seed", "checkpoints")
-
-
-def expert_model(config: BTXConfig, domain: str) -> str:
-    return _join(run_root(config), "experts", domain, "model")
-
-
-def expert_checkpoints(config: BTXConfig, domain: str) -> str:
-    return _join(run_root(config), "experts", domain, "checkpoints")
-
-
-def mix_model(config: BTXConfig) -> str:
-    return _join(run_root(config), "mix", "model")
-
-
-def upcycle_model(config: BTXConfig) -> str:
-    return _join(run_root(config), "upcycle", "model")
-
-
-def trained_model(config: BTXConfig, name: str) -> str:
-    return _join(run_root(config), "trained", name, "model")
-
-
-def trained_checkpoints(config: BTXConfig, name: str) -> str:
-    return _join(run_root(config), "trained", name, "checkpoints")
-
-
-def compare_results(config: BTXConfig) -> str:
-    return _join(run_root(config), "compare", "results")
-
-
-def eval_results(config: BTXConfig) -> str:
-    return _join(run_root(config), "eval", "results")
-
-
 def data_cache(config: BTXConfig, key: str) -> str:
     return _join(config.store, "_data", key)
+
+
+def _in_run(*parts: str) -> Callable[[BTXConfig], str]:
+    """config -> `<store>/<run_name>/<parts>`."""
+    return lambda config: _join(run_root(config), *parts)
+
+
+def _per_name(folder: str, leaf: str) -> Callable[[BTXConfig, str], str]:
+    """(config, name) -> `<store>/<run_name>/<folder>/<name>/<leaf>`; name: a domain or a trained model."""
+    return lambda config, name: _join(run_root(config), folder, name, leaf)
+
+
+# The table in the docstring, a row each: `seed_model(config)`, `expert_model(config, domain)`, ...
+seed_tokenizer = _in_run("seed", "tokenizer")
+seed_model = _in_run("seed", "model")
+seed_checkpoints = _in_run("seed", "checkpoints")
+expert_model = _per_name("experts", "model")
+expert_checkpoints = _per_name("experts", "checkpoints")
+mix_model = _in_run("mix", "model")
+upcycle_model = _in_run("upcycle", "model")
+trained_model = _per_name("trained", "model")
+trained_checkpoints = _per_name("trained", "checkpoints")
+compare_results = _in_run("compare", "results")
+eval_results = _in_run("eval", "results")
