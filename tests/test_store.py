@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import btx_core.store.commit as commit_module
 import btx_core.store.core as store_module
 from btx_core.errors import IncompleteOutputError, IntegrityError, StoreError
 from btx_core.store.core import MANIFEST, Manifest, Store, checkpoint_location
@@ -363,7 +364,7 @@ def test_only_dead_writers_leftovers_are_cleaned(tmp_path):
     parent.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
-    host = store_module._HOST
+    host = commit_module._HOST
 
     def leftover(kind: str, tag: str, age_s: float = 0) -> Path:
         d = parent / f".out.{kind}-{tag}"

@@ -66,13 +66,6 @@ class Manifest(BaseModel):
         return cls.model_validate_json(data)
 
 
-def checkpoint_location(prefix: str, step: int) -> str:
-    """`prefix/step-00000100`: the location of training checkpoint `step` under `prefix`."""
-    if step < 0:
-        raise ValueError(f"checkpoint step must be >= 0, got {step}")
-    return f"{prefix.rstrip('/')}/step-{step:08d}"
-
-
 def sha256_of(f) -> str:
     digest = hashlib.sha256()
     while chunk := f.read(8 << 20):
