@@ -497,14 +497,15 @@ def test_unreachable_endpoint_is_a_store_error(tmp_path, monkeypatch):
 def test_store_transfer_in_the_config_sets_the_policy_and_defaults_match(tmp_path):
     import yaml
 
-    from btx_core.config.schema import BTXConfig, TransferSettings
-    from btx_core.stages.common import open_store, transfer_policy
+    from btx_core.config.schema import BTXConfig
+    from btx_core.stages.common import open_store
     from btx_core.store.transfer import TransferPolicy
 
-    assert transfer_policy(TransferSettings()) == TransferPolicy()
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())
     raw["store"] = str(tmp_path / "store")
+    assert BTXConfig.model_validate(raw).store_transfer == Store.transfer  # the config's defaults
     assert open_store(BTXConfig.model_validate(raw)).transfer is Store.transfer  # unset: the default
     raw["store_transfer"] = {"files_at_once": 2, "connections": 16, "part_size_mib": 64, "attempts": 3}
     policy = open_store(BTXConfig.model_validate(raw)).transfer
-    assert policy == TransferPolicy(files_at_once=2, connections=16, part_size=64 << 20, attempts=3)
+    assert policy == TransferPolicy(files_at_once=2, connections=16, part_size_mib=64, attempts=3)
+    assert (policy.part_size, policy.first_wait_s) == (64 << 20, Store.transfer.first_wait_s)

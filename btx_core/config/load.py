@@ -18,15 +18,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from btx_core.config.schema import (
-    BTXConfig,
-    DataSource,
-    SeedSpec,
-    TinyModelSpec,
-    TrainSettings,
-    cross_field_problems,
-    scheme,
-)
+from btx_core.config.base import cross_field_problems
+from btx_core.config.schema import BTXConfig, DataSource, SeedSpec, TinyModelSpec, TrainSettings, scheme
 from btx_core.errors import ConfigError
 from btx_core.model.families import HUB_ID, seed_architecture_problem
 

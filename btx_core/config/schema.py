@@ -8,14 +8,14 @@ everything before any heavy work and reports every problem at once, each with it
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from btx_core.config import checks as checks
+from btx_core.config.base import StrictModel
 from btx_core.config.checks import GENERAL, HELD_OUT_FRACTION
+from btx_core.config.execution import Orchestration, TransferPolicy
 from btx_core.config.values import (
     SECRET_KEYS,
     no_credentials_in_url,
@@ -27,26 +27,16 @@ from btx_core.config.values import (
 )
 from btx_core.errors import ConfigError
 
-__all__ = ["BTXConfig", "CompareSettings", "DataSource", "DomainSpec", "FinetuneSettings", "GENERAL", "MixSettings", "Orchestration", "SeedSpec",
-           "TinyModelSpec", "TrainSettings", "cross_field_problems", "parse_bytes", "scheme", "stable_hash"]
+__all__ = ["BTXConfig", "CompareSettings", "DataSource", "DomainSpec", "FinetuneSettings", "GENERAL", "MixSettings", "SeedSpec",
+           "TinyModelSpec", "TrainSettings", "parse_bytes", "scheme", "stable_hash"]
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # a Prefect work pool (and deployment) name
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    @model_validator(mode="after")
-    def _cross_field(self):
-        problems = cross_field_problems(type(self), self.model_dump())
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
 
 
 class DataSource(StrictModel):
     """Where a corpus comes from: exactly one of `builtin`, `path` or `hub`."""
+
+    cross_check = checks.source_problems
 
     builtin: Literal["code", "math", "knowledge", "general"] | None = None
     """A corpus shipped with btx (offline): `code` (Python stdlib source), `math` (generated
@@ -103,6 +93,8 @@ class DomainSpec(StrictModel):
 
 class TrainSettings(StrictModel):
     """One training stage (seed pretraining, expert training). Paper defaults where it has them."""
+
+    cross_check = checks.budget_problems
 
     steps: int | None = Field(default=None, gt=0)
     """Optimizer steps to train. Set exactly one of `steps` and `tokens`."""
@@ -206,6 +198,8 @@ class TinyModelSpec(StrictModel):
     parameters in the FFNs, as in Llama-2 7B: BTX keeps FFNs per expert and averages the rest,
     so a tiny model dominated by its embeddings would lose what its experts learned."""
 
+    cross_check = checks.head_problems
+
     vocab_size: int = Field(default=4096, ge=260)
     """Byte-level BPE vocabulary trained on the seed's pretraining corpus (>= 256 bytes + specials)."""
     hidden_size: int = Field(default=256, gt=0)
@@ -230,6 +224,8 @@ class TinyModelSpec(StrictModel):
 
 class SeedSpec(StrictModel):
     """The seed LLM: an existing model (`model`) or a tiny one created and pretrained (`create`)."""
+
+    cross_check = checks.seed_problems
 
     model: str | None = None
     """A local directory or store URI in Hugging Face layout, or a Hub model id (Llama/Mistral family)."""
@@ -320,62 +316,10 @@ class CompareSettings(StrictModel):
     """Blocks per evaluation forward pass."""
 
 
-class Orchestration(StrictModel):
-    """How Prefect runs the pipeline (`flows/`). Nothing here changes what is computed, so none
-    of it enters a stage's config hash: a run can move between modes and keep its outputs."""
-
-    expert_runner: Literal["local", "deployments"] = "local"
-    """`local`: expert branches run as concurrent tasks in the pipeline flow's process (embedded
-    mode, `btx run`). `deployments`: each branch is a run of the `train-expert/<pool>` deployment
-    on its own work pool, launched with `run_deployment`; the pipeline waits on the store."""
-    expert_pool: str = Field(default="btx-experts", pattern=POOL_PATTERN)
-    """Default work pool of the expert branches (`deployments` mode); the branch runs the
-    deployment `train-expert/<pool>`."""
-    domain_pools: dict[str, str] = Field(default_factory=dict)
-    """Per-domain work pool overrides (domain name -> pool), e.g. one pool per hardware class."""
-    mix_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
-    """Work pool of the MiX stage; null runs it in the pipeline flow's process."""
-    finetune_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
-    """Work pool of the MoE-finetune stage; null runs it in the pipeline flow's process."""
-    retries: int = Field(default=3, ge=0)
-    """Retries of a failed expert branch; each retry resumes from the branch's newest checkpoint."""
-    retry_delay_s: float = Field(default=10.0, ge=0)
-    """Exponential backoff base: retry r waits retry_delay_s x 2^r seconds, +-50 % jitter."""
-    max_parallel_branches: int | None = Field(default=None, gt=0)
-    """`local` mode: expert branches trained at once (default: all). Each gets its share of the
-    CPU cores as torch threads (cores // branches at once), unless `expert_training.threads` is set."""
-
-    @field_validator("domain_pools")
-    @classmethod
-    def _pool_names(cls, pools: dict[str, str]) -> dict[str, str]:
-        bad = sorted(p for p in pools.values() if not re.fullmatch(POOL_PATTERN, p))
-        if bad:
-            raise ValueError(f"work pool name(s) {', '.join(map(repr, bad))} are not valid: use letters, "
-                             "digits, '-', '_' and '.' (the pool names a deployment, `train-expert/<pool>`)")
-        return pools
-
-
-class TransferSettings(StrictModel):
-    """How the store moves files to and from S3 (btx_core/store/transfer.py). Only speed and patience
-    change with it, never what is stored, so it enters no config hash. The defaults equal
-    `TransferPolicy()`; BENCHMARKS.md "S3 transfer" measured them."""
-
-    files_at_once: int = Field(default=4, gt=0)
-    """Files moved concurrently."""
-    connections: int = Field(default=8, gt=0)
-    """Requests in flight in all, shared by the files in flight (a large file's parts)."""
-    part_size_mib: int = Field(default=32, ge=5)
-    """Multipart part and ranged-read size in MiB (S3's minimum part is 5). Memory held is up to
-    max(connections, 2 x files_at_once) parts."""
-    attempts: int = Field(default=8, gt=0)
-    """Tries of each file before a transient error (dropped connection, 5xx, SlowDown) is final."""
-    first_wait_s: float = Field(default=1.0, gt=0)
-    max_wait_s: float = Field(default=30.0, gt=0)
-    """Waits between tries double from `first_wait_s` up to `max_wait_s` (jittered)."""
-
-
 class BTXConfig(StrictModel):
     """A whole BTX pipeline run."""
+
+    cross_check = checks.config_problems
 
     run_name: str = Field(pattern=NAME_PATTERN)
     """Name of the run; outputs go to `<store>/<run_name>/...`."""
@@ -384,7 +328,7 @@ class BTXConfig(StrictModel):
     credentials come from the environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)."""
     cache_dir: str = "~/.cache/btx"
     """Local cache for checkpoints fetched from the store."""
-    store_transfer: TransferSettings = Field(default_factory=TransferSettings)
+    store_transfer: TransferPolicy = Field(default_factory=TransferPolicy)
     """Concurrency, part size and retries of the store's S3 transfers (no effect on local stores)."""
     seed: SeedSpec
     """The seed model."""
@@ -437,22 +381,3 @@ class BTXConfig(StrictModel):
         known = ", ".join(d.name for d in self.domains)
         raise ConfigError([f"domain {name!r} is not in `domains` (known: {known}): use one of them, "
                            f"e.g. --domain {self.domains[0].name}, or add it to `domains`"])
-
-
-# Cross-field checks (btx_core/config/checks.py), per model class; a class absent here has none.
-CROSS_CHECKS = {DataSource: checks.source_problems, TrainSettings: checks.budget_problems,
-                TinyModelSpec: checks.head_problems, SeedSpec: checks.seed_problems,
-                BTXConfig: checks.config_problems}
-
-
-def cross_field_problems(model: type[BaseModel], data: Mapping) -> list[str]:
-    """The cross-field problems of one model's data; defaults fill what `data` leaves out."""
-    check = CROSS_CHECKS.get(model)
-    if check is None:
-        return []
-    defaults = {name: f.get_default(call_default_factory=True)
-                for name, f in model.model_fields.items() if not f.is_required()}
-    try:
-        return check({**defaults, **data})
-    except (TypeError, ValueError, KeyError, ZeroDivisionError):
-        return []  # wrongly typed fields: already reported by the field checks

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from btx_core.config.schema import BTXConfig, TrainSettings, TransferSettings
+from btx_core.config.schema import BTXConfig, TrainSettings
 from btx_core.data.packing import TokenizedSplits
 from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
 from btx_core.moe.routing import lm_loss_only
 from btx_core.store.core import Manifest, Store, checkpoint_location
 from btx_core.store.outputs import StageOutput
-from btx_core.store.transfer import TransferPolicy
 from btx_core.training.compute import flops_per_token
 from btx_core.training.distributed import Dist, main_rank_first
 from btx_core.training.loop import Progress, evaluate_loss, train
@@ -104,14 +103,8 @@ def open_store(config: BTXConfig) -> Store:
     """The run's store; with the config's `store_transfer` if it sets one, else `Store.transfer`."""
     store = Store(config.store)
     if "store_transfer" in config.model_fields_set:
-        store.transfer = transfer_policy(config.store_transfer)
+        store.transfer = config.store_transfer
     return store
-
-
-def transfer_policy(t: TransferSettings) -> TransferPolicy:
-    return TransferPolicy(files_at_once=t.files_at_once, connections=t.connections,
-                          part_size=t.part_size_mib << 20, attempts=t.attempts,
-                          first_wait_s=t.first_wait_s, max_wait_s=t.max_wait_s)
 
 
 def cache_dir(config: BTXConfig) -> Path:

@@ -1,24 +1,23 @@
 """How the store moves files: several at once, large ones in parallel parts, transient errors retried.
 
-On S3, `put_files` and `get_files` run `TransferPolicy.files_at_once` files concurrently; a file
-of two parts or more goes up as a multipart upload (down as ranged reads) with several parts in
-flight (s3fs's `chunksize`/`max_concurrency`), a smaller one in one request. A transfer cut by a
-dropped connection, a timeout or a 5xx answer is retried, the whole file again, after a wait that
-doubles up to a cap; a refused signature, a missing bucket or a full disk fail at once, because
-waiting does not fix them. Retrying a whole file is safe: nothing is valid until the manifest is
-written, and the manifest goes last (store.py).
+On S3, `put_files` and `get_files` run `TransferPolicy.files_at_once` files concurrently (the
+policy is the config's `store_transfer:`, btx_core/config/execution.py); a file of two parts or
+more goes up as a multipart upload (down as ranged reads) with several parts in flight (s3fs's
+`chunksize`/`max_concurrency`), a smaller one in one request. A transfer cut by a dropped
+connection, a timeout or a 5xx answer is retried, the whole file again, after a wait that doubles
+up to a cap; a refused signature, a missing bucket or a full disk fail at once, because waiting
+does not fix them. Retrying a whole file is safe: nothing is valid until the manifest is
+written, and the manifest goes last (commit.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from http.client import IncompleteRead
 from typing import Any, TypeVar
 
@@ -32,6 +31,8 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from fsspec.implementations.local import LocalFileSystem
 
+from btx_core.config.execution import TransferPolicy
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -39,42 +40,6 @@ T = TypeVar("T")
 # reports as codes when a proxy or load balancer answers instead of S3.
 _LATER_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
                 "500", "502", "503", "504"}
-
-
-@dataclass(frozen=True)
-class TransferPolicy:
-    """Concurrency and retries of the store's file transfers (`Store.transfer`)."""
-
-    files_at_once: int = 4
-    """Files transferred concurrently (object stores; a local store copies one at a time)."""
-    connections: int = 8
-    """Requests in flight in all: the files in flight share them, so one large file gets all
-    8 for its parts, four get 2 each."""
-    part_size: int = 32 << 20
-    """Bytes per multipart-upload part and per ranged read (S3's minimum part: 5 MiB). A file
-    under two parts goes in one request (and comes down as one stream): splitting it adds
-    requests for little gain (BENCHMARKS.md, "S3 transfer"). s3fs buffers whole parts (and
-    whole one-request uploads), so memory held is up to
-    max(connections, 2 * files_at_once) * part_size: 256 MiB with the defaults."""
-    attempts: int = 8
-    """Tries of each file (and of the size listing and manifest write) before a transient error
-    is final. botocore's own few quick retries run inside each try."""
-    first_wait_s: float = 1.0
-    max_wait_s: float = 30.0
-    """Waits double from `first_wait_s` to `max_wait_s` (each jittered to 50-100 %, so files
-    that failed together do not come back together): the defaults wait 45-90 s in all, plus
-    botocore's retries inside each try, enough for an endpoint that restarts."""
-
-    def __post_init__(self):
-        if min(self.files_at_once, self.connections, self.attempts) < 1:
-            raise ValueError(f"files_at_once, connections and attempts must be >= 1: {self}")
-        if self.part_size < 5 << 20:
-            raise ValueError(f"part_size must be at least 5 MiB (S3's minimum), got {self.part_size}")
-
-    def waits(self) -> Iterator[float]:
-        """The waits before tries 2..attempts."""
-        for i in range(self.attempts - 1):
-            yield min(self.first_wait_s * 2 ** i, self.max_wait_s) * random.uniform(0.5, 1.0)
 
 
 class RetriesExhausted(OSError):

@@ -298,7 +298,7 @@ def test_disk_full_partway_through_a_download_leaves_nothing_in_the_cache(s3_roo
 
 @pytest.mark.integration
 def test_large_files_travel_in_parallel_parts_and_arrive_whole(s3_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(Store, "transfer", TransferPolicy(part_size=5 << 20, connections=4))
+    monkeypatch.setattr(Store, "transfer", TransferPolicy(part_size_mib=5, connections=4))
     store = Store(s3_root)
     loc = store.child("big")
     files = {"model.safetensors": os.urandom(16 << 20), "config.json": b"{}"}  # 4 parts, 1 request

@@ -1,0 +1,90 @@
+"""How a run is carried out, never what it computes: Prefect orchestration and the store's transfers.
+
+Nothing here enters a stage's config hash: a run can change mode, pools, retries or transfer
+settings and keep its outputs.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from btx_core.config.base import StrictModel
+
+POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # a Prefect work pool (and deployment) name
+
+
+class Orchestration(StrictModel):
+    """How Prefect runs the pipeline (`flows/`). Nothing here changes what is computed, so none
+    of it enters a stage's config hash: a run can move between modes and keep its outputs."""
+
+    expert_runner: Literal["local", "deployments"] = "local"
+    """`local`: expert branches run as concurrent tasks in the pipeline flow's process (embedded
+    mode, `btx run`). `deployments`: each branch is a run of the `train-expert/<pool>` deployment
+    on its own work pool, launched with `run_deployment`; the pipeline waits on the store."""
+    expert_pool: str = Field(default="btx-experts", pattern=POOL_PATTERN)
+    """Default work pool of the expert branches (`deployments` mode); the branch runs the
+    deployment `train-expert/<pool>`."""
+    domain_pools: dict[str, str] = Field(default_factory=dict)
+    """Per-domain work pool overrides (domain name -> pool), e.g. one pool per hardware class."""
+    mix_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
+    """Work pool of the MiX stage; null runs it in the pipeline flow's process."""
+    finetune_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
+    """Work pool of the MoE-finetune stage; null runs it in the pipeline flow's process."""
+    retries: int = Field(default=3, ge=0)
+    """Retries of a failed expert branch; each retry resumes from the branch's newest checkpoint."""
+    retry_delay_s: float = Field(default=10.0, ge=0)
+    """Exponential backoff base: retry r waits retry_delay_s x 2^r seconds, +-50 % jitter."""
+    max_parallel_branches: int | None = Field(default=None, gt=0)
+    """`local` mode: expert branches trained at once (default: all). Each gets its share of the
+    CPU cores as torch threads (cores // branches at once), unless `expert_training.threads` is set."""
+
+    @field_validator("domain_pools")
+    @classmethod
+    def _pool_names(cls, pools: dict[str, str]) -> dict[str, str]:
+        bad = sorted(p for p in pools.values() if not re.fullmatch(POOL_PATTERN, p))
+        if bad:
+            raise ValueError(f"work pool name(s) {', '.join(map(repr, bad))} are not valid: use letters, "
+                             "digits, '-', '_' and '.' (the pool names a deployment, `train-expert/<pool>`)")
+        return pools
+
+
+class TransferPolicy(StrictModel):
+    """How the store moves files to and from S3: the config's `store_transfer:`, and
+    `Store.transfer` (btx_core/store/transfer.py). Only speed and patience change with it,
+    never what is stored. BENCHMARKS.md "S3 transfer" measured the defaults."""
+
+    files_at_once: int = Field(default=4, gt=0)
+    """Files transferred concurrently (object stores; a local store copies one at a time)."""
+    connections: int = Field(default=8, gt=0)
+    """Requests in flight in all: the files in flight share them, so one large file gets all
+    8 for its parts, four get 2 each."""
+    part_size_mib: int = Field(default=32, ge=5)
+    """MiB per multipart-upload part and per ranged read (S3's minimum part is 5). A file
+    under two parts goes in one request (and comes down as one stream): splitting it adds
+    requests for little gain (BENCHMARKS.md, "S3 transfer"). s3fs buffers whole parts (and
+    whole one-request uploads), so memory held is up to
+    max(connections, 2 x files_at_once) parts: 256 MiB with the defaults."""
+    attempts: int = Field(default=8, gt=0)
+    """Tries of each file (and of the size listing and manifest write) before a transient error
+    (dropped connection, 5xx, SlowDown) is final. botocore's own few quick retries run inside
+    each try."""
+    first_wait_s: float = Field(default=1.0, gt=0)
+    max_wait_s: float = Field(default=30.0, gt=0)
+    """Waits between tries double from `first_wait_s` to `max_wait_s` (each jittered to
+    50-100 %, so files that failed together do not come back together): the defaults wait
+    45-90 s in all, plus botocore's retries inside each try, enough for an endpoint that restarts."""
+
+    @property
+    def part_size(self) -> int:
+        """`part_size_mib` in bytes."""
+        return self.part_size_mib << 20
+
+    def waits(self) -> Iterator[float]:
+        """The waits before tries 2..attempts."""
+        for i in range(self.attempts - 1):
+            yield min(self.first_wait_s * 2 ** i, self.max_wait_s) * random.uniform(0.5, 1.0)
