@@ -1,5 +1,5 @@
 """Fan-out: two expert branches at once vs the same two one after the other, 1 thread each,
-both through the pipeline's fan-out code (`flows.pipeline._local_branches`, after its seed task;
+both through the pipeline's fan-out code (`flows.pipeline.local_branches`, after its seed task;
 MiX and the report, the same in both modes, are left out) in embedded mode, in one process.
 
     python bench/pipeline_fanout.py [--rounds 3] [--steps 100] [--json out.json]
@@ -48,12 +48,13 @@ def main() -> None:
     quiet()
     from prefect import flow
 
-    from flows.pipeline import _local_branches, seed_task
+    from flows.pipeline import local_branches
+    from flows.tasks import seed_task
 
     @flow(name="btx-fan-out")
     def btx_pipeline(config):
-        """The pipeline's own fan-out (seed, then `_local_branches`), without mix and report."""
-        return _local_branches(config, seed_task.submit(config))
+        """The pipeline's own fan-out (seed, then `local_branches`), without mix and report."""
+        return local_branches(config, seed_task.submit(config))
 
     raw = bench_raw(args.steps)
     with tempfile.TemporaryDirectory(prefix="btx-fanout-") as tmp:

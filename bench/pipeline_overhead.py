@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline_common import ci_raw, fresh_store, load, machine, median, quiet, timed
 
-from flows.tasks import cores
+from flows.options import cores
 
 
 def direct(cfg) -> None:

@@ -11,8 +11,9 @@ import time
 from prefect import flow, get_run_logger, task
 
 from btx_core.config.schema import BTXConfig
+from flows.options import STAGE_TASK, cores, torch_threads
 from flows.progress import artifact_key, forward_library_logs, run_name
-from flows.tasks import STAGE_TASK, cores, seed_task, torch_threads
+from flows.tasks import seed_task
 
 
 @task(name="compare-seed", task_run_name="compare[seed {seed}]", **STAGE_TASK)

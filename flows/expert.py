@@ -11,50 +11,15 @@ task relaunches it under torchrun (btx_core/stages/branch.py).
 
 from __future__ import annotations
 
-import os
-
 from prefect import flow, task
 from prefect.cache_policies import DEFAULT
-from prefect.tasks import exponential_backoff
 
 from btx_core.config.schema import BTXConfig
-from btx_core.errors import BTXError
 from btx_core.stages.branch import processes_for, train_expert_torchrun
 from btx_core.store import layout
-from flows.progress import ProgressCallback, StageProgress, artifact_key, forward_library_logs, run_name
-from flows.tasks import RETRY_JITTER, STAGE_TASK, _report, _transient, expert_task_for
-
-# Test hook, used by the fault-injection tests (tests/test_flows_*.py); never set it in
-# production. When BTX_FAULT_AFTER_CHECKPOINT names a file that does not exist yet, the first
-# expert branch whose training passes its first checkpoint creates that file and fails. The file
-# makes it fail once: the retry (or a retried parent run) finds it and trains on, resuming from
-# the checkpoint. The training loop reports progress before it saves the checkpoint of the same
-# step, so the first report past `checkpoint_every` comes after that checkpoint is in the store.
-FAULT_ENV = "BTX_FAULT_AFTER_CHECKPOINT"
-
-
-class InjectedFault(BTXError):
-    """The failure BTX_FAULT_AFTER_CHECKPOINT asked for."""
-
-
-def with_fault_hook(callback: ProgressCallback, checkpoint_every: int, domain: str) -> ProgressCallback:
-    """`callback`, failing once after the first checkpoint when the test hook is armed."""
-    path = os.environ.get(FAULT_ENV)
-    if not path or os.path.exists(path):
-        return callback
-
-    def armed(p) -> None:
-        callback(p)
-        if p.step > checkpoint_every:
-            try:  # O_EXCL: of branches running at once, exactly one fails
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return
-            os.write(fd, f"expert[{domain}] failed on purpose at step {p.step}\n".encode())
-            os.close(fd)
-            raise InjectedFault(f"expert[{domain}]: injected fault at step {p.step} ({FAULT_ENV}={path})")
-
-    return armed
+from flows.options import STAGE_TASK, retry_policy
+from flows.progress import StageProgress, artifact_key, forward_library_logs, run_name
+from flows.tasks import expert_task_for
 
 
 @task(name="train-expert", task_run_name="expert[{domain}]", cache_policy=DEFAULT - "nproc", **STAGE_TASK)
@@ -63,16 +28,7 @@ def expert_torchrun_task(config: BTXConfig, domain: str, nproc: int) -> str:
     resuming from its newest checkpoint; `nproc` is how it runs, not what it makes."""
     forward_library_logs()
     progress = StageProgress(artifact_key(config.run_name, "expert", domain, "progress"), f"expert[{domain}]")
-    callback = with_fault_hook(progress, config.expert_training.checkpoint_every, domain)
-    return _report(progress, train_expert_torchrun(config, domain, nproc, on_progress=callback))
-
-
-def expert_torchrun_task_for(config: BTXConfig):
-    """The torchrun expert task with the config's retry policy (as `flows.tasks.expert_task_for`)."""
-    o = config.orchestration
-    return expert_torchrun_task.with_options(
-        retries=o.retries, retry_delay_seconds=exponential_backoff(o.retry_delay_s),
-        retry_jitter_factor=RETRY_JITTER, retry_condition_fn=_transient)
+    return progress.report(train_expert_torchrun(config, domain, nproc, on_progress=progress))
 
 
 @flow(name="train-expert", flow_run_name=run_name("expert", "domain"))
@@ -83,5 +39,5 @@ def train_expert_flow(config: BTXConfig, domain: str) -> str:
     config.domain(domain)  # an unknown domain fails here, not after the retries
     nproc = processes_for(config.expert_training)
     if nproc > 1:
-        return expert_torchrun_task_for(config)(config, domain, nproc)
+        return expert_torchrun_task.with_options(**retry_policy(config.orchestration))(config, domain, nproc)
     return expert_task_for(config)(config, domain, seed_location=layout.seed_model(config))

@@ -29,7 +29,7 @@ def _show_through(queue) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    progress._display = lambda label: (lambda p: queue.put(("progress", label, p)))
+    progress.set_display(lambda label: (lambda p: queue.put(("progress", label, p))))
     handler = logging.handlers.QueueHandler(_Tagged(queue))
     handler.setFormatter(logging.Formatter("%(message)s"))  # a user handler: Prefect keeps it
     root = logging.getLogger()
@@ -52,7 +52,7 @@ def branch_processes(max_workers: int) -> Iterator[ProcessPoolTaskRunner]:
     whose progress callbacks reach this process's display through a queue."""
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url)
-    factory = progress._display
+    factory = progress.current_display()
     queue = multiprocessing.get_context("spawn").Queue() if factory else None
     options = dict(initializer=_show_through, initargs=(queue,)) if queue else {}
     reader = None

@@ -3,8 +3,9 @@ in parallel -> (MiX -> MoE-finetune -> evaluate) -> report. Its one parameter is
 config, so the Prefect UI renders it as a form.
 
 Expert branches run one of two ways (`orchestration.expert_runner`), from the same flow code:
-- `local` (default; `btx run`, embedded mode): concurrent tasks in this process, at most
-  `max_parallel_branches` at once, each on its share of the cores as torch threads;
+- `local` (default; `btx run`, embedded mode): tasks of this flow run, at most
+  `max_parallel_branches` at once, each on its share of the cores, in a process of its own
+  when several run together (flows/local.py);
 - `deployments`: each branch is a run of `train-expert/<pool>` on the branch's work pool.
 Stages hand each other store locations; every stage finds its own finished output by manifest.
 """
@@ -21,9 +22,10 @@ from btx_core.stages.common import open_store
 from btx_core.stages.expert import expert_config_hash
 from btx_core.store import layout
 from flows.local import branch_processes
+from flows.options import cores
 from flows.progress import forward_library_logs, run_name
 from flows.remote import run_child
-from flows.tasks import cores, evaluate_task, expert_task_for, finetune_task, mix_task, report_task, seed_task
+from flows.tasks import evaluate_task, expert_task_for, finetune_task, mix_task, report_task, seed_task
 
 
 class BranchesFailed(BTXError):
@@ -37,7 +39,7 @@ def btx_pipeline(config: BTXConfig) -> dict[str, str]:
     forward_library_logs()
     seed = seed_task.submit(config)
     seed.result()  # a failed seed fails the run here, with its own error
-    run_branches = _local_branches if config.orchestration.expert_runner == "local" else _remote_branches
+    run_branches = local_branches if config.orchestration.expert_runner == "local" else remote_branches
     experts = run_branches(config, seed)
     run_mix = mix_task if config.orchestration.mix_pool is None else mix_on_pool_task
     mix = run_mix.submit(config, wait_for=list(experts.values()))
@@ -54,7 +56,7 @@ def btx_pipeline(config: BTXConfig) -> dict[str, str]:
     return done
 
 
-def _local_branches(config: BTXConfig, seed) -> dict:
+def local_branches(config: BTXConfig, seed) -> dict:
     """Every domain's expert as a task of this flow run, at most `max_parallel_branches` at once,
     each in a process of its own (see flows.local). Branches alone in this process run in a
     thread instead, with no process to start: one at a time, or already complete (their
@@ -116,7 +118,7 @@ def _stored(config: BTXConfig, location: str, stage: str) -> str:
     return location
 
 
-def _remote_branches(config: BTXConfig, seed) -> dict:
+def remote_branches(config: BTXConfig, seed) -> dict:
     """Every domain's expert as a run of its work pool's deployment, all at once."""
     futures = {d.name: expert_branch_task.submit(config, d.name, seed) for d in config.domains}
     return _all_or_raise(futures)

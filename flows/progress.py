@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from btx_core.store.outputs import StageOutput
 from btx_core.training.loop import Progress
 
 ProgressCallback = Callable[[Progress], None]
@@ -24,18 +25,29 @@ _display: DisplayFactory | None = None
 _display_lock = threading.Lock()
 
 
+def current_display() -> DisplayFactory | None:
+    """The display every stage in this process shows on, if any (see `display`)."""
+    return _display
+
+
+def set_display(factory: DisplayFactory | None) -> DisplayFactory | None:
+    """Show every stage that runs in this process from now on `factory(label)`; returns the
+    factory it replaces."""
+    global _display
+    with _display_lock:
+        previous, _display = _display, factory
+    return previous
+
+
 @contextlib.contextmanager
 def display(factory: DisplayFactory) -> Iterator[None]:
     """Show every stage that runs in this process on `factory(label)` (the CLI's tqdm bars).
     Process-local: branches on other machines (deployments) report through artifacts only."""
-    global _display
-    with _display_lock:
-        previous, _display = _display, factory
+    previous = set_display(factory)
     try:
         yield
     finally:
-        with _display_lock:
-            _display = previous
+        set_display(previous)
 
 
 def artifact_key(*parts: str) -> str:
@@ -60,7 +72,7 @@ class StageProgress:
         self.last_update = self.last_log = float("-inf")
         with self._tolerant("create"):
             self.artifact_id = create_progress_artifact(0.0, key=key, description=f"{label}: starting")
-        factory = _display
+        factory = current_display()
         self.show = factory(label) if factory is not None else None
 
     def __call__(self, p: Progress) -> None:
@@ -78,6 +90,14 @@ class StageProgress:
 
     def finish(self, note: str) -> None:
         self._update(100.0, f"{self.label}: {note}")
+
+    def report(self, out: StageOutput) -> str:
+        """Close the bar and log what the stage did (ran, or found its output complete and
+        reused it); returns the output's store location, the task's result."""
+        note = "already complete (same config and inputs): reused" if out.skipped else "done"
+        self.finish(f"{note}; {out.location}")
+        self.logger.info("%s: %s -> %s %s", self.label, note, out.location, "; ".join(out.notes))
+        return out.location
 
     def _update(self, percent: float, description: str) -> None:
         from prefect.artifacts import update_progress_artifact

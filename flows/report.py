@@ -12,15 +12,18 @@ Artifacts page keeps the history of each across runs:
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 
 from btx_core.config.schema import BTXConfig, scheme
 from btx_core.errors import IncompleteOutputError
+from btx_core.evaluation.plots import loss_curves_png, routing_load_png
 from btx_core.stages.common import open_store
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
-from flows.plots import loss_curves_png, routing_heatmap_png
 from flows.progress import artifact_key
+
+DPI = 90  # the images live in the Prefect database: keep them tens of kB
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,11 @@ def compute_rows(records: list[StageRecord]) -> list[dict]:
             for r in records if r.manifest is not None]
 
 
+def _image(png: bytes) -> str:
+    """A PNG as a data URI: the UI renders `![...](data:image/png;base64,...)` in markdown."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
 def _link(location: str) -> str:
     url = f"file://{location}" if scheme(location) == "local" else location
     return f"[{location}]({url})"
@@ -126,7 +134,7 @@ def loss_curves_markdown(config: BTXConfig, records: list[StageRecord]) -> str |
     curves = {r.name: r.metrics["train_losses"] for r in records if r.metrics.get("train_losses")}
     if not curves:
         return None
-    image = loss_curves_png(curves, title=f"{config.run_name}: training loss per step")
+    image = _image(loss_curves_png(curves, title=f"{config.run_name}: training loss per step", dpi=DPI))
     return f"# {config.run_name}: loss curves\n\n![training loss]({image})\n"
 
 
@@ -137,7 +145,8 @@ def routing_markdown(config: BTXConfig, records: list[StageRecord], results: dic
     if not routing:
         return None
     which = "BTX after finetuning" if finetuned else "MiX at initialisation"
-    image = routing_heatmap_png(routing, title=f"{config.run_name}: share of tokens per expert ({which})")
+    image = _image(routing_load_png(routing, title=f"{config.run_name}: share of tokens per expert ({which})",
+                                    dpi=DPI))
     return (f"# {config.run_name}: routing\n\nEach row is a layer (H: routing entropy, nats); each "
             f"cell the share of tokens routed to that expert.\n\n![routing heatmap]({image})\n")
 

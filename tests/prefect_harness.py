@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import faults
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = "infra/prefect.yaml"
 # The pools of infra/work-pools.sh that the tests serve with a worker each: the pipeline's, and
@@ -443,7 +445,8 @@ class Deployed:
 
     cluster: Cluster
     fault_marker: Path
-    """The fault hook's marker: the `btx-experts-2` worker fails a branch once, until it exists."""
+    """The fault hook's marker (tests/support/faults.py): the `btx-experts-2` worker fails a
+    branch once, until it exists."""
     deployments: dict[str, Any]
     """Deployment objects by `flow/deployment` name."""
 
@@ -489,7 +492,7 @@ def btx_deployed(prefect_cluster: Cluster) -> Iterator[Deployed]:
         started = time.monotonic()
         workers.append(cluster.start_worker(CONTROL_POOL))
         workers.append(cluster.start_worker(EXPERT_POOLS[0]))
-        workers.append(cluster.start_worker(EXPERT_POOLS[1], BTX_FAULT_AFTER_CHECKPOINT=str(fault_marker)))
+        workers.append(cluster.start_worker(EXPERT_POOLS[1], **faults.process_env(fault_marker)))
         cluster.wait_workers_online([CONTROL_POOL, *EXPERT_POOLS])
         cluster.timings["workers online"] = time.monotonic() - started
         with cluster.client() as c:

@@ -3,7 +3,7 @@ deployments of infra/, one process worker per pool, all on 127.0.0.1 (tests/pref
 
 One run of `btx-pipeline/btx` on configs/ci.yaml with two domains, each branch a run of
 `train-expert/<pool>` on its own pool. The `btx-experts-2` worker carries the fault hook
-(BTX_FAULT_AFTER_CHECKPOINT): its branch fails once after its first checkpoint. Everything below
+(tests/support/faults.py): its branch fails once after its first checkpoint. Everything below
 is read back through the Prefect API (and the workers' logs, and the store).
 """
 

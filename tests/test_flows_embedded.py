@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from btx_core.store.manifest import Manifest
+from tests.support import faults
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[1]
@@ -51,13 +52,10 @@ def first_run(api, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embedded")
     cfg = config(tmp, tmp / "store", retries=1)
     fault = tmp / "fault"
-    os.environ["BTX_FAULT_AFTER_CHECKPOINT"] = str(fault)
-    try:
+    with faults.armed(fault):
         started = time.perf_counter()
         state = btx_pipeline(cfg, return_state=True)
         took = time.perf_counter() - started
-    finally:
-        del os.environ["BTX_FAULT_AFTER_CHECKPOINT"]
     assert state.is_completed(), state.message
     return cfg, state, fault, took
 
@@ -159,18 +157,15 @@ def test_retrying_a_failed_parent_run_reruns_only_the_failed_branch(api, first_r
     shutil.copytree(Path(first_state.result()["seed"]).parent, store / "ci" / "seed")
     cfg = config(tmp_path, store, retries=0)
     fault = tmp_path / "fault"
-    os.environ["BTX_FAULT_AFTER_CHECKPOINT"] = str(fault)
-    try:
+    with faults.armed(fault):
         failed_state = btx_pipeline(cfg, return_state=True)
-    finally:
-        del os.environ["BTX_FAULT_AFTER_CHECKPOINT"]
     assert failed_state.is_failed()
     failed = fault.read_text().split("]")[0].removeprefix("expert[")
     done = {d: manifest(store / "ci" / "experts" / d / "model") for d in DOMAINS if d != failed}
     assert len(done) == 2 and not (store / "ci" / "experts" / failed / "model").exists()
 
     run_id = str(failed_state.state_details.flow_run_id)
-    env = dict(os.environ, **api, BTX_FAULT_AFTER_CHECKPOINT=str(fault))
+    env = dict(os.environ, **api, **faults.process_env(fault))
     retry = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", run_id,
                             "--entrypoint", "flows/pipeline.py:btx_pipeline"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

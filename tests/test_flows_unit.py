@@ -1,6 +1,5 @@
 """The flows' pure parts: artifact keys, report tables, figures, the orchestration config."""
 
-import base64
 import io
 from pathlib import Path
 
@@ -18,11 +17,11 @@ def ci_raw() -> dict:
     return yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
 
 
-def png_of(uri: str):
+def png_of(png: bytes):
     from PIL import Image
 
-    assert uri.startswith("data:image/png;base64,")
-    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert png.startswith(b"\x89PNG")
+    return Image.open(io.BytesIO(png))
 
 
 def test_artifact_keys_are_lowercase_letters_digits_and_dashes():
@@ -62,11 +61,11 @@ def test_orchestration_does_not_change_what_a_stage_computes():
 
 
 def test_routing_heatmap_from_the_mix_stage_metrics():
-    from flows.plots import routing_heatmap_png
+    from btx_core.evaluation.plots import routing_load_png
 
     routing = {"experts": ["seed", "math", "code", "knowledge"], "entropy": [1.2, 0.9, 0.4],
                "load": [[0.25, 0.25, 0.25, 0.25], [0.1, 0.6, 0.2, 0.1], [0.0, 0.05, 0.9, 0.05]]}
-    image = png_of(routing_heatmap_png(routing))
+    image = png_of(routing_load_png(routing))
     assert image.size[0] > 200 and image.size[1] > 100
     pixels = image.convert("RGB")
     assert len(pixels.getcolors(maxcolors=1 << 20)) > 50  # a drawn heatmap, not a blank canvas
@@ -79,14 +78,14 @@ def test_routing_heatmap_from_the_mix_stage_metrics():
     ({"experts": ["a"], "load": [[1.0]]}, "must have `experts`, `entropy` and `load`"),
 ])
 def test_routing_heatmap_names_what_is_wrong(broken, message):
-    from flows.plots import routing_heatmap_png
+    from btx_core.evaluation.plots import routing_load_png
 
     with pytest.raises(ValueError, match=message):
-        routing_heatmap_png(broken)
+        routing_load_png(broken)
 
 
 def test_loss_curves_need_data():
-    from flows.plots import loss_curves_png
+    from btx_core.evaluation.plots import loss_curves_png
 
     assert png_of(loss_curves_png({"seed": [6.0, 5.5, 5.2], "expert[math]": [5.0, 4.1]})).size[0] > 200
     with pytest.raises(ValueError, match="no loss curves"):

@@ -1,13 +1,12 @@
 """The comparison's results: per-seed rows aggregated over seeds (mean, spread), a markdown table
 shaped like the BTX paper's Table 2 (held-out loss per domain instead of benchmarks, plus the
 average, the mixed-domain set and the compute), the paper's claims checked seed by seed, and
-routing heatmaps. Pure functions of the rows: nothing here trains or evaluates."""
+the routing shares as CSV. Pure functions of the rows: nothing here trains or evaluates."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -138,34 +137,7 @@ def claims_markdown(items: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- routing heatmaps ------------------------------------------------------------------------------
-
-def routing_heatmap(routing: Mapping, path: Path, *, title: str, key: str = "by_domain_top1") -> Path:
-    """One panel per domain: layers x experts, the share of the domain's tokens routed to each
-    expert (top-1 or top-k), as a PNG file."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    by_domain, experts = routing[key], routing["experts"]
-    fig, axes = plt.subplots(1, len(by_domain), figsize=(0.2 + 2.6 * len(by_domain), 3.2), squeeze=False)
-    for ax, (domain, shares) in zip(axes[0], by_domain.items()):
-        grid = np.asarray(shares)
-        image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_title(domain, fontsize=10)
-        ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(grid.shape[0]), [f"L{i}" for i in range(grid.shape[0])], fontsize=8)
-        for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if value < 0.6 else "black")
-    fig.suptitle(title, fontsize=10)
-    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, pad=0.02)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
+# --- routing shares as CSV (the heatmaps: btx_core.evaluation.plots) ---------------------------------
 
 def routing_csv(routing: Mapping, key: str = "by_domain_top1") -> str:
     """domain,layer,<expert...> rows of the shares in `key`."""

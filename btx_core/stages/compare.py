@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from btx_core.config.schema import BTXConfig, SeedSpec
+from btx_core.evaluation.plots import routing_heatmap
 from btx_core.evaluation.report import (
     aggregate,
     claims,
@@ -26,7 +27,6 @@ from btx_core.evaluation.report import (
     markdown_table,
     mixed_table,
     routing_csv,
-    routing_heatmap,
 )
 from btx_core.evaluation.scores import EvalSets, ModelScores, btm_scores
 from btx_core.stages.common import cache_dir, open_store

@@ -1,0 +1,2 @@
+"""What the tests share that is not a fixture: the fault hook (faults.py) and the startup module
+that arms it in the processes a test starts (startup/sitecustomize.py)."""
