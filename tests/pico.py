@@ -33,8 +33,7 @@ ROPE = {
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32},
-    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": 64,
-                 "short_factor": [1.0 + i / 8 for i in range(4)], "long_factor": [2.0 + i / 4 for i in range(4)]},
+    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": 64},  # + factors per head_dim
 }
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {"head_dim": 8}),
@@ -50,10 +49,16 @@ def dense(family: str, *, tie: bool = False, rope: str = "default", theta: float
     """A randomly initialised pico model (fp32, eval mode); norms and biases made non-trivial so that
     averaging or dropping them would show."""
     config_class, model_class, extra = FAMILIES[family]
-    config = config_class(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS,
-                          tie_word_embeddings=tie, rope_parameters={**ROPE[rope], "rope_theta": theta},
-                          bos_token_id=0, eos_token_id=1, pad_token_id=2, **{**extra, **overrides})
+    rope_parameters = {**ROPE[rope], "rope_theta": theta}
+    if rope == "longrope":  # one factor per rotary frequency: head_dim / 2
+        half = overrides.get("head_dim", extra.get("head_dim", HIDDEN // HEADS)) // 2
+        rope_parameters.update(short_factor=[1.0 + i / 8 for i in range(half)],
+                               long_factor=[2.0 + i / 4 for i in range(half)])
+    config = config_class(**{**dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS,
+        tie_word_embeddings=tie, rope_parameters=rope_parameters, bos_token_id=0, eos_token_id=1, pad_token_id=2),
+        **extra, **overrides})
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():
