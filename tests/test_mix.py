@@ -273,6 +273,9 @@ MEMORY_PROBE = textwrap.dedent("""
     from pathlib import Path
     import torch
     from btx_core.moe.mix import Expert, MixOptions, mix
+    # transformers' config classes (mix reads and writes configs through them) are imported before
+    # measuring: their ~100 MB of modules is not the mix's memory, and is the same at any depth.
+    from transformers import AutoConfig, GenerationConfig, LlamaConfig, MixtralConfig
 
     def anon():
         for line in open("/proc/self/status"):
