@@ -148,27 +148,6 @@ def translate(dense: Mapping, family: DenseFamily, where: str) -> tuple[dict, li
     return out, problems
 
 
-def static_problems(raw: Mapping, family: DenseFamily, where: str) -> list[str]:
-    """What can be refused from a raw config.json without importing transformers (`btx validate`):
-    fields with a single possible value, and the RoPE type in either format."""
-    problems = [f"{where}: config {k}={raw[k]!r}, but {family.moe.architecture} needs {r.value!r} ({r.why})"
-                for k, r in FIELDS[family.model_type].items()
-                if isinstance(r, Only) and k in raw and raw[k] != r.value]
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, Mapping) else None
-    if kind is not None and kind not in family.rope_types:
-        problems.append(f"{where}: config RoPE type {kind!r} (rope_parameters / rope_scaling); btx carries only "
-                        f"{', '.join(family.rope_types)} into {family.moe.architecture}. Use a seed with one of those")
-    return problems
-
-
-def load_dense_config(path, where: str):
-    """The seed's config through AutoConfig (what normalises transformers-4 files)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(path))
-
-
 def build_moe_config(carried: Mapping, family: DenseFamily, *, num_experts: int, top_k: int,
                      aux_loss_coef: float, dtype, expert_names: list[str]):
     """The MoE's config, through its transformers config class. `output_router_logits` is off in

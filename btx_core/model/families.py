@@ -213,8 +213,21 @@ def quantized_problem(path: Path, config: Mapping | None, where: str) -> str | N
     return None
 
 
+def rope_problem(raw: Mapping, family: DenseFamily, where: str) -> str | None:
+    """The RoPE type of a raw config.json in either format (transformers 4: rope_scaling.type or
+    .rope_type; 5: rope_parameters.rope_type), when the family's MoE cannot carry it."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, Mapping) else None
+    if kind is None or kind in family.rope_types:
+        return None
+    return (f"{where}: config RoPE type {kind!r} (rope_parameters / rope_scaling); btx carries only "
+            f"{', '.join(family.rope_types)} into {family.moe.architecture}. Use a seed with one of those")
+
+
 def seed_architecture_problem(ref: str) -> str | None:
-    """A cheap pre-flight check of a local seed directory; None when fine or not checkable here."""
+    """A cheap pre-flight check of a local seed directory (no transformers import, so `btx validate`
+    stays fast); None when fine or not checkable here. Every other config field is checked when
+    the seed is imported (model/dense.py, through model/config_fields.py)."""
     if "://" in ref and not ref.startswith("file://"):
         return None  # a store URI: checked when fetched
     path = Path(ref.removeprefix("file://")).expanduser()
@@ -231,7 +244,4 @@ def seed_architecture_problem(ref: str) -> str | None:
         return problem
     if dense_family(config.get("model_type")) is None:
         return unsupported_message(config.get("model_type"), repr(ref))
-    from btx_core.model.config_fields import static_problems
-
-    problems = static_problems(config, dense_family(config["model_type"]), repr(ref))
-    return "; ".join(problems) if problems else None
+    return rope_problem(config, dense_family(config["model_type"]), repr(ref))
