@@ -10,6 +10,7 @@ case as a subprocess to show that the in-process runner sees what a terminal sho
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -128,6 +129,26 @@ def models(tmp_path_factory) -> dict[str, Path]:
     (legacy / "config.json").write_text((out["a"] / "config.json").read_text())
     (legacy / "pytorch_model.bin").write_bytes(b"a pickle btx must never load")
     out["legacy"] = legacy
+    # Seeds as people download them, each wrong in one way.
+    from tests.pico import dense
+    from tests.pico import save as save_pico
+
+    out["qwen2"] = save_pico(dense("qwen2"), root / "qwen2")
+    rope = save_pico(dense("llama", rope="linear"), root / "rope", fmt="t4")
+    config = json.loads((rope / "config.json").read_text())
+    config["rope_scaling"]["type"] = "proportional"
+    (rope / "config.json").write_text(json.dumps(config))
+    out["rope"] = rope
+    quantized = save_pico(dense("llama"), root / "quantized")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    out["quantized"] = quantized
+    gguf = root / "gguf"
+    gguf.mkdir()
+    (gguf / "SmolLM2-135M-Instruct-Q8_0.gguf").write_bytes(b"GGUF")
+    out["gguf"] = gguf
+    out["no-tokenizer"] = save_pico(dense("llama"), root / "no-tokenizer", tokenizer=False)
     # Two btx outputs branched from different seeds (their manifests say so).
     lineage = Store(str(root / "lineage"))
     for name, seed_hash in (("one", "1" * 64), ("two", "2" * 64)):
@@ -145,6 +166,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
                                  max_position_embeddings=64)).save_pretrained(root / "seed")
     out["seed"] = root / "seed"
     return out
+
+
+def upcycle(name: str) -> tuple[str, ...]:
+    return ("upcycle", "--model", "{models}/" + name, "--experts", "3", "--out", "{tmp}/out")
 
 
 def _models(world: World) -> dict[str, Path]:
@@ -332,6 +357,14 @@ CASES = [
     Case("unsupported architecture", SEED, "seed.model", "pick a supported seed", seed_dir_of("gpt2"), 2),
     Case("seed directory without config.json", SEED, "seed.model", "point it at a Hugging Face model directory",
          seed_dir_of("empty"), 2),
+    Case("quantised seed", SEED, "quantization_config: bitsandbytes", "Use the unquantised",
+         seed_dir_of("quantized"), 2),
+    Case("GGUF file as the seed directory", SEED, "SmolLM2-135M-Instruct-Q8_0.gguf", "Dequantise it first",
+         seed_dir_of("gguf"), 2),
+    Case("seed with a RoPE type that cannot be carried", SEED, "'proportional'", "Use a seed with one of those",
+         seed_dir_of("rope"), 2),
+    Case("seed without a tokenizer", SEED, "no-tokenizer", "save the tokenizer with the model",
+         seed_dir_of("no-tokenizer")),
     Case("hub id while offline", SEED, "seed.model", "unset HF_HUB_OFFLINE",
          chain(offline, edit("seed", {"model": "meta-llama/Llama-3.2-1B"})), 2),
     # Data
@@ -367,6 +400,15 @@ CASES = [
     Case("experts of different shapes", mix_dirs("a", "wide"), "intermediate_size",
          "must share the seed's architecture"),
     Case("expert of an unsupported architecture", mix_dirs("a", "gpt2"), "gpt2", "Convert the model"),
+    Case("upcycling an unsupported architecture (one message for all copies)", upcycle("gpt2"), "'gpt2' model",
+         "Convert the model"),
+    Case("experts of different families", mix_dirs("a", "qwen2"), "'qwen2' model", "mix experts of one architecture"),
+    Case("upcycling a RoPE type that cannot be carried", upcycle("rope"), "'proportional'",
+         "Use a seed with one of those"),
+    Case("upcycling a quantised model", upcycle("quantized"), "quantization_config", "Use the unquantised"),
+    Case("upcycling a GGUF directory", upcycle("gguf"), "SmolLM2-135M-Instruct-Q8_0.gguf", "Dequantise it first"),
+    Case("upcycling a model without a tokenizer", upcycle("no-tokenizer"), "has no tokenizer",
+         "tokenizer.save_pretrained(dir)"),
     Case("expert that is not a model directory", mix_dirs("a", "nothing-here"), "nothing-here",
          "Hugging Face model directory"),
     Case("pickle-only expert", mix_dirs("a", "legacy"), "legacy", "safe_serialization=True"),

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from btx_core.data.packing import SplitStats, TokenizedSplits
@@ -161,8 +163,14 @@ def test_finetune_trains_the_mixed_model_on_the_mixture(mixed):
     assert m["routing"] == {"strategy": "top_k", "top_k": 2, "load_balancing": True, "alpha": 0.01}
     assert m["heldout_loss"] < m["start_heldout_loss"]
     saved = json.loads((Path(out.location) / "config.json").read_text())
-    assert saved["architectures"] == ["MixtralForCausalLM"] and saved["output_router_logits"] is True
+    assert saved["architectures"] == ["MixtralForCausalLM"] and saved["output_router_logits"] is False
     assert saved["router_aux_loss_coef"] == pytest.approx(0.01 * saved["num_hidden_layers"])
+    card = yaml.safe_load((Path(out.location) / "README.md").read_text().split("---")[1])
+    assert card["base_model"] == layout.mix_model(config) and card["base_model_relation"] == "finetune"
+    assert card["pipeline_tag"] == "text-generation" and "btx" in card["tags"]
+    assert (Path(out.location) / "generation_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out.location)
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
     assert finetune(config).skipped  # idempotent
 
 

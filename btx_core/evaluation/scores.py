@@ -108,7 +108,7 @@ def token_logprobs(model, blocks: np.ndarray, *, batch_size: int, precision: str
     out = np.zeros((len(blocks), max(blocks.shape[1] - 1, 0)), dtype=np.float32)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
-    moe = hasattr(model.config, "num_local_experts")
+    moe = getattr(model.config, "num_experts", None) is not None  # every MoE config maps this name
     try:
         for start in range(0, len(blocks), batch_size):
             ids = torch.from_numpy(np.asarray(blocks[start:start + batch_size], dtype=np.int64)).to(device)
@@ -151,7 +151,7 @@ def score_model(model, sets: EvalSets, *, batch_size: int, precision: str = "bf1
     """Per-token log-probs on both sets; for an MoE also the routing of every domain's tokens
     (single-domain set) and of each segment's domain in the mixed set."""
     config = model.config
-    moe = getattr(config, "num_local_experts", None)
+    moe = getattr(config, "num_experts", None)
     names = getattr(config, "btx_expert_names", None) or [f"expert{i}" for i in range(moe or 0)]
     counts = {kind: RoutingCounts(config.num_hidden_layers, moe, len(sets.domains)) if moe else None
               for kind in ("single", "mixed")}

@@ -16,14 +16,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from btx_core.config.schema import TinyModelSpec
 from btx_core.errors import BTXError, UnsupportedArchitectureError
+from btx_core.model.config_fields import translate
 from btx_core.model.families import MOE_TARGETS, DenseFamily, dense_family, unsupported_message
 
 log = logging.getLogger(__name__)
 
 def check_architecture(config, where: str) -> DenseFamily:
+    """The model's family; refuses other families and any config field its MoE cannot carry
+    (model/config_fields.py), so an unmixable seed is refused when imported, not at mix time."""
     family = dense_family(getattr(config, "model_type", None))
     if family is None:
         raise UnsupportedArchitectureError(unsupported_message(getattr(config, "model_type", None), where))
+    _, problems = translate(config.to_dict(), family, where)
+    if problems:
+        raise UnsupportedArchitectureError("; ".join(problems))
     return family
 
 

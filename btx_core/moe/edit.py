@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from btx_core.errors import BTXError
-from btx_core.model.families import COMPANION_FILES, MOE_TARGETS, MoETarget
+from btx_core.model.families import COMPANION_FILES, MOE_TARGETS, MoETarget, num_experts
 from btx_core.model.tensor_io import CheckpointReader, ShardedWriter, TensorMeta
 from btx_core.store.manifest import FileEntry
 
@@ -25,7 +25,7 @@ def _pattern(template: str) -> re.Pattern:
 
 
 def expert_names(config: dict) -> list[str]:
-    count = config["num_local_experts"]
+    count = num_experts(config)
     names = config.get("btx_expert_names") or []
     return list(names) if len(names) == count else [str(i) for i in range(count)]
 
@@ -47,7 +47,7 @@ def drop_expert(source: Path, expert: str, out_dir: Path, *, shard_size: int = 2
     if target is None:
         raise BTXError(f"{source} is a {config.get('model_type')!r} model; drop-expert edits: "
                        f"{', '.join(MOE_TARGETS)}")
-    drop, count = resolve_expert(config, expert), config["num_local_experts"]
+    drop, count = resolve_expert(config, expert), num_experts(config)
     if count < 2:
         raise BTXError(f"{source} has a single expert: dropping it would leave no MoE")
     reader = CheckpointReader(source)
@@ -76,9 +76,14 @@ def drop_expert(source: Path, expert: str, out_dir: Path, *, shard_size: int = 2
         raise
     names = expert_names(config)
     dropped = names.pop(drop)
-    config.update(num_local_experts=count - 1, btx_expert_names=names,
-                  num_experts_per_tok=min(config.get("num_experts_per_tok", 2), count - 1))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    from transformers import AutoConfig  # written through the config class, like mix
+
+    edited = AutoConfig.from_pretrained(str(source))
+    setattr(edited, target.experts_key, count - 1)
+    edited.btx_expert_names = names
+    edited.num_experts_per_tok = min(config.get("num_experts_per_tok", 2), count - 1)
+    edited.save_pretrained(out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
     for f in COMPANION_FILES:
         if (source / f).is_file():
             shutil.copy2(source / f, out_dir / f)

@@ -24,7 +24,14 @@ import torch
 
 from btx_core.errors import BTXError
 from btx_core.model.card import write_model_card
-from btx_core.model.families import TOKENIZER_FILES, DenseFamily, dense_family, unsupported_message
+from btx_core.model.config_fields import build_moe_config, translate
+from btx_core.model.families import (
+    TOKENIZER_FILES,
+    DenseFamily,
+    dense_family,
+    quantized_problem,
+    unsupported_message,
+)
 from btx_core.model.tensor_io import CheckpointReader, ShardedWriter, TensorMeta
 from btx_core.moe.router_init import (
     ROUTER_INITS,
@@ -96,6 +103,9 @@ class _Plan:
     experts: list[Expert]
     readers: list[CheckpointReader]
     configs: list[dict]
+    """Each expert's config as transformers normalises it (AutoConfig(...).to_dict())."""
+    carried: list[dict]
+    """Each expert's fields as the MoE config takes them (model/config_fields.py)."""
     layers: int
     tied: bool
     dtype: torch.dtype
@@ -104,33 +114,31 @@ class _Plan:
 
 
 def plan_mix(experts: Sequence[Expert], options: MixOptions, *, samples: RoutingSamples | None = None) -> _Plan:
-    """Check experts and options (architecture, every config key and tensor shape, tokenizer,
+    """Check experts and options (architecture, every config field and tensor shape, tokenizer,
     lineage) and lay out the output; raises MixInputError with every problem found."""
     problems = _option_problems(experts, options, samples)
-    configs, readers = [], []
-    for e in experts:
-        config, reader, issues = _open_expert(e)
-        configs.append(config)
-        readers.append(reader)
-        problems += issues
+    opened = [_open_expert(e) for e in experts]
+    # Copies of one directory (sparse upcycling) share their problems: say each once.
+    problems += list(dict.fromkeys(p for _, _, _, issues in opened for p in issues))
     if problems or not experts:
         raise MixInputError(problems or ["no experts given"])
+    configs, carried, readers = ([o[i] for o in opened] for i in range(3))
     family = dense_family(configs[0]["model_type"])
     first, layers = experts[0], configs[0]["num_hidden_layers"]
     tied = bool(configs[0].get("tie_word_embeddings", False))
-    expected = set(family.shared_names(layers, tied)) | {
+    expected = set(family.shared_names(layers, tied, configs[0])) | {
         family.ffn_name(role, i) for role in family.ffn for i in range(layers)}
-    for e, config, reader in zip(experts, configs, readers):
-        problems += _expert_problems(e, config, reader, family, expected, first, configs[0], readers[0])
+    for e, config, moe_keys, reader in zip(experts, configs, carried, readers):
+        problems += _expert_problems(e, config, moe_keys, reader, family, expected, first, carried[0], readers[0])
     seeds = {e.seed_hash for e in experts if e.seed_hash}
     if len(seeds) > 1:
         problems.append("the experts were branched from different seeds (" + ", ".join(
             f"{e.name}: {e.seed_hash[:12]}" for e in experts if e.seed_hash) + "); BTX mixes experts of one seed")
     problems += _tokenizer_problems(experts)
     if problems:
-        raise MixInputError(problems)
+        raise MixInputError(list(dict.fromkeys(problems)))
     dtype = options.dtype or readers[0].meta[family.embedding].dtype
-    plan = _Plan(family, list(experts), readers, configs, layers, tied, dtype,
+    plan = _Plan(family, list(experts), readers, configs, carried, layers, tied, dtype,
                  _shared_weights(experts, options), [])
     plan.outputs = _output_layout(plan, readers[0])
     return plan
@@ -162,32 +170,38 @@ def _option_problems(experts: Sequence[Expert], o: MixOptions, samples: RoutingS
     return problems
 
 
-def _open_expert(e: Expert) -> tuple[dict, CheckpointReader | None, list[str]]:
+def _open_expert(e: Expert) -> tuple[dict, dict, CheckpointReader | None, list[str]]:
+    """(normalised config, the MoE's fields from it, tensor reader, problems) of one expert.
+    Problems of the directory itself name the directory, so copies of one seed repeat them verbatim."""
     config_file = e.path / "config.json"
     if not config_file.is_file():
-        return {}, None, [f"expert {e.name}: {e.path} has no config.json (is it a Hugging Face model directory?)"]
-    config = json.loads(config_file.read_text())
-    family = dense_family(config.get("model_type"))
+        return {}, {}, None, [quantized_problem(e.path, None, str(e.path)) or
+                              f"{e.path} has no config.json (is it a Hugging Face model directory?)"]
+    raw = json.loads(config_file.read_text())
+    if (problem := quantized_problem(e.path, raw, str(e.path))) is not None:
+        return raw, {}, None, [problem]
+    family = dense_family(raw.get("model_type"))
     if family is None:
-        return config, None, [unsupported_message(config.get("model_type"), f"expert {e.name} ({e.path})")]
-    issues = [f"expert {e.name}: config {key}={config.get(key)!r}, but {family.moe.architecture} needs "
-              f"{value!r}; btx cannot place that in the MoE" for key, value in family.required_config.items()
-              if config.get(key, value) != value]
+        return raw, {}, None, [unsupported_message(raw.get("model_type"), str(e.path))]
+    from transformers import AutoConfig  # normalises transformers-4 files (rope_theta, rope_scaling)
+
+    config = AutoConfig.from_pretrained(str(e.path)).to_dict()
+    carried, issues = translate(config, family, str(e.path))
     try:
         reader = CheckpointReader(e.path)
     except BTXError as exc:
-        return config, None, [*issues, f"expert {e.name}: {exc}"]
-    return config, reader, issues
+        return config, carried, None, [*issues, f"expert {e.name}: {exc}"]
+    return config, carried, reader, issues
 
 
-def _expert_problems(e: Expert, config: dict, reader: CheckpointReader, family: DenseFamily,
-                     expected: set[str], first: Expert, first_config: dict, first_reader) -> list[str]:
+def _expert_problems(e: Expert, config: dict, carried: dict, reader: CheckpointReader, family: DenseFamily,
+                     expected: set[str], first: Expert, first_carried: dict, first_reader) -> list[str]:
     if config.get("model_type") != family.model_type:
         return [f"expert {e.name} is a {config.get('model_type')!r} model, expert {first.name} a "
                 f"{family.model_type!r} one: mix experts of one architecture"]
-    problems = [f"expert {e.name}: config {k} is {config.get(k)!r}, expert {first.name} has "
-                f"{first_config.get(k)!r}; the experts must share the seed's architecture"
-                for k in family.carried_config if config.get(k) != first_config.get(k)]
+    problems = [f"expert {e.name}: config {k} is {carried.get(k)!r}, expert {first.name} has "
+                f"{first_carried.get(k)!r}; the experts must share the seed's architecture"
+                for k in sorted(set(carried) | set(first_carried)) if carried.get(k) != first_carried.get(k)]
     if problems:
         return problems  # shapes would only repeat the same story
     names = set(reader.keys())
@@ -207,6 +221,9 @@ def _tokenizer_problems(experts: Sequence[Expert]) -> list[str]:
         return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
 
     first = experts[0]
+    if not any((first.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return [f"expert {first.name}: {first.path} has no tokenizer (tokenizer.json or tokenizer.model); the "
+                "MoE ships its experts' tokenizer: save it with tokenizer.save_pretrained(dir)"]
     return [f"expert {e.name}: {f} differs from expert {first.name}'s; the experts must share the seed's "
             "tokenizer" for e in experts[1:] for f in ("tokenizer.json", "tokenizer.model")
             if None not in (digest(e, f), digest(first, f)) and digest(e, f) != digest(first, f)]
@@ -234,33 +251,25 @@ def _output_layout(plan: _Plan, reader: CheckpointReader) -> list[tuple[str, Ten
     hidden = reader.meta[fam.embedding].shape[1]
     out = [same_shape(fam.embedding)]
     for layer in range(plan.layers):
-        out += [same_shape(name) for name in fam.layer_shared([layer])]
+        out += [same_shape(name) for name in fam.layer_shared([layer], plan.configs[0])]
         out.append((fam.moe.router.format(layer=layer), TensorMeta(dtype, (n, hidden))))
         out += [same_shape(fam.moe.expert_name(role, layer, e), fam.ffn_name(role, layer))
                 for e in range(n) for role in fam.ffn]
+        out += [(name, TensorMeta(dtype, shape)) for name, shape in fam.moe.fixed_layer_tensors(layer, hidden).items()]
     return out + [same_shape(name) for name in fam.final_shared(plan.tied)]
 
 
 # --- mixing --------------------------------------------------------------------------------------
 
-def moe_config(plan: _Plan, options: MixOptions) -> dict:
-    """The MoE's config.json: the seed's architecture keys, the MoE keys and finetuning defaults."""
-    base = plan.configs[0]
-    config = {k: base[k] for k in plan.family.carried_config if k in base}
-    config.update(
-        model_type=plan.family.moe.model_type, architectures=[plan.family.moe.architecture],
-        num_local_experts=len(plan.experts), num_experts_per_tok=options.top_k,
-        # MoE-finetuning settings. The paper adds alpha * N * sum_i(u_i p_i) per layer (alpha =
-        # 0.01), summed over layers; transformers computes that loss once from statistics
-        # averaged over layers and scales it by router_aux_loss_coef, so the coefficient that
-        # gives the paper's sum is alpha x num_layers.
-        output_router_logits=True,
-        router_aux_loss_coef=options.load_balancing_alpha * plan.layers,
-        initializer_range=base.get("initializer_range", 0.02),
-        dtype=str(plan.dtype).removeprefix("torch."),
-        btx_expert_names=[e.name for e in plan.experts])
-    config.setdefault("sliding_window", None)
-    return config
+def moe_config(plan: _Plan, options: MixOptions):
+    """The MoE's config (a transformers config object): the seed's fields as config_fields.py
+    carries them, the MoE keys and the load-balancing scale. The paper adds alpha * N *
+    sum_i(u_i p_i) per layer (alpha = 0.01), summed over layers; transformers computes that loss
+    once from statistics averaged over layers and scales it by router_aux_loss_coef, so the
+    coefficient that gives the paper's sum is alpha x num_layers."""
+    return build_moe_config(plan.carried[0], plan.family, num_experts=len(plan.experts), top_k=options.top_k,
+                            aux_loss_coef=options.load_balancing_alpha * plan.layers, dtype=plan.dtype,
+                            expert_names=[e.name for e in plan.experts])
 
 
 def mix(experts: Sequence[Expert], options: MixOptions, out_dir: Path, *,
@@ -270,7 +279,7 @@ def mix(experts: Sequence[Expert], options: MixOptions, out_dir: Path, *,
     config = moe_config(plan, options)
     probe = None
     if samples is not None and (samples.centroid or samples.heldout):
-        probe = LayerwiseProbe(config, samples, [e.name for e in experts])
+        probe = LayerwiseProbe(config, plan.family, samples, [e.name for e in experts])
     writer = ShardedWriter(out_dir, plan.outputs, options.shard_size)
     try:
         routing = _stream(plan, options, writer, probe, config)
@@ -279,7 +288,7 @@ def mix(experts: Sequence[Expert], options: MixOptions, out_dir: Path, *,
         writer.abort()
         raise
     _write_metadata(plan, config, out_dir, options, routing, card or {})
-    return MixResult(files=files, config=config, routing=routing)
+    return MixResult(files=files, config=config.to_dict(), routing=routing)
 
 
 def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: LayerwiseProbe | None,
@@ -294,12 +303,14 @@ def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: Laye
     del merged
     for layer in range(plan.layers):
         prefix = fam.layer_prefix.format(layer=layer)
-        layer_shared = {name: _merge(plan, name) for name in fam.layer_shared([layer])}
+        layer_shared = {name: _merge(plan, name) for name in fam.layer_shared([layer], plan.configs[0])}
+        fixed = {name: torch.zeros(shape, dtype=plan.dtype)
+                 for name, shape in fam.moe.fixed_layer_tensors(layer, hidden).items()}
         ffns = [{role: r.get(fam.ffn_name(role, layer)).to(plan.dtype) for role in fam.ffn} for r in readers]
-        ctx = RouterContext(layer, len(plan.experts), hidden, config["initializer_range"],
+        ctx = RouterContext(layer, len(plan.experts), hidden, config.initializer_range,
                             torch.Generator().manual_seed(options.router_seed * 100_003 + layer))
         if probe is not None:
-            relative = {name.removeprefix(prefix): t for name, t in layer_shared.items()}
+            relative = {name.removeprefix(prefix): t for name, t in {**layer_shared, **fixed}.items()}
             placeholder = torch.zeros(len(plan.experts), hidden)
             inputs = probe.router_inputs(layer, in_memory_layer(relative, ffns, placeholder))
             if init.needs_data:
@@ -313,6 +324,8 @@ def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: Laye
         for e, ffn in enumerate(ffns):
             for role in fam.ffn:
                 writer.write(fam.moe.expert_name(role, layer, e), ffn[role])
+        for name, tensor in fixed.items():
+            writer.write(name, tensor)
         del layer_shared, ffns
     for name in fam.final_shared(plan.tied):
         writer.write(name, _merge(plan, name))
@@ -344,22 +357,21 @@ def _merge(plan: _Plan, name: str) -> torch.Tensor:
     return out
 
 
-def _write_metadata(plan: _Plan, config: dict, out_dir: Path, options: MixOptions, routing: dict,
+def _write_metadata(plan: _Plan, config, out_dir: Path, options: MixOptions, routing: dict,
                     card: Mapping) -> None:
-    """config.json, generation_config.json, the tokenizer (when the first expert has one), README.md."""
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """config.json through the config class, generation_config.json, the tokenizer, README.md."""
+    from transformers import GenerationConfig
+
+    config.save_pretrained(out_dir)
     source = plan.experts[0].path
     if (source / "generation_config.json").is_file():
         shutil.copy2(source / "generation_config.json", out_dir / "generation_config.json")
     else:
-        from transformers import GenerationConfig
-
-        GenerationConfig(bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
-                         pad_token_id=config.get("pad_token_id")).save_pretrained(out_dir)
+        GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     for f in (*TOKENIZER_FILES, "chat_template.jinja"):
         if (source / f).is_file():
             shutil.copy2(source / f, out_dir / f)
-    write_model_card(out_dir, config=config, experts=plan.experts, options=options, routing=routing,
+    write_model_card(out_dir, config=config.to_dict(), experts=plan.experts, options=options, routing=routing,
                      shared_weights=plan.shared_weights, extra=card)
 
 

@@ -8,6 +8,7 @@ memory. Router inits are tiny strategies in a registry (mergekit's pattern); add
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -108,42 +109,62 @@ class RoutingSamples:
     """Domain name -> held-out blocks, for the routing report."""
 
 
+class _RouterInput(Exception):
+    """Raised from the MoE block's pre-hook: the router's input is all the probe needs then."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
 class LayerwiseProbe:
-    """Hidden states of sample blocks, advanced through the mixed model layer by layer."""
+    """Hidden states of sample blocks, advanced through the mixed model layer by layer. The layers
+    are the MoE architecture's own decoder layers (Mixtral, Qwen2/3-MoE, FlexOlmo), so the router
+    sees exactly what it will see in the saved model, pre- or post-norm alike."""
 
-    def __init__(self, moe_config: Mapping, samples: RoutingSamples, expert_names: list[str]):
+    def __init__(self, moe_config, family, samples: RoutingSamples, expert_names: list[str]):
         # transformers' modeling code is imported only here: a plain mix does not pay for it.
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+        from btx_core.model.config_fields import decoder_classes
 
-        config = MixtralConfig(**{k: v for k, v in moe_config.items() if k not in ("architectures", "model_type")})
+        self.layer_class, rotary_class = decoder_classes(family)
+        config = copy.deepcopy(moe_config)
+        config._attn_implementation = "sdpa"  # a mask of None means causal for sdpa
+        config._experts_implementation = "grouped_mm"  # transformers' default; eager-equal (FACTS)
         self.config = config
-        self.config._attn_implementation = "sdpa"  # a mask of None means causal for sdpa
-        self.config._experts_implementation = "grouped_mm"  # transformers' default; eager-equal (FACTS)
-        window = getattr(config, "sliding_window", None)  # no mask: keep blocks inside the window
+        window = getattr(config, "sliding_window", None) or None  # no mask: keep blocks inside the window
         self.names = expert_names
         self.groups = {**{f"centroid:{k}": v[:, :window] for k, v in samples.centroid.items() if v is not None},
                        **{f"heldout:{k}": v[:, :window] for k, v in samples.heldout.items()}}
         self.hidden: dict[str, torch.Tensor] = {}
-        self.rotary = MixtralRotaryEmbedding(config)
+        self.rotary = rotary_class(config)
         self.report: dict[str, list] = {"entropy": [], "load": [], "by_domain_top1": {}, "by_domain_topk": {}}
 
     def embed(self, embedding: torch.Tensor) -> None:
         for key, blocks in self.groups.items():
             self.hidden[key] = embedding[blocks.long()].float()
 
+    def _run(self, h: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(h.shape[1]).unsqueeze(0)
+        return self.layer(h, position_embeddings=self.rotary(h, positions), attention_mask=None,
+                          position_ids=positions)
+
     def router_inputs(self, layer: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Build the layer, run attention, and return each group's router input [tokens, hidden]."""
-        self.layer = _decoder_layer(self.config, layer, tensors)
-        self.mid, inputs = {}, {}
-        with torch.no_grad():
-            for key, h in self.hidden.items():
-                positions = torch.arange(h.shape[1]).unsqueeze(0)
-                rope = self.rotary(h, positions)
-                attn, _ = self.layer.self_attn(self.layer.input_layernorm(h), position_embeddings=rope,
-                                               attention_mask=None)
-                self.mid[key] = h + attn
-                inputs[key] = self.layer.post_attention_layernorm(self.mid[key])
+        """Build the layer and return each group's router input [tokens, hidden]."""
+        self.layer = _decoder_layer(self.layer_class, self.config, layer, tensors)
+
+        def stop(module, args):
+            raise _RouterInput(args[0])
+
+        inputs = {}
+        hook = self.layer.mlp.register_forward_pre_hook(stop)
+        try:
+            with torch.no_grad():
+                for key, h in self.hidden.items():
+                    try:
+                        self._run(h)
+                    except _RouterInput as captured:
+                        inputs[key] = captured.hidden
+        finally:
+            hook.remove()
         return {k: v.reshape(-1, v.shape[-1]) for k, v in inputs.items()}
 
     def centroid_inputs(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -151,7 +172,7 @@ class LayerwiseProbe:
         return [inputs.get(f"centroid:{name}", everything) for name in self.names]
 
     def advance(self, router: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> None:
-        """Record the routing of the held-out groups, then run the MoE block with `router`."""
+        """Record the routing of the held-out groups, then run the layer with `router`."""
         k = self.config.num_experts_per_tok
         heldout = {key.split(":", 1)[1]: x for key, x in inputs.items() if key.startswith("heldout:")}
         if heldout:
@@ -165,9 +186,9 @@ class LayerwiseProbe:
                 self.report["by_domain_topk"].setdefault(domain, []).append(_fractions(chosen, len(self.names)))
         with torch.no_grad():
             self.layer.mlp.gate.weight.copy_(router.float())
-            for key, mid in self.mid.items():
-                self.hidden[key] = mid + self.layer.mlp(self.layer.post_attention_layernorm(mid))
-        del self.layer, self.mid
+            for key, h in self.hidden.items():
+                self.hidden[key] = self._run(h)
+        del self.layer
 
 
 def _fractions(chosen: torch.Tensor, num_experts: int) -> list[float]:
@@ -175,19 +196,17 @@ def _fractions(chosen: torch.Tensor, num_experts: int) -> list[float]:
     return (counts / counts.sum().clamp(min=1)).tolist()
 
 
-def _decoder_layer(config, layer: int, tensors: Mapping[str, torch.Tensor]):
-    """A fp32 Mixtral decoder layer holding `tensors` (in-memory names, relative to the layer)."""
-    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
-
+def _decoder_layer(layer_class, config, layer: int, tensors: Mapping[str, torch.Tensor]):
+    """A fp32 decoder layer of the MoE holding `tensors` (in-memory names, relative to the layer)."""
     with torch.device("meta"):
-        module = MixtralDecoderLayer(config, layer)
+        module = layer_class(config, layer)
     module.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True, strict=True)
     return module.eval()
 
 
 def in_memory_layer(shared: Mapping[str, torch.Tensor], experts: list[Mapping[str, torch.Tensor]],
                     router: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One layer's tensors under transformers' in-memory Mixtral names: gate_proj and up_proj
+    """One layer's tensors under transformers' in-memory MoE names (every target alike): gate_proj and up_proj
     fused as `gate_up_proj` [E, 2F, H], `down_proj` [E, H, F] (FACTS: the on-disk layout is
     converted by from_pretrained; load_state_dict needs these)."""
     return {**shared, "mlp.gate.weight": router,

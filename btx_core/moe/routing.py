@@ -2,10 +2,11 @@
 loss (the paper's form and transformers' scaling of it), frozen expert FFNs.
 
 A routing strategy configures the MoE blocks of a loaded transformers model in place, so that the
-finetuned checkpoint is a stock Mixtral that routes the way it was trained:
+finetuned checkpoint is a stock MoE (Mixtral, Qwen2/3-MoE, FlexOlmo) that routes the way it was trained:
 - `top_k`: softmax over the top-k router logits (Mixtral; the paper's default, k = 2).
-- `soft`: every expert, weighted by the full softmax. Mixtral's router renormalises its top-k
-  probabilities, so k = number of experts *is* soft routing, in training and after loading.
+- `soft`: every expert, weighted by the full softmax. The routers renormalise their top-k
+  probabilities (mix sets norm_topk_prob where a target has it), so k = number of experts *is*
+  soft routing, in training and after loading.
 Switch top-1 (capacity factor) and sample top-1 (Gumbel) need a router forward of their own
 (dropped tokens take index `num_experts`, which Mixtral's experts skip); they would be further
 entries of `ROUTING`, replacing each block's `gate` module while keeping its `weight`.
@@ -47,13 +48,14 @@ def moe_blocks(model) -> list[torch.nn.Module]:
 
 
 def _set_top_k(model, k: int) -> None:
-    experts = model.config.num_local_experts
+    experts = model.config.num_experts  # every target's config maps this name to its own key
     if not 1 <= k <= experts:
         raise BTXError(f"top_k {k} is not between 1 and the model's {experts} experts: lower it")
     model.config.num_experts_per_tok = k
-    model.num_experts_per_tok = k  # what MixtralForCausalLM passes to its load-balancing loss
+    model.num_experts_per_tok = k  # what each *ForCausalLM passes to its load-balancing loss
     for block in moe_blocks(model):
-        block.top_k = k
+        if hasattr(block, "top_k"):  # Mixtral's block keeps a copy; the others only the router
+            block.top_k = k
         block.gate.top_k = k
 
 
@@ -62,7 +64,7 @@ def top_k_routing(model, plan: RoutingPlan) -> None:
 
 
 def soft_routing(model, plan: RoutingPlan) -> None:
-    _set_top_k(model, model.config.num_local_experts)
+    _set_top_k(model, model.config.num_experts)
 
 
 ROUTING = {"top_k": top_k_routing, "soft": soft_routing}

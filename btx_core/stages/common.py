@@ -17,6 +17,7 @@ from typing import Callable
 from btx_core.config.schema import BTXConfig, TrainSettings
 from btx_core.data.packing import TokenizedSplits
 from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
+from btx_core.model.card import read_front_matter, write_finetune_card
 from btx_core.moe.routing import lm_loss_only
 from btx_core.store.core import Manifest, Store, checkpoint_location
 from btx_core.store.outputs import StageOutput
@@ -67,6 +68,8 @@ class TrainingRun:
     stage: str
     config_hash: str
     inputs: dict[str, str]
+    card_source: tuple[str, Path] | None = None
+    """(the source model's location, its local directory): the saved model gets a model card."""
 
     def heldout_loss(self, model, data: TokenizedSplits) -> float:
         s = self.settings
@@ -93,7 +96,8 @@ class TrainingRun:
         with main_rank_first(self.ranks):  # one writer; the other ranks then read its manifest
             if self.ranks.is_main:
                 save_model(self.store, model, tokenizer, self.location, stage=self.stage,
-                            config_hash=self.config_hash, inputs=self.inputs, metrics=metrics)
+                           config_hash=self.config_hash, inputs=self.inputs, metrics=metrics,
+                           card_source=self.card_source)
         notes = [f"resumed from step {result.resumed_from}"] if result.resumed_from else []
         return StageOutput(self.location, self.store.read_manifest(self.location), skipped=False,
                            notes=notes)
@@ -120,14 +124,27 @@ def complete_input(store: Store, location: str, what: str, command: str) -> Mani
 
 
 def save_model(store: Store, model, tokenizer, location: str, *, stage: str, config_hash: str,
-                inputs: dict[str, str], metrics: dict) -> Manifest:
-    """Save in the model's own dtype, HF layout, safetensors; then commit to the store."""
+               inputs: dict[str, str], metrics: dict, card_source: tuple[str, Path] | None = None) -> Manifest:
+    """Save in the model's own dtype, HF layout, safetensors (config, generation config, tokenizer,
+    and with `card_source` a model card); then commit to the store. An MoE is saved with
+    `output_router_logits` off: training turns it on for its run, inference has no use for it."""
     dtype = getattr(model.config, "dtype", None)
+    router_logits = getattr(model.config, "output_router_logits", None)
     with tempfile.TemporaryDirectory(prefix=f"btx-{stage}-") as tmp:
         model.to("cpu")
         if dtype is not None and dtype != next(model.parameters()).dtype:
             model.to(dtype)
-        model.save_pretrained(tmp, safe_serialization=True)
+        if router_logits is not None:
+            model.config.output_router_logits = False
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if router_logits is not None:
+                model.config.output_router_logits = router_logits
         tokenizer.save_pretrained(tmp)
+        if card_source is not None:
+            source, source_dir = card_source
+            write_finetune_card(Path(tmp), config=model.config.to_dict(), source=source,
+                                source_card=read_front_matter(source_dir), stage=stage, metrics=metrics)
         return store.write_dir(Path(tmp), location, stage=stage, config_hash=config_hash,
                                inputs=inputs, metrics=metrics)

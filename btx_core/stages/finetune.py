@@ -147,7 +147,7 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     data = build_mixture(splits, weights, settings.seed)
     run = TrainingRun(store, config, settings, ranks, location=location,
                       checkpoints=layout.trained_checkpoints(config, name), stage="finetune",
-                      config_hash=config_hash, inputs=inputs)
+                      config_hash=config_hash, inputs=inputs, card_source=(source, model_dir))
     metrics.update(start_heldout_loss=run.heldout_loss(model, data),
                    trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
     log.info("finetune %s (%s): %d steps from %s", name, kind, settings.total_steps(ranks.world_size), source)

@@ -8,6 +8,7 @@ import time
 
 from btx_core.config.schema import BTXConfig, parse_bytes, stable_hash
 from btx_core.data.cache import ensure_prepared, tokenizer_id
+from btx_core.model.card import seed_lineage
 from btx_core.moe.mix import Expert, MixOptions, mix
 from btx_core.moe.router_init import RoutingSamples
 from btx_core.stages.common import cache_dir, complete_input, open_store
@@ -71,8 +72,11 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False) -> StageOutput:
         heldout={d: sample_blocks(s.heldout, n, config.expert_training.seed) for d, s in splits.items()})
     started = time.perf_counter()
     with store.staging_dir(location, cache) as tmp:
+        seed_dir = local.get(seed_location)  # the seed's own card (license, base_model), when fetched
+        lineage = seed_lineage(seed_dir, seed.extra.get("source") or seed_location)
         result = mix(experts, options_from_config(config, upcycle=upcycle), tmp, samples=samples,
-                     card={"title": f"{config.run_name}: {'sparse upcycling' if upcycle else 'BTX'} MoE"})
+                     card={"title": f"{config.run_name}: {'sparse upcycling' if upcycle else 'BTX'} MoE",
+                           **lineage})
         metrics = {"routing": result.routing, "experts": [e.name for e in experts],
                    "wall_s": time.perf_counter() - started}
         manifest = store.write_dir(tmp, location, stage=stage, config_hash=config_hash, inputs=inputs,

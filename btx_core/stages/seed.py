@@ -26,8 +26,9 @@ from btx_core.store.outputs import STAGE_FORMAT, StageOutput
 from btx_core.training.distributed import init_distributed, main_rank_first
 
 log = logging.getLogger(__name__)
-# What a seed directory contributes: weights, configs, and the tokenizer in any of its layouts.
-MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", *COMPANION_FILES)
+# What a seed directory contributes: weights, configs, the tokenizer in any of its layouts, and its
+# model card (license and base_model, which the MoE's card carries on).
+MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", *COMPANION_FILES, "README.md")
 
 
 def build_seed(config: BTXConfig, *, on_progress: ProgressCallback | None = None) -> StageOutput:

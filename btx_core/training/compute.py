@@ -21,7 +21,7 @@ def active_parameters(config: Mapping) -> int:
     head_dim = config.get("head_dim") or h // heads
     attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim
     ffn = 3 * h * config["intermediate_size"]
-    experts = config.get("num_local_experts")
+    experts = config.get("num_local_experts") or config.get("num_experts")  # Mixtral/Qwen3-MoE, Qwen2-MoE/FlexOlmo
     if experts:  # an MoE layer: k experts' FFNs and the router
         ffn = config["num_experts_per_tok"] * ffn + h * experts
     return layers * (attention + ffn) + vocab * h
