@@ -29,23 +29,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Carry:
+    """The MoE takes the seed's value over."""
     to: tuple[str, ...] = ()
     """The MoE config's names for it; empty: the same name."""
 
 
 @dataclass(frozen=True)
 class Drop:
+    """Left out of the MoE's config, for the reason given."""
     why: str
 
 
 @dataclass(frozen=True)
 class Only:
+    """The MoE can only represent this value: a seed with another one is refused."""
     value: Any
     why: str
 
 
 @dataclass(frozen=True)
 class Special:
+    """Carried by a handler of its own (e.g. the RoPE parameters)."""
     handler: str
     why: str
 

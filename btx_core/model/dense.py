@@ -101,12 +101,18 @@ def inspect_model_dir(model_dir: str, *, trust_remote_code: bool = False) -> "Pa
 
 @dataclass(frozen=True)
 class ParameterBreakdown:
+    """A model's unique parameters, and how many of them sit in FFNs (what BTX keeps per expert)."""
+
     total: int
     ffn: int
 
     @property
     def ffn_share(self) -> float:
         return self.ffn / self.total
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"parameters": self.total, "ffn_share": self.ffn_share}
 
     def describe(self) -> str:
         return (f"{self.total / 1e6:.2f}M parameters, {self.ffn_share:.0%} in FFNs "

@@ -54,7 +54,7 @@ def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: st
         staged = Path(tmp) / "staged"
         _copy_model_files(local, staged)
         manifest = store.write_dir(staged, location, stage="seed", config_hash=config_hash,
-                                   metrics={"parameters": breakdown.total, "ffn_share": breakdown.ffn_share},
+                                   metrics=breakdown.metrics,
                                    extra={"source": source})
     return StageOutput(location, manifest, skipped=False, notes=[f"seed: {breakdown.describe()}"])
 
@@ -84,7 +84,7 @@ def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: 
                       checkpoints=layout.seed_checkpoints(config), stage="seed",
                       config_hash=config_hash, inputs=inputs)
     out = run.train_and_save(model, tokenizer, data, on_progress=on_progress,
-                             metrics={"parameters": breakdown.total, "ffn_share": breakdown.ffn_share})
+                             metrics=breakdown.metrics)
     return replace(out, notes=[f"seed: {breakdown.describe()}", *out.notes])
 
 

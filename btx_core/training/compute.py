@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 
 def active_parameters(config: Mapping) -> int:
@@ -34,8 +35,7 @@ def flops_per_token(config: Mapping, seq_len: int) -> float:
     return 6.0 * active_parameters(config) + 12.0 * config["num_hidden_layers"] * heads * head_dim * seq_len
 
 
-@dataclass(frozen=True)
-class StageCompute:
+class StageCompute(NamedTuple):
     """One training stage's cost."""
 
     tokens: int
