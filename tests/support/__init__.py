@@ -1,0 +1,1 @@
+"""Helpers the tests share that are not fixtures: a real pretrained seed (real_seed)."""
