@@ -69,8 +69,8 @@ def _config(work: Path, seed: Path) -> Path:
         "run_name": "real",
         "store": str(work / "store"),
         "cache_dir": str(work / "cache"),
-        "seed": {"model": str(seed), "pretrain_data": {"builtin": "general", "max_bytes": 100_000}},
-        "domains": [{"name": d, "data": {"builtin": d, "max_bytes": 100_000}} for d in DOMAINS],
+        "seed": {"model": str(seed), "pretrain_data": {"builtin": "general", "max_bytes": 200_000}},
+        "domains": [{"name": d, "data": {"builtin": d, "max_bytes": 200_000}} for d in DOMAINS],
         "expert_training": train,
         "mix": {"sample_blocks": 2},
         "finetune": {"training": train},
@@ -89,7 +89,10 @@ def pipeline(real_seed, tmp_path_factory):
     work = tmp_path_factory.mktemp("real-run")
     config = _config(work, real_seed)
     started = time.perf_counter()
-    out = btx("run", str(config), cwd=work, timeout=3600)
+    with pytest.MonkeyPatch.context() as env:
+        # Prefect's temporary server gets 20 s to start by default; a busy 2-core runner needs more.
+        env.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        out = btx("run", str(config), cwd=work, timeout=3600)
     print(f"\nbtx run on SmolLM2-135M: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return work, config, out.stdout
 
