@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from btx_core.config.schema import BTXConfig, TrainSettings, TransferSettings
-from btx_core.data.packing import TokenizedSplits
+from btx_core.data.prepare import TokenizedSplits
 from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
 from btx_core.moe.routing import lm_loss_only
 from btx_core.store.core import Manifest, Store, checkpoint_location
