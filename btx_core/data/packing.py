@@ -13,7 +13,6 @@ mixes train and held-out text.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 
 import numpy as np

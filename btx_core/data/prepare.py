@@ -43,7 +43,7 @@ from btx_core.data.shards import (
     token_dtype,
     write_index,
 )
-from btx_core.data.sources import CAP_STOP, iter_documents
+from btx_core.data.sources import iter_documents
 from btx_core.errors import DataError
 
 CHUNK_BYTES = 256 * 2**20  # text per chunk: what one map over every core works on
@@ -174,7 +174,7 @@ def _write_chunk(docs: Iterator[str], path: Path, chunk_bytes: int) -> tuple[int
         for doc in docs:
             batch.append(doc)
             batch_size += len(doc)
-            if batch_size >= 2**22 or len(batch) >= 4096:
+            if batch_size >= 2**22 or len(batch) >= 4096 or size + batch_size >= chunk_bytes:
                 writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
                 count, size, batch, batch_size = count + len(batch), size + batch_size, [], 0
                 if size >= chunk_bytes:
@@ -257,7 +257,8 @@ def _position(salted: bytes, text: str) -> float:
 
 
 class _TokenCap:
-    """`max_tokens`: documents that would pass it are skipped until it is nearly used (`CAP_STOP`)."""
+    """`max_tokens`, as `max_bytes` (sources._capped): packing, and reading, stop at the first
+    document that does not fit in what is left; one longer than the whole cap is skipped."""
 
     def __init__(self, cap: int | None):
         self.cap, self.left, self.done, self.skipped = cap, cap, False, 0
@@ -267,17 +268,14 @@ class _TokenCap:
             return np.ones(len(lengths), dtype=bool)
         keep = np.zeros(len(lengths), dtype=bool)
         for i, n in enumerate(lengths.tolist()):
-            if n <= self.left:
+            if n > self.cap:
+                self.skipped += 1
+            elif n > self.left:
+                self.done = True
+                break
+            else:
                 keep[i] = True
                 self.left -= n
-            else:
-                self.skipped += 1
-                if self.left <= self.cap * (1 - CAP_STOP):
-                    self.done = True
-            if self.left == 0:
-                self.done = True
-            if self.done:
-                break
         return keep
 
 

@@ -35,9 +35,6 @@ FORMAT_BY_EXTENSION = {".txt": "text", ".text": "text", ".md": "text", ".json": 
 # datasets decompresses these on the fly; the format is the extension before them.
 COMPRESSION_EXTENSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 GLOB_CHARS = re.compile(r"[*?\[]")
-# Under a byte cap, a document that does not fit is skipped until this fraction of the cap is
-# used; then reading stops (a 2 GB cap must not read the rest of a 2 TB corpus looking for a fit).
-CAP_STOP = 0.99
 REMOTE_BLOCK_BYTES = 8 * 2**20
 
 
@@ -67,24 +64,23 @@ def iter_documents(source: DataSource, *, cache_dir: str | None = None) -> Itera
 
 
 def _capped(docs: Iterator[str], source: DataSource, where: str) -> Iterator[str]:
-    """`docs` under the caps. A document that would pass `max_bytes` is skipped (one large file
-    does not end a corpus), until the cap is nearly used up (`CAP_STOP`): then reading stops."""
+    """`docs` under the caps: reading stops at the first document that does not fit in what is
+    left of `max_bytes`. A document larger than the whole cap is skipped instead (one large file
+    at the start does not end a corpus)."""
     count, budget, skipped = 0, source.max_bytes, 0
     for doc in docs:
         if source.max_documents is not None and count >= source.max_documents:
             return
         if budget is not None:
             size = len(doc.encode("utf-8"))
-            if size > budget:
+            if size > source.max_bytes:
                 skipped += 1
-                if budget <= source.max_bytes * (1 - CAP_STOP):
-                    return
                 continue
+            if size > budget:
+                return
             budget -= size
         count += 1
         yield doc
-        if budget == 0:
-            return
     if count == 0 and skipped:
         raise DataError(f"{where}: every document is larger than max_bytes ({source.max_bytes}): "
                         "raise max_bytes")
@@ -158,10 +154,19 @@ def _list_files(source: DataSource) -> tuple[fsspec.AbstractFileSystem, list[str
             found = [root]
         else:
             found = []
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError, *_client_errors()) as exc:
         raise DataError(f"cannot list {source.path!r}: {exc}; check the path, the endpoint in "
                         "`storage_options` and the credentials in the environment") from exc
     return fs, sorted(found)
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    """botocore's connection errors (EndpointConnectionError...) are not OSErrors."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return ()
+    return (BotoCoreError,)
 
 
 def _hidden(relative: str) -> bool:
@@ -196,7 +201,7 @@ def _file_documents(files: list[str], fmt: str, source: DataSource) -> Iterator[
                 yield from read(f, uri, source.text_column)
         except DataError:
             raise
-        except (OSError, ValueError, EOFError) as exc:  # network, decompression, truncated files
+        except (OSError, ValueError, EOFError, *_client_errors()) as exc:  # network, decompression, truncation
             raise DataError(f"cannot read {uri}: {type(exc).__name__}: {exc}; check the file, the "
                             "endpoint in `storage_options` and the credentials in the environment") from exc
 
