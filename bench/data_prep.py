@@ -17,6 +17,8 @@
    memory (the 0.1 GB corpus): a pico Llama (hidden 64, 2 layers, vocab 8192), where the data
    side weighs most, or the demo seed's shape with `--demo-shape`; `--speed-steps` steps of
    8 x 256 tokens, fp32, alternating, `--rounds` times.
+4. The data access alone: microseconds to read one micro-batch (8 random blocks of 256) from
+   shards and from memory, alternating, `--rounds` times.
 """
 
 from __future__ import annotations
@@ -161,6 +163,34 @@ def child_train(args) -> dict:
             "rows_read": getattr(blocks, "rows_read", None)}
 
 
+def access_bench(work: Path, rounds: int, batches: int = 5000) -> dict:
+    """Microseconds per micro-batch read (8 random rows of 256 uint16 tokens out of 100,000),
+    from `TokenBlocks` and from the same blocks as an array in memory, alternating."""
+    import numpy as np
+
+    from btx_core.data.shards import ShardWriter, TokenBlocks
+
+    directory = work / "access"
+    directory.mkdir()
+    writer = ShardWriter(directory, "train", 256, np.dtype("<u2"), 2**25 // 256)
+    writer.add(np.random.default_rng(0).integers(0, 8192, 100_000 * 256, dtype=np.uint16), 1)
+    index = writer.close()
+    lazy = TokenBlocks([directory / s.name for s in index.shards], [s.blocks for s in index.shards], 256,
+                       np.dtype("<u2"))
+    memory = np.asarray(lazy)
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, len(memory), 8) for _ in range(batches)]
+    times: dict[str, list[float]] = {"lazy": [], "memory": []}
+    for _ in range(rounds):
+        for name, data in (("lazy", lazy), ("memory", memory)):
+            start = time.perf_counter()
+            for r in rows:
+                data[r]
+            times[name].append((time.perf_counter() - start) / batches * 1e6)
+    return {"us_per_batch": times, "lazy_median_us": statistics.median(times["lazy"]),
+            "memory_median_us": statistics.median(times["memory"])}
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -226,7 +256,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="training steps of the RSS runs")
     parser.add_argument("--speed-steps", type=int, default=50, help="training steps of the speed runs")
-    parser.add_argument("--skip", default="", help="comma list of: throughput,rss,speed")
+    parser.add_argument("--skip", default="", help="comma list of: throughput,rss,speed,access")
     parser.add_argument("--json")
     parser.add_argument("--workdir", default=None)
     # child-process arguments
@@ -311,6 +341,9 @@ def main() -> None:
                                "blocks": lazy[0]["blocks"]}
             report["speed"]["ratio"] = report["speed"]["lazy_median"] / report["speed"]["memory_median"]
             print(json.dumps(report["speed"]), flush=True)
+        if "access" not in skip:
+            report["access"] = access_bench(work, args.rounds)
+            print(json.dumps(report["access"]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
