@@ -23,15 +23,8 @@ from btx_core.data.builtin.corpora import (
     interleave_by_bytes,
     stdlib_files,
 )
-from btx_core.data.packing import (
-    SPLITS_FILE,
-    TokenizedSplits,
-    data_cache_key,
-    pack,
-    prepare_domain_data,
-    split_documents,
-    token_stream,
-)
+from btx_core.data.packing import data_cache_key, pack, split_documents, token_stream
+from btx_core.data.prepare import TokenizedSplits, prepare_domain_data
 from btx_core.data.sources import load_documents
 from btx_core.errors import DataError
 from btx_core.model.tokenizer import train_tokenizer
@@ -240,7 +233,7 @@ def test_missing_text_column_lists_the_columns(tmp_path: Path) -> None:
 @unit
 def test_non_string_column_is_an_error(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "rows.jsonl", [{"text": 1}, {"text": 2}])
-    with pytest.raises(DataError, match="holds .*int64.* not text"):
+    with pytest.raises(DataError, match="holds int values .* not text"):
         load_documents(DataSource(path=str(tmp_path / "rows.jsonl")))
 
 
@@ -269,13 +262,6 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(DataError, match="Hub dataset 'someone/not-here'.*network access") as info:
         load_documents(DataSource(hub="someone/not-here"))
     assert info.value.__cause__ is not None
-
-
-@unit
-def test_datasets_cache_stays_in_the_given_directory(tmp_path: Path, datasets_cache: Path) -> None:
-    write_jsonl(tmp_path / "rows.jsonl", [{"text": "a"}])
-    load_documents(DataSource(path=str(tmp_path / "rows.jsonl")))
-    assert any(datasets_cache.rglob("*.arrow"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,48 +348,50 @@ def test_pack_ignores_padding_left_on_the_tokenizer(tokenizer) -> None:
 
 
 @unit
-def test_prepare_save_and_load(tokenizer, tmp_path: Path) -> None:
+def test_prepare_writes_shards_that_open_lazily(tokenizer, tmp_path: Path) -> None:
     source = DataSource(builtin="math", max_documents=400)
-    splits = prepare_domain_data(source, tokenizer, seq_len=64, held_out_fraction=0.1, salt="math")
+    splits = prepare_domain_data(source, tokenizer, seq_len=64, held_out_fraction=0.1, salt="math",
+                                 directory=tmp_path / "splits")
     assert splits.train.shape[1] == splits.heldout.shape[1] == 64
     stats = splits.stats()
     assert stats["train"]["documents"] + stats["heldout"]["documents"] == 400
     assert stats["train"]["blocks"] == len(splits.train) and stats["seq_len"] == 64
     assert stats["train"]["tokens"] - 64 < stats["train"]["blocks"] * 64 <= stats["train"]["tokens"]
-    splits.save(tmp_path / "splits")
     loaded = TokenizedSplits.load(tmp_path / "splits")
-    assert np.array_equal(loaded.train, splits.train) and np.array_equal(loaded.heldout, splits.heldout)
-    assert loaded.train.dtype == np.int32 and loaded.stats() == stats
-    assert not list((tmp_path / "splits").glob("*.npy")) and not list((tmp_path / "splits").glob("*.pkl"))
+    assert loaded.train.rows_read == 0 and loaded.stats() == stats
+    assert np.array_equal(np.asarray(loaded.train), np.asarray(splits.train))
+    assert loaded.train[3].dtype == np.int32
+    names = sorted(p.name for p in (tmp_path / "splits").iterdir())
+    assert names == ["heldout-00000.bin", "index.json", "train-00000.bin"]  # nothing to unpickle
 
 
 @unit
 def test_load_refuses_incomplete_or_inconsistent_data(tokenizer, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing"):
         TokenizedSplits.load(tmp_path)
-    splits = prepare_domain_data(DataSource(builtin="math", max_documents=200), tokenizer, 32, 0.1, "s")
-    splits.save(tmp_path)
-    stats = json.loads((tmp_path / "stats.json").read_text())
-    stats["train"]["blocks"] += 1
-    (tmp_path / "stats.json").write_text(json.dumps(stats))
-    with pytest.raises(DataError, match="do not match"):
-        TokenizedSplits.load(tmp_path)
-    (tmp_path / SPLITS_FILE).write_bytes(b"garbage")
+    prepare_domain_data(DataSource(builtin="math", max_documents=200), tokenizer, 32, 0.1, "s", tmp_path / "d")
+    shard = tmp_path / "d" / "train-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match="the index says"):
+        TokenizedSplits.load(tmp_path / "d")
+    (tmp_path / "d" / "index.json").write_text("garbage")
     with pytest.raises(DataError, match="unreadable"):
-        TokenizedSplits.load(tmp_path)
+        TokenizedSplits.load(tmp_path / "d")
 
 
 @unit
-def test_too_little_data_for_a_block_says_what_to_do(tokenizer) -> None:
+def test_too_little_data_for_a_block_says_what_to_do(tokenizer, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="lower seq_len, add data"):
-        prepare_domain_data(DataSource(builtin="math", max_documents=20), tokenizer, 4096, 0.1, "s")
+        prepare_domain_data(DataSource(builtin="math", max_documents=20), tokenizer, 4096, 0.1, "s",
+                            tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 @unit
 def test_one_document_cannot_be_split(tokenizer, tmp_path: Path) -> None:
     (tmp_path / "one.txt").write_text("a single long document " * 100)
     with pytest.raises(DataError, match="at least 2"):
-        prepare_domain_data(DataSource(path=str(tmp_path / "one.txt")), tokenizer, 16, 0.1, "s")
+        prepare_domain_data(DataSource(path=str(tmp_path / "one.txt")), tokenizer, 16, 0.1, "s", tmp_path / "out")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from btx_core.data.packing import SplitStats, TokenizedSplits
+from btx_core.data.prepare import SplitStats, TokenizedSplits
 from btx_core.errors import BTXError
 from btx_core.evaluation.scores import btm_logprobs, build_eval_sets
 from btx_core.moe.routing import aux_loss_coefficient, paper_load_balancing_loss

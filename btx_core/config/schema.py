@@ -56,7 +56,14 @@ class DataSource(StrictModel):
     max_documents: int | None = Field(default=None, gt=0)
     """Use at most this many documents (the first ones, in source order)."""
     max_bytes: int | None = Field(default=None, gt=0)
-    """Cap on the bytes of text used (documents that would pass the cap are skipped)."""
+    """Cap on the bytes of text used: reading stops at the first document that does not fit
+    (one larger than the whole cap is skipped)."""
+    max_tokens: int | None = Field(default=None, gt=0)
+    """Cap on the tokens used, each document's BOS/EOS included, counted before the held-out
+    split: reading stops at the first document that does not fit (as for `max_bytes`)."""
+    streaming: bool = False
+    """For `hub`: read the dataset as a stream instead of downloading it whole into `datasets`'
+    cache first (files under `path` are always read as a stream)."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec storage options for `path` (e.g. `{client_kwargs: {endpoint_url: ...}}`).
     Credentials are not allowed here: they come from the environment."""

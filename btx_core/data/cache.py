@@ -1,7 +1,7 @@
 """Prepared (tokenized, packed, split) corpora, cached in the store.
 
-A retried branch, or a branch on another machine, finds its domain's blocks in the store and
-does not tokenize again. A prepared corpus is named by everything that goes into it (source,
+A retried branch, or a branch on another machine, finds its domain's token shards in the store
+and does not tokenize again. A prepared corpus is named by everything that goes into it (source,
 tokenizer, sequence length, held-out fraction, split salt) and identified downstream by its
 content: a stage records the sha256s of the blocks it trained on, so an expert is retrained
 when its data really changed, and only then.
@@ -15,11 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from btx_core.config.schema import BTXConfig, DataSource, stable_hash
-from btx_core.data.packing import TokenizedSplits, data_cache_key, prepare_domain_data
+from btx_core.data.packing import data_cache_key
+from btx_core.data.prepare import TokenizedSplits, prepare_domain_data
+from btx_core.data.shards import ShardIndex
 from btx_core.model.dense import load_tokenizer
 from btx_core.model.families import TOKENIZER_FILES
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
+from btx_core.store.manifest import FileEntry
 
 # One salt for every stage: a document lands on the same side of the train/held-out split in the
 # seed's general corpus and in its domain, so no domain's held-out text is seen in pretraining.
@@ -47,6 +50,7 @@ class PreparedData:
         return content_id(self.manifest)
 
     def load(self, store: Store, cache_dir: Path) -> TokenizedSplits:
+        """The splits, opened lazily from the local copy of the shards (nothing read yet)."""
         return TokenizedSplits.load(store.fetch(self.location, cache_dir))
 
 
@@ -61,12 +65,22 @@ def ensure_prepared(config: BTXConfig, store: Store, source: DataSource, *, toke
     key = data_cache_key(source, tokenizer, seq_len, held_out_fraction, SPLIT_SALT)
     location = layout.data_cache(config, key)
     if not store.is_complete(location):
-        splits = prepare_domain_data(source, load_tokenizer(str(tokenizer_dir())), seq_len,
-                                     held_out_fraction, SPLIT_SALT,
-                                     cache_dir=str(cache_dir / "datasets"))
-        with tempfile.TemporaryDirectory(prefix="btx-data-") as tmp:
-            splits.save(Path(tmp))
-            store.write_dir(Path(tmp), location, stage="data", config_hash=key,
-                            metrics={"train": asdict(splits.train_stats),
-                                     "heldout": asdict(splits.heldout_stats)})
+        with tempfile.TemporaryDirectory(prefix="btx-data-", dir=_made(cache_dir)) as tmp:
+            splits = prepare_domain_data(source, load_tokenizer(str(tokenizer_dir())), seq_len,
+                                         held_out_fraction, SPLIT_SALT, Path(tmp) / "data",
+                                         tokenizer_id=tokenizer, cache_dir=tmp)
+            # The shards were hashed as they were written; a local store takes them by rename.
+            index = ShardIndex.read(Path(tmp) / "data")
+            known = {s.name: FileEntry(size=(Path(tmp) / "data" / s.name).stat().st_size, sha256=s.sha256)
+                     for split in index.splits.values() for s in split.shards}
+            store.write_dir(Path(tmp) / "data", location, stage="data", config_hash=key, known=known,
+                            move=True, metrics={"tokenizer": tokenizer, "train": asdict(splits.train_stats),
+                                                "heldout": asdict(splits.heldout_stats)})
     return PreparedData(location, store.read_manifest(location))
+
+
+def _made(directory: Path) -> Path:
+    # Preparation's temporary files next to the cache, not in a small /tmp: a chunk of text and
+    # its tokens, and the shards until the store has them.
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from btx_core.config.schema import BTXConfig, TrainSettings
-from btx_core.data.packing import TokenizedSplits
+from btx_core.data.prepare import TokenizedSplits
 from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputError
 from btx_core.model.card import read_front_matter, write_finetune_card
 from btx_core.moe.routing import lm_loss_only

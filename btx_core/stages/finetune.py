@@ -15,7 +15,8 @@ import numpy as np
 
 from btx_core.config.schema import GENERAL, BTXConfig, FinetuneSettings, TrainSettings, stable_hash
 from btx_core.data.cache import PreparedData, ensure_prepared, tokenizer_id
-from btx_core.data.packing import TokenizedSplits
+from btx_core.data.prepare import TokenizedSplits
+from btx_core.data.shards import BlockMixture, Blocks
 from btx_core.errors import BTXError
 from btx_core.model.dense import load_causal_lm
 from btx_core.moe.routing import RoutingPlan, configure, freeze_experts
@@ -55,8 +56,8 @@ class Mixture:
     """Training blocks drawn from every source in proportion to its weight; held-out blocks
     interleaved source by source (so a prefix of them covers every source)."""
 
-    train: np.ndarray
-    heldout: np.ndarray
+    train: Blocks
+    heldout: Blocks
     weights: dict[str, float]
 
 
@@ -70,9 +71,10 @@ def mixture_weights(config: BTXConfig) -> dict[str, float]:
 
 def build_mixture(splits: dict[str, TokenizedSplits], weights: dict[str, float], seed: int) -> Mixture:
     """As many training blocks as all sources hold together, each source contributing its weight's
-    share: a small source repeats (a fresh permutation per pass), a large one is subsampled."""
+    share: a small source repeats (a fresh permutation per pass), a large one is subsampled. The
+    mixture is an index over the sources' blocks, read on demand like the sources themselves."""
     total = sum(len(splits[n].train) for n in weights)
-    parts = []
+    sources, which, rows = [], [], []
     for i, (name, weight) in enumerate(weights.items()):
         blocks = splits[name].train
         if len(blocks) == 0:
@@ -81,11 +83,16 @@ def build_mixture(splits: dict[str, TokenizedSplits], weights: dict[str, float],
         count = max(1, round(weight * total))
         rng = np.random.default_rng([seed, i])
         order = np.concatenate([rng.permutation(len(blocks)) for _ in range(-(-count // len(blocks)))])
-        parts.append(blocks[order[:count]])
+        sources.append(blocks)
+        which.append(np.full(count, i))
+        rows.append(order[:count])
+    train = BlockMixture(sources, np.concatenate(which), np.concatenate(rows))
     heldouts = [splits[n].heldout for n in weights if len(splits[n].heldout)]
     depth = min(len(h) for h in heldouts)
-    heldout = np.stack([h[:depth] for h in heldouts], axis=1).reshape(-1, heldouts[0].shape[1])
-    return Mixture(np.concatenate(parts), heldout, weights)
+    # Interleaved source by source: row j * len(heldouts) + k is block j of source k.
+    heldout = BlockMixture(heldouts, np.tile(np.arange(len(heldouts)), depth),
+                           np.repeat(np.arange(depth), len(heldouts)))
+    return Mixture(train, heldout, weights)
 
 
 def prepared_sources(config: BTXConfig, store: Store, seed_location: str, seed: Manifest,

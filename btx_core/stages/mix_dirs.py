@@ -31,8 +31,10 @@ def samples_from_paths(experts: list[Expert], paths: list[str], *, seq_len: int,
     tokenized with the first expert's tokenizer and split as btx splits every domain."""
     if len(paths) != len(experts):
         raise BTXError(f"give one --data per expert ({len(experts)} experts, {len(paths)} --data)")
+    import tempfile
+
     from btx_core.data.cache import SPLIT_SALT
-    from btx_core.data.packing import prepare_domain_data
+    from btx_core.data.prepare import prepare_domain_data
     from btx_core.model.dense import load_tokenizer
 
     tokenizer = load_tokenizer(str(experts[0].path))
@@ -41,10 +43,11 @@ def samples_from_paths(experts: list[Expert], paths: list[str], *, seq_len: int,
         if path in ("-", "all"):  # a generalist: routed on everyone's text
             centroid[expert.name] = None
             continue
-        splits = prepare_domain_data(DataSource(path=str(Path(path).expanduser())), tokenizer, seq_len,
-                                     0.05, SPLIT_SALT)
-        centroid[expert.name] = sample_blocks(splits.train, count, seed)
-        heldout[expert.name] = sample_blocks(splits.heldout, count, seed)
+        with tempfile.TemporaryDirectory(prefix="btx-routing-data-") as tmp:
+            splits = prepare_domain_data(DataSource(path=str(Path(path).expanduser())), tokenizer, seq_len,
+                                         0.05, SPLIT_SALT, Path(tmp) / "data", cache_dir=tmp)
+            centroid[expert.name] = sample_blocks(splits.train, count, seed)
+            heldout[expert.name] = sample_blocks(splits.heldout, count, seed)
     return RoutingSamples(centroid=centroid, heldout=heldout)
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from btx_core.config.schema import TrainSettings
+from btx_core.data.shards import Blocks
 from btx_core.errors import BTXError, CheckpointMismatchError, DataError
 from btx_core.training.distributed import (
     Dist,
@@ -124,16 +125,20 @@ def batch_indices(n_blocks: int, step: int, micro: int, settings: TrainSettings,
 
 # --- the loop ----------------------------------------------------------------------------------
 
-def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *,
+def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
           checkpoints: CheckpointSink | None = None,
           on_progress: Callable[[Progress], None] | None = None,
           stop_after: int | None = None) -> TrainResult:
     """Train `model` in place on packed token blocks [n, seq_len]; resume from `checkpoints`.
 
+    `blocks` is an array in memory or a lazy one (token shards, a mixture of them): each step
+    reads only its micro-batches' rows, `blocks[indices]`, so memory does not grow with the
+    corpus and each process reads only its own slice.
+
     `stop_after` ends the run early after that many steps (as a kill would), for tests. Under
     FSDP the training runs on a sharded copy; `model` gets its final weights at the end.
     """
-    if blocks.ndim != 2 or blocks.shape[1] != settings.seq_len:
+    if len(blocks.shape) != 2 or blocks.shape[1] != settings.seq_len:
         raise ValueError(f"blocks have shape {blocks.shape}, expected [n, {settings.seq_len}]: "
                          "pack the data with the stage's seq_len")
     if settings.threads:
@@ -166,7 +171,6 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
     resumed_from = state.step
     wrapped = runner if fsdp else wrap_ddp(model, device, ranks)
     autocast = _autocast(settings.precision, device)
-    data = torch.from_numpy(np.ascontiguousarray(blocks))  # int32 in memory; int64 per micro-batch
     tokens_per_step = settings.tokens_per_step * ranks.world_size
     report = _with_progress_file(on_progress) if ranks.is_main else None
 
@@ -174,7 +178,7 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
     window_steps = 0
     last_stop = total_steps if stop_after is None else min(total_steps, resumed_from + stop_after)
     while state.step < last_stop:
-        loss = _step(wrapped, data, state.step, settings, ranks, device, autocast, optimizer)
+        loss = _step(wrapped, blocks, state.step, settings, ranks, device, autocast, optimizer)
         scheduler.step()
         state.step += 1
         state.sequences_seen += settings.batch_size * settings.grad_accum * ranks.world_size
@@ -205,12 +209,13 @@ def train(model: torch.nn.Module, blocks: np.ndarray, settings: TrainSettings, *
                        tokens_per_s=trained_tokens / wall if wall > 0 else 0.0)
 
 
-def _step(model, data: torch.Tensor, step: int, settings: TrainSettings, ranks: Dist,
+def _step(model, data: Blocks, step: int, settings: TrainSettings, ranks: Dist,
           device: torch.device, autocast, optimizer) -> float:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all ranks."""
     total = torch.zeros((), device=device)
     for micro in range(settings.grad_accum):
-        ids = data[batch_indices(len(data), step, micro, settings, ranks)].to(device, non_blocking=True).long()
+        rows = np.asarray(data[batch_indices(len(data), step, micro, settings, ranks)])
+        ids = torch.from_numpy(rows).to(device, non_blocking=True).long()
         # DDP and FSDP reduce gradients on every backward; only the last micro-batch needs it.
         sync = micro == settings.grad_accum - 1
         with gradient_sync(model, sync), autocast:
@@ -290,7 +295,7 @@ def _with_progress_file(on_progress: Callable[[Progress], None] | None):
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, blocks: np.ndarray, *, batch_size: int, max_blocks: int,
+def evaluate_loss(model: torch.nn.Module, blocks: Blocks, *, batch_size: int, max_blocks: int,
                   precision: str = "fp32", device: torch.device | None = None) -> float:
     """Mean next-token loss (nats per token) over the first `max_blocks` held-out blocks."""
     if len(blocks) == 0:
@@ -298,11 +303,10 @@ def evaluate_loss(model: torch.nn.Module, blocks: np.ndarray, *, batch_size: int
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    data = torch.from_numpy(np.ascontiguousarray(blocks[:max_blocks]))
     total, count = 0.0, 0
     with _autocast(precision, device):
-        for start in range(0, len(data), batch_size):
-            ids = data[start:start + batch_size].to(device).long()
+        for start in range(0, min(len(blocks), max_blocks), batch_size):
+            ids = torch.from_numpy(np.asarray(blocks[start:min(start + batch_size, max_blocks)])).to(device).long()
             # .loss is a mean over the batch's predicted tokens; weigh batches by their size.
             n = ids.shape[0] * (ids.shape[1] - 1)
             total += float(model(input_ids=ids, labels=ids).loss) * n
