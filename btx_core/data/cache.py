@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 from btx_core.config.schema import BTXConfig, DataSource, stable_hash
 from btx_core.data.packing import data_cache_key
@@ -40,8 +41,9 @@ def content_id(manifest: Manifest) -> str:
     return stable_hash({rel: entry.sha256 for rel, entry in manifest.files.items()})
 
 
-@dataclass(frozen=True)
-class PreparedData:
+class PreparedData(NamedTuple):
+    """A prepared corpus in the store: where it is and its manifest."""
+
     location: str
     manifest: Manifest
 

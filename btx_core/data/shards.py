@@ -173,39 +173,14 @@ def write_index(directory: Path, index: ShardIndex) -> None:
 
 # --- reading -----------------------------------------------------------------------------------------
 
-class TokenBlocks:
-    """A split's blocks [n, seq_len] in shard files, read on demand.
-
-    Indexing with an int, a slice, an integer array or a boolean mask reads just those rows and
-    returns int32 (what packing always produced); `len()` and `shape` cost nothing. The files are
-    opened on first use, so a process (a rank) that never asks for a shard never opens it.
-    """
+class RowIndexed:
+    """Indexing shared by the lazy block arrays: an int, a slice, an integer array, a boolean mask,
+    or `[rows, columns]`, all validated here; subclasses read rows (`_take`), and contiguous
+    runs (`_read_range`) when they can do better than row by row."""
 
     ndim = 2
     dtype = np.dtype(np.int32)
-
-    def __init__(self, paths: Sequence[Path], counts: Sequence[int], seq_len: int, stored: np.dtype):
-        self._paths = [Path(p) for p in paths]
-        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self._stored = np.dtype(stored)
-        self._row_bytes = seq_len * self._stored.itemsize
-        self.shape = (int(self._starts[-1]), int(seq_len))
-        self._fds: dict[int, int] = {}
-        self.rows_read = 0
-        """Rows read so far (for tests and benchmarks: nothing is read that was not asked for)."""
-
-    @classmethod
-    def open(cls, directory: Path, split: str, index: ShardIndex) -> TokenBlocks:
-        shards = index.splits[split].shards
-        paths = [directory / s.name for s in shards]
-        itemsize = np.dtype(index.dtype).itemsize
-        for shard, path in zip(shards, paths, strict=True):
-            expected = shard.blocks * index.seq_len * itemsize
-            size = path.stat().st_size if path.is_file() else None
-            if size != expected:
-                raise DataError(f"shard {path} is {'missing' if size is None else f'{size} bytes'}, "
-                                f"the index says {expected}: delete {directory} and prepare the data again")
-        return cls(paths, [s.blocks for s in shards], index.seq_len, np.dtype(index.dtype))
+    shape: tuple[int, int]
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -235,15 +210,56 @@ class TokenBlocks:
         rows = np.where(rows < 0, rows + n, rows).astype(np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             raise IndexError(f"block index out of range for {n} blocks")
-        out = np.empty((len(rows), self.shape[1]), dtype=np.int32)
-        for i, row in enumerate(rows.tolist()):
-            out[i] = self._read_range(row, row + 1)[0]
-        return out
+        return self._take(rows)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """Every block, read whole: for small splits; training and evaluation never call it."""
         whole = self._read_range(0, len(self))
         return whole if dtype is None else whole.astype(dtype)
+
+    def _read_range(self, start: int, stop: int) -> np.ndarray:
+        return self._take(np.arange(start, stop, dtype=np.int64))
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TokenBlocks(RowIndexed):
+    """A split's blocks [n, seq_len] in shard files, read on demand.
+
+    Indexing with an int, a slice, an integer array or a boolean mask reads just those rows and
+    returns int32 (what packing always produced); `len()` and `shape` cost nothing. The files are
+    opened on first use, so a process (a rank) that never asks for a shard never opens it.
+    """
+
+    def __init__(self, paths: Sequence[Path], counts: Sequence[int], seq_len: int, stored: np.dtype):
+        self._paths = [Path(p) for p in paths]
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._stored = np.dtype(stored)
+        self._row_bytes = seq_len * self._stored.itemsize
+        self.shape = (int(self._starts[-1]), int(seq_len))
+        self._fds: dict[int, int] = {}
+        self.rows_read = 0
+        """Rows read so far (for tests and benchmarks: nothing is read that was not asked for)."""
+
+    @classmethod
+    def open(cls, directory: Path, split: str, index: ShardIndex) -> TokenBlocks:
+        shards = index.splits[split].shards
+        paths = [directory / s.name for s in shards]
+        itemsize = np.dtype(index.dtype).itemsize
+        for shard, path in zip(shards, paths, strict=True):
+            expected = shard.blocks * index.seq_len * itemsize
+            size = path.stat().st_size if path.is_file() else None
+            if size != expected:
+                raise DataError(f"shard {path} is {'missing' if size is None else f'{size} bytes'}, "
+                                f"the index says {expected}: delete {directory} and prepare the data again")
+        return cls(paths, [s.blocks for s in shards], index.seq_len, np.dtype(index.dtype))
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.shape[1]), dtype=np.int32)
+        for i, row in enumerate(rows.tolist()):
+            out[i] = self._read_range(row, row + 1)[0]
+        return out
 
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, self.shape[1]), dtype=np.int32)
@@ -283,13 +299,10 @@ class TokenBlocks:
         return {**self.__dict__, "_fds": {}}  # descriptors do not cross processes
 
 
-class BlockMixture:
+class BlockMixture(RowIndexed):
     """Rows of several block arrays in a given order, read on demand: `sources[which[i]][rows[i]]`
     is row i. The finetuning mixture, built from index arrays (a few bytes per block) instead of a
     copy of every source's blocks."""
-
-    ndim = 2
-    dtype = np.dtype(np.int32)
 
     def __init__(self, sources: Sequence[Blocks], which: np.ndarray, rows: np.ndarray):
         seq_lens = {s.shape[1] for s in sources}
@@ -302,29 +315,10 @@ class BlockMixture:
         self._rows = np.asarray(rows, dtype=np.int64)
         self.shape = (len(self._rows), seq_lens.pop())
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, tuple):  # blocks[rows, columns]: the rows, then numpy's indexing
-            rows = self[key[0]]
-            return rows[key[1:]] if rows.ndim == 1 else rows[(slice(None), *key[1:])]
-        if isinstance(key, (int, np.integer)):
-            return self[np.array([key])][0]
-        if isinstance(key, slice):
-            positions = np.arange(*key.indices(len(self)))
-        else:
-            positions = np.asarray(key)
-            if positions.dtype == bool:
-                positions = np.flatnonzero(positions)
-            positions = np.where(positions < 0, positions + len(self), positions)
+    def _take(self, positions: np.ndarray) -> np.ndarray:
         which, rows = self._which[positions], self._rows[positions]
         out = np.empty((len(positions), self.shape[1]), dtype=np.int32)
         for s in np.unique(which).tolist():
             mask = which == s
             out[mask] = self._sources[s][rows[mask]]
         return out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = self[:]
-        return whole if dtype is None else whole.astype(dtype)
