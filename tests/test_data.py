@@ -362,7 +362,7 @@ def test_prepare_writes_shards_that_open_lazily(tokenizer, tmp_path: Path) -> No
     assert np.array_equal(np.asarray(loaded.train), np.asarray(splits.train))
     assert loaded.train[3].dtype == np.int32
     names = sorted(p.name for p in (tmp_path / "splits").iterdir())
-    assert names == ["heldout-00000.bin", "index.json", "train-00000.bin"]  # nothing to unpickle
+    assert names == ["heldout-00000.tokens", "index.json", "train-00000.tokens"]  # nothing to unpickle
 
 
 @unit
@@ -370,7 +370,7 @@ def test_load_refuses_incomplete_or_inconsistent_data(tokenizer, tmp_path: Path)
     with pytest.raises(DataError, match="missing"):
         TokenizedSplits.load(tmp_path)
     prepare_domain_data(DataSource(builtin="math", max_documents=200), tokenizer, 32, 0.1, "s", tmp_path / "d")
-    shard = tmp_path / "d" / "train-00000.bin"
+    shard = tmp_path / "d" / "train-00000.tokens"
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(DataError, match="the index says"):
         TokenizedSplits.load(tmp_path / "d")

@@ -133,6 +133,13 @@ def load_safely(path: Path) -> str:
 
         np.load(path, allow_pickle=False)
         return "npy"
+    if suffix == ".tokens":  # a token shard: raw integers of the dtype its index.json names
+        import numpy as np
+
+        index = json.loads((path.parent / "index.json").read_text())
+        tokens = np.fromfile(path, dtype=np.dtype(index["dtype"]))
+        assert tokens.size * tokens.itemsize == path.stat().st_size, path
+        return "raw tokens"
     if suffix in TEXT_SUFFIXES:
         path.read_bytes()
         return "text"
@@ -165,7 +172,7 @@ def test_every_stored_artefact_loads_with_safetensors_and_json_only(trained):
             "_manifest.json", "tokenizer.json", "config.json"} <= names
     assert any("/checkpoints/step-" in str(p) for p in files) and any("/mix/" in str(p) for p in files)
     assert any("/_data/" in str(p) for p in files) and any("/upcycle/" in str(p) for p in files)
-    assert set(kinds) <= {"safetensors", "json", "npy", "text", "png"} and len(kinds["safetensors"]) >= 10
+    assert set(kinds) <= {"safetensors", "json", "npy", "raw tokens", "text", "png"} and len(kinds["safetensors"]) >= 10
 
 
 @pytest.mark.unit

@@ -153,7 +153,7 @@ class ShardWriter:
         return self.index
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.index.shards):05d}.bin"
+        name = f"{self.split}-{len(self.index.shards):05d}.tokens"
         self._file = open(self.directory / name, "xb")
         self._hash = hashlib.sha256()
         self._in_shard = 0
