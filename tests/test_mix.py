@@ -22,7 +22,7 @@ from btx_core.model.tensor_io import CheckpointReader
 from btx_core.moe.edit import drop_expert
 from btx_core.moe.mix import Expert, MixInputError, MixOptions, mix
 from btx_core.moe.router_init import RoutingSamples, mean_entropy
-from tests.pico import write_tokenizer
+from tests.pico import branch, save, write_tokenizer
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parents[1]
@@ -42,23 +42,6 @@ def mistral(seed=0):
                            num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
                            sliding_window=8, max_position_embeddings=64)
     return MistralForCausalLM(config).eval()
-
-
-def save(model, path: Path) -> Path:
-    model.save_pretrained(path)
-    write_tokenizer(path, model.config.vocab_size)
-    return path
-
-
-def branch(model, path: Path, seed: int, scale=0.02) -> Path:
-    """A copy of `model` with every weight nudged: an 'expert' of the same seed."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        copy = type(model)(model.config).to(next(model.parameters()).dtype)
-        copy.load_state_dict(model.state_dict())
-        for p in copy.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return save(copy, path)
 
 
 def tokens(n=2, length=12, vocab=101, seed=0):
