@@ -90,14 +90,16 @@ def _looks_complete(config: BTXConfig, domain: str, seed_location: str) -> bool:
 def expert_branch_task(config: BTXConfig, domain: str, seed_location: str) -> str:
     """Run one expert branch as a `train-expert/<pool>` deployment run; return its location."""
     pool = config.orchestration.domain_pools.get(domain, config.orchestration.expert_pool)
-    run_child(f"train-expert/{pool}", {"config": config.model_dump(mode="json"), "domain": domain}, domain)
+    run_child(f"train-expert/{pool}", {"config": config.model_dump(mode="json"), "domain": domain}, domain,
+              config.orchestration)
     return _stored(config, layout.expert_model(config, domain), f"expert[{domain}]")
 
 
 @task(name="mix-on-pool", task_run_name="mix", persist_result=True, result_serializer="json")
 def mix_on_pool_task(config: BTXConfig) -> str:
     """Run MiX as a `mix/<pool>` deployment run on `orchestration.mix_pool`; return its location."""
-    run_child(f"mix/{config.orchestration.mix_pool}", {"config": config.model_dump(mode="json")}, "mix")
+    run_child(f"mix/{config.orchestration.mix_pool}", {"config": config.model_dump(mode="json")}, "mix",
+              config.orchestration)
     return _stored(config, layout.mix_model(config), "mix")
 
 
@@ -105,7 +107,7 @@ def mix_on_pool_task(config: BTXConfig) -> str:
 def finetune_on_pool_task(config: BTXConfig) -> str:
     """Run MoE-finetuning as a `finetune/<pool>` deployment run on `orchestration.finetune_pool`."""
     pool = config.orchestration.finetune_pool
-    run_child(f"finetune/{pool}", {"config": config.model_dump(mode="json")}, "finetune")
+    run_child(f"finetune/{pool}", {"config": config.model_dump(mode="json")}, "finetune", config.orchestration)
     return _stored(config, layout.trained_model(config, "btx"), "finetune")
 
 
@@ -127,8 +129,9 @@ def remote_branches(config: BTXConfig, seed) -> dict:
 def _all_or_raise(futures: dict) -> dict:
     """Wait for every branch (so the finished ones are kept), then fail if any failed."""
     wait(list(futures.values()))
-    failed = [d for d, f in futures.items() if not f.state.is_completed()]
+    failed = {d: f.state for d, f in futures.items() if not f.state.is_completed()}
     if failed:
+        why = "\n".join(f"- {d}: {state.message or state.type.value}" for d, state in failed.items())
         raise BranchesFailed(f"expert branch(es) {', '.join(failed)} failed; the others are complete. "
-                             "Retry this flow run, or run it again: finished stages are reused")
+                             f"Retry this flow run, or run it again: finished stages are reused.\n{why}")
     return futures

@@ -1,0 +1,58 @@
+"""The pipeline under orchestration faults, on the deployed cluster of tests/prefect_harness.py
+(PostgreSQL-backed Prefect server, process pools and workers on 127.0.0.1):
+- a branch whose work pool has no worker: the parent cancels it and fails within
+  `orchestration.start_timeout_s`, naming the pool (issue 14, failure 1).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+IDLE_POOL = "btx-idle"  # a pool with a deployment and no worker
+START_TIMEOUT_S = 20.0
+
+
+def _pipeline_run(cluster, config: dict):
+    with cluster.client() as client:
+        deployment = client.read_deployment_by_name("btx-pipeline/btx")
+        return client.create_flow_run_from_deployment(deployment.id, parameters={"config": config})
+
+
+def _children(cluster, parent_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with cluster.client() as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+
+
+@pytest.mark.integration
+def test_branch_on_a_pool_without_worker_fails_the_parent_within_the_deadline(btx_deployed, btx_pipeline_run):
+    """The shared run's config (its seed is in the store) with one domain, routed to a pool that
+    no worker polls: the parent gives up after the deadline, says why, and cancels the child so
+    that a worker that comes later does not train it unwatched."""
+    from btx_core.config.schema import BTXConfig
+
+    cluster = btx_deployed.cluster
+    btx_deployed.add_expert_pool(IDLE_POOL)
+    config = copy.deepcopy(btx_pipeline_run.config)
+    config["domains"] = [d for d in config["domains"] if d["name"] == "math"]
+    config["orchestration"].update(domain_pools={"math": IDLE_POOL}, start_timeout_s=START_TIMEOUT_S)
+    BTXConfig.model_validate(config)
+    run = _pipeline_run(cluster, config)
+    final = cluster.wait_flow_run(run.id, 300)
+    assert final.state.is_failed(), (final.state, cluster.diagnostics())
+    message = final.state.message or ""
+    assert f"no worker is polling the work pool '{IDLE_POOL}'" in message, message
+    assert "start_timeout_s = 20" in message, message
+    (child,) = _children(cluster, run.id)
+    assert child.work_pool_name == IDLE_POOL
+    assert child.state.is_cancelled(), child.state
+    with cluster.client() as client:
+        states = sorted(client.read_flow_run_states(child.id), key=lambda s: s.timestamp)
+    waited = (states[-1].timestamp - states[0].timestamp).total_seconds()
+    # The deadline, plus a poll of the parent (5 s) and the API's latency on a loaded machine.
+    assert START_TIMEOUT_S <= waited <= START_TIMEOUT_S + 20, ([s.name for s in states], waited)
+    assert [s.name for s in states][-1] == "Cancelled" and "Late" in [s.name for s in states], states
