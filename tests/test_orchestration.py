@@ -1,7 +1,10 @@
 """The pipeline under orchestration faults, on the deployed cluster of tests/prefect_harness.py
 (PostgreSQL-backed Prefect server, process pools and workers on 127.0.0.1):
 - a branch whose work pool has no worker: the parent cancels it and fails within
-  `orchestration.start_timeout_s`, naming the pool (issue 14, failure 1).
+  `orchestration.start_timeout_s`, naming the pool (issue 14, failure 1);
+- the lost-node automation: scoped to btx's runs, waiting states expected, kept up to date
+  (failure 9).
+The crashed branch retried by the pipeline itself (failure 2) is in tests/faults/test_process_faults.py.
 """
 
 from __future__ import annotations
@@ -55,4 +58,35 @@ def test_branch_on_a_pool_without_worker_fails_the_parent_within_the_deadline(bt
     waited = (states[-1].timestamp - states[0].timestamp).total_seconds()
     # The deadline, plus a poll of the parent (5 s) and the API's latency on a loaded machine.
     assert START_TIMEOUT_S <= waited <= START_TIMEOUT_S + 20, ([s.name for s in states], waited)
-    assert [s.name for s in states][-1] == "Cancelled" and "Late" in [s.name for s in states], states
+    assert states[-1].name == "Cancelled" and "Running" not in [s.name for s in states], states
+
+
+@pytest.mark.integration
+def test_zombie_automation_is_scoped_waits_for_waiting_runs_and_follows_its_settings(btx_deployed) -> None:
+    """flows/automations.py: only btx's runs (tag `btx`), never a run waiting in AwaitingRetry or
+    Pending, and `ensure` updates the automation when its settings change (issue 14, failure 9)."""
+    import subprocess
+    import sys
+
+    from flows.automations import NAME
+    from tests.prefect_harness import REPO
+
+    cluster = btx_deployed.cluster
+
+    def ensure(within: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "flows.automations", "--within", within], cwd=REPO,
+                              env=cluster.env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    ensure("300")  # infra/work-pools.sh may have made it already
+    assert "up to date" in ensure("300")
+    assert "updated" in ensure("240")
+    with cluster.client() as client:
+        (automation,) = client.read_automations_by_name(NAME)
+    trigger = automation.trigger
+    assert trigger.within.total_seconds() == 240
+    assert dict(trigger.match_related) == {"prefect.resource.id": "prefect.tag.btx", "prefect.resource.role": "tag"}
+    assert {"prefect.flow-run.AwaitingRetry", "prefect.flow-run.Pending", "prefect.flow-run.Completed"} <= trigger.expect
+    # Every deployment of infra/prefect.yaml carries the tag its runs inherit.
+    assert all("btx" in d.tags for d in btx_deployed.deployments.values()), btx_deployed.deployments
