@@ -13,6 +13,7 @@ Stages hand each other store locations; every stage finds its own finished outpu
 from __future__ import annotations
 
 from prefect import flow, task
+from prefect.exceptions import TerminationSignal
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -21,6 +22,7 @@ from btx_core.errors import BTXError, IncompleteOutputError
 from btx_core.stages.common import open_store
 from btx_core.stages.expert import expert_config_hash
 from btx_core.store import layout
+from btx_core.training.stop import request_stop
 from flows.local import branch_processes
 from flows.options import cores
 from flows.progress import forward_library_logs, run_name
@@ -37,6 +39,14 @@ def btx_pipeline(config: BTXConfig) -> dict[str, str]:
     """Branch-Train-MiX: seed -> experts (in parallel) -> mix -> (finetune -> evaluate, with a
     `finetune` section) -> report. Returns stage -> store location."""
     forward_library_logs()
+    try:
+        return _pipeline(config)
+    except (TerminationSignal, KeyboardInterrupt) as stop:  # SIGTERM, a cancel, Ctrl-C: training
+        request_stop(f"the pipeline flow run is stopping ({type(stop).__name__})")  # in threads stops too
+        raise
+
+
+def _pipeline(config: BTXConfig) -> dict[str, str]:
     seed = seed_task.submit(config)
     seed.result()  # a failed seed fails the run here, with its own error
     run_branches = local_branches if config.orchestration.expert_runner == "local" else remote_branches
