@@ -16,6 +16,7 @@ import pytest
 
 from btx_core.training.loop import train
 from btx_core.training.stop import TrainingStopped, request_stop
+from tests.test_cli_e2e import seeded  # noqa: F401 - a fixture
 from tests.test_train import SETTINGS, DirSink, blocks, pico_llama, weights
 
 
@@ -113,3 +114,82 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# `btx run` killed: nothing left behind
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    from btx_core.cli.reaper import _descendants as below
+
+    return below(pid)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_btx_run_leaves_no_process_behind(seeded, tmp_path, sig):
+    """`btx run` (embedded Prefect) on two domains, each branch in a process of its own, killed
+    mid-training: every process it started (branches, Prefect's temporary server) is gone within
+    the bound, and each branch left a checkpoint at the step it reached (SIGTERM), not only at
+    its last periodic one."""
+    import shutil
+
+    import yaml
+
+    from btx_core.cli.reaper import _running
+    from tests.test_cli_e2e import BTX, write_config
+
+    work, seeded_store, _ = seeded
+    store = tmp_path / "store"
+    shutil.copytree(seeded_store / "ci" / "seed", store / "ci" / "seed")
+    config = write_config(tmp_path, store, expert_steps=4000, checkpoint_every=1000)
+    raw = yaml.safe_load(config.read_text())
+    raw["domains"] = [d for d in raw["domains"] if d["name"] in ("math", "code")]
+    raw["expert_training"].update(log_every=1, keep_checkpoints=5)
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "btx-run.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen([*BTX, "run", str(config)], cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
+                                env=dict(env, OMP_NUM_THREADS="1", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180"),
+                                start_new_session=True)
+    try:
+        # Both branches training: each has written its first checkpoint... at step 1000 would take
+        # long; instead wait for both progress bars to pass step 20.
+        def training() -> bool:
+            text = out.read_text(errors="replace")
+            return all(re_step(text, d) >= 20 for d in ("math", "code"))
+
+        deadline = time.monotonic() + 300
+        while not training():
+            assert proc.poll() is None, out.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, out.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        started = _descendants(proc.pid)
+        assert len(started) >= 3, started  # two branches and the temporary API server at least
+        proc.send_signal(sig)
+        killed = time.monotonic()
+        proc.wait(120)
+        deadline = killed + 90
+        while any(_running(p, s) for p, s in started.items()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [p for p, s in started.items() if _running(p, s)]
+        assert not left, (left, out.read_text(errors="replace")[-3000:])
+        took = time.monotonic() - killed
+        print(f"{sig.name}: {len(started)} processes gone {took:.1f} s after the signal")
+        for domain in ("math", "code"):
+            steps = sorted(int(p.name.split("-")[-1]) for p in
+                           (store / "ci" / "experts" / domain / "checkpoints").glob("step-*")
+                           if (p / "_manifest.json").is_file())
+            assert steps and 20 <= steps[-1] < 1000, (domain, steps)  # the step reached, not a periodic one
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def re_step(text: str, domain: str) -> int:
+    import re
+
+    found = re.findall(rf"expert\[{domain}\].*?(\d+)/4000", text)
+    return int(found[-1]) if found else 0
