@@ -12,9 +12,14 @@ Stages hand each other store locations; every stage finds its own finished outpu
 
 from __future__ import annotations
 
-from prefect import flow, task
+import contextlib
+from collections.abc import Iterator
+
+from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
 from prefect.exceptions import TerminationSignal
 from prefect.futures import wait
+from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from btx_core.config.schema import BTXConfig
@@ -25,9 +30,11 @@ from btx_core.store import layout
 from btx_core.training.stop import request_stop
 from flows.local import branch_processes
 from flows.options import cores
-from flows.progress import forward_library_logs, run_name
+from flows.progress import artifact_key, forward_library_logs, run_name
 from flows.remote import run_child
 from flows.tasks import evaluate_task, expert_task_for, finetune_task, mix_task, report_task, seed_task
+
+OVERLAP_PROBE_S = 2.0  # how long a new run tries for its run name's slot before it queues or cancels
 
 
 class BranchesFailed(BTXError):
@@ -40,10 +47,57 @@ def btx_pipeline(config: BTXConfig) -> dict[str, str]:
     `finetune` section) -> report. Returns stage -> store location."""
     forward_library_logs()
     try:
-        return _pipeline(config)
+        with one_run_per_name(config) as admitted:
+            if not admitted:
+                return Cancelled(message=f"another run of {config.run_name!r} is running "
+                                         "(orchestration.on_overlap: cancel)")
+            return _pipeline(config)
     except (TerminationSignal, KeyboardInterrupt) as stop:  # SIGTERM, a cancel, Ctrl-C: training
         request_stop(f"the pipeline flow run is stopping ({type(stop).__name__})")  # in threads stops too
         raise
+
+
+def run_limit_name(run: str) -> str:
+    """The global concurrency limit of a run name (`prefect gcl inspect btx-run-<run>`)."""
+    return "btx-run-" + artifact_key(run)
+
+
+@contextlib.contextmanager
+def one_run_per_name(config: BTXConfig) -> Iterator[bool]:
+    """Hold the global concurrency limit `btx-run-<run_name>` (limit 1, made on first use) for
+    the whole run: two runs of one name would train the same stages into the same prefixes
+    (the store's writer leases would refuse the second's branches one by one). A second run
+    waits for the first (`on_overlap: queue`), or yields False at once (`cancel`). The slot is a
+    lease the server frees if its holder dies without releasing it."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = run_limit_name(config.run_name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)  # as it is: an operator may change it
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # two runs starting at once both try
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    logger, entered = get_run_logger(), False
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=OVERLAP_PROBE_S, strict=True):
+            entered = True
+            yield True
+        return
+    except TimeoutError:  # prefect's AcquireConcurrencySlotTimeoutError, unless the run raised it
+        if entered:
+            raise
+    if config.orchestration.on_overlap == "cancel":
+        logger.warning("another run of %r holds %s: cancelling this one (orchestration.on_overlap: cancel)",
+                       config.run_name, name)
+        yield False
+        return
+    logger.warning("another run of %r holds %s: waiting for it to end (orchestration.on_overlap: queue)",
+                   config.run_name, name)
+    with concurrency(name, occupy=1, strict=True):
+        yield True
 
 
 def _pipeline(config: BTXConfig) -> dict[str, str]:

@@ -90,3 +90,51 @@ def test_zombie_automation_is_scoped_waits_for_waiting_runs_and_follows_its_sett
     assert {"prefect.flow-run.AwaitingRetry", "prefect.flow-run.Pending", "prefect.flow-run.Completed"} <= trigger.expect
     # Every deployment of infra/prefect.yaml carries the tag its runs inherit.
     assert all("btx" in d.tags for d in btx_deployed.deployments.values()), btx_deployed.deployments
+
+
+def _logs(cluster, flow_run_id) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with cluster.client() as client:
+        return "\n".join(log.message for log in client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
+
+
+@pytest.mark.integration
+def test_one_pipeline_run_per_run_name(btx_deployed, btx_pipeline_run):
+    """A run name whose slot is taken (here: its limit set to 0, as if another run held the one
+    slot) cancels a new run (`on_overlap: cancel`) or makes it wait (`queue`) until the slot is
+    free; it then completes, reusing every finished stage (issue 14, failure 3)."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.pipeline import run_limit_name
+    from tests.prefect_harness import wait_for
+
+    cluster = btx_deployed.cluster
+    config = copy.deepcopy(btx_pipeline_run.config)
+    name = run_limit_name(config["run_name"])
+    with cluster.client() as client:
+        try:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=0))
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=0))
+    try:
+        config["orchestration"]["on_overlap"] = "cancel"
+        cancelled = cluster.wait_flow_run(_pipeline_run(cluster, config).id, 180)
+        assert cancelled.state.is_cancelled(), cancelled.state
+        assert "another run of" in (cancelled.state.message or ""), cancelled.state
+
+        config["orchestration"]["on_overlap"] = "queue"
+        queued = _pipeline_run(cluster, config)
+        wait_for(lambda: "waiting for it to end" in _logs(cluster, queued.id), 180, "the run to queue", 1.0,
+                 cluster.death)
+        with cluster.client() as client:
+            assert client.read_flow_run(queued.id).state.is_running()
+            assert not _children(cluster, queued.id), "a queued run launched branches"
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1))
+        final = cluster.wait_flow_run(queued.id, 400)
+        assert final.state.is_completed(), (final.state, cluster.diagnostics())
+    finally:
+        with cluster.client() as client:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1))
