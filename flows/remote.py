@@ -9,7 +9,8 @@ durable result), not from the child's return.
 The parent also watches two failures that nothing inside the child can handle:
 - a child that never starts (no worker polls its pool, a pod that cannot be scheduled, an image
   that cannot be pulled) stays Scheduled, Late or Pending forever: after
-  `orchestration.start_timeout_s` the parent cancels it (so it cannot start later, unwatched) and
+  `orchestration.start_timeout_s` (not counting time its pool spends at its concurrency limit:
+  that run is queued, not stuck) the parent cancels it (so it cannot start later, unwatched) and
   fails with the reason, read from the pool's workers;
 - a child whose process or node is lost ends Crashed, with no process left to retry it: the
   parent reschedules it in place (same flow run, same idempotency key), after the config's
@@ -104,6 +105,10 @@ def run_child(deployment: str, parameters: dict, name: str, orchestration: Orche
                     logger.info("%s: flow run %s is %s after %.0f s, on work pool %s", name, child.name,
                                 state.name, now - waiting_since, child.work_pool_name)
                     last_line = now
+                if deadline is not None and now > deadline and _pool_full(client, child.work_pool_name):
+                    logger.info("%s: flow run %s waits for a slot of the work pool %s (at its concurrency "
+                                "limit): its start deadline begins again", name, child.name, child.work_pool_name)
+                    deadline = now + orchestration.start_timeout_s
                 if deadline is not None and now > deadline:
                     why = why_not_started(client, child)
                     _cancel(client, child, f"did not start within {orchestration.start_timeout_s:g} s: {why}")
@@ -141,6 +146,16 @@ def why_not_started(client, child) -> str:
                 f"({seen or 'none ever did'}): start one, e.g. `prefect worker start --pool {pool}`")
     return (f"it is {state.name} although the work pool {pool!r} has worker(s) online ({', '.join(online)}): "
             "they may be busy, or the pool or its queue at its concurrency limit")
+
+
+def _pool_full(client, pool: str) -> bool:
+    """Whether `pool` is at its concurrency limit: a run waiting for a slot is queued, not stuck."""
+    try:
+        work_pool = client.read_work_pool(pool)
+    except ObjectNotFound:
+        return False
+    limit, busy = work_pool.concurrency_limit, work_pool.active_slots
+    return limit is not None and busy is not None and busy >= limit
 
 
 def _cancel(client, child, message: str) -> None:

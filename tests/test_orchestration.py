@@ -138,3 +138,18 @@ def test_one_pipeline_run_per_run_name(btx_deployed, btx_pipeline_run):
     finally:
         with cluster.client() as client:
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1))
+
+
+@pytest.mark.integration
+def test_deployed_pull_steps_read_the_code_dir_when_a_run_starts(btx_deployed) -> None:
+    """`prefect deploy` ran with BTX_CODE_DIR set (tests/prefect_harness.py): none of the stored
+    pull steps holds that path; each resolves it from the worker's environment at run time
+    (issue 14, failure 6). The runs of the shared pipeline prove that the steps work."""
+    import json
+
+    from tests.prefect_harness import REPO
+
+    for name, deployment in btx_deployed.deployments.items():
+        steps = json.dumps(deployment.pull_steps)
+        assert str(REPO) not in steps, (name, steps)
+        assert "{{ code_dir.stdout }}" in steps, (name, steps)
