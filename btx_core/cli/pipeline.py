@@ -93,6 +93,9 @@ def run(config: Path = ConfigArg) -> None:
         raise typer.Exit(1)
     typer.echo(f"pipeline {cfg.run_name!r} complete; artifacts under the key prefix {cfg.run_name}-")
     status(config)
+    from flows.report import terminal_summary
+
+    typer.echo(terminal_summary(cfg))
 
 
 @app.command()
