@@ -61,7 +61,7 @@ def run_child(deployment: str, parameters: dict, name: str, orchestration: Orche
     except ObjectNotFound:
         raise BTXError(f"deployment {deployment!r} not found on the Prefect server: deploy it "
                        "(infra/prefect.yaml), or set orchestration.expert_runner: local") from None
-    rescheduled = 0
+    never_started, ran_before = 0, -1  # -1: the first crash always counts as having run
     with get_client(sync_client=True) as client:
         if child.state is not None and child.state.is_final() and not child.state.is_completed():
             # The child of an earlier attempt of this parent run: run it again in place.
@@ -79,7 +79,14 @@ def run_child(deployment: str, parameters: dict, name: str, orchestration: Orche
             if state.is_completed():
                 break
             if state.is_final():
-                attempt = max(child.run_count, rescheduled + 1)
+                # Retries count the attempts that ran. A crash before the rescheduled run ever
+                # reached Running (seen with Prefect 3.9's process worker: the run it just lost,
+                # resubmitted, was killed again seconds after it started) uses no retry, within
+                # a budget of its own.
+                if child.run_count <= ran_before:
+                    never_started += 1
+                attempt = max(child.run_count, 1) if never_started <= orchestration.retries else orchestration.retries + 1
+                ran_before = child.run_count
                 if state.type == StateType.CRASHED and attempt <= orchestration.retries:
                     wait_s = orchestration.retry_wait_s(attempt - 1)
                     logger.warning("%s: flow run %s crashed (%s); rescheduling it in place in %.0f s "
@@ -89,7 +96,6 @@ def run_child(deployment: str, parameters: dict, name: str, orchestration: Orche
                     client.set_flow_run_state(child.id, AwaitingRetry(
                         scheduled_time=datetime.now(timezone.utc) + timedelta(seconds=wait_s),
                         message=f"crashed; rescheduled by its parent flow run (retry {attempt})"), force=True)
-                    rescheduled += 1
                     waiting_since = None
                     continue
                 break
