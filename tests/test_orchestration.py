@@ -153,3 +153,15 @@ def test_deployed_pull_steps_read_the_code_dir_when_a_run_starts(btx_deployed) -
         steps = json.dumps(deployment.pull_steps)
         assert str(REPO) not in steps, (name, steps)
         assert "{{ code_dir.stdout }}" in steps, (name, steps)
+
+
+@pytest.mark.integration
+def test_expert_process_pools_run_one_branch_at_a_time(btx_deployed) -> None:
+    """infra/work-pools.sh process: one flow run at a time per expert pool (one GPU per worker),
+    the control pool unlimited (the pipeline and its MiX run there together) (failure 3)."""
+    from tests.prefect_harness import CONTROL_POOL, EXPERT_POOLS
+
+    with btx_deployed.cluster.client() as client:
+        assert client.read_work_pool(CONTROL_POOL).concurrency_limit is None
+        for pool in EXPERT_POOLS:
+            assert client.read_work_pool(pool).concurrency_limit == 1, pool
