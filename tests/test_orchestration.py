@@ -10,6 +10,7 @@ The crashed branch retried by the pipeline itself (failure 2) is in tests/faults
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 
@@ -86,7 +87,8 @@ def test_zombie_automation_is_scoped_waits_for_waiting_runs_and_follows_its_sett
         (automation,) = client.read_automations_by_name(NAME)
     trigger = automation.trigger
     assert trigger.within.total_seconds() == 240
-    assert dict(trigger.match_related) == {"prefect.resource.id": "prefect.tag.btx", "prefect.resource.role": "tag"}
+    related = trigger.match_related.model_dump() if hasattr(trigger.match_related, "model_dump") else trigger.match_related
+    assert related == {"prefect.resource.id": "prefect.tag.btx", "prefect.resource.role": "tag"}, related
     assert {"prefect.flow-run.AwaitingRetry", "prefect.flow-run.Pending", "prefect.flow-run.Completed"} <= trigger.expect
     # Every deployment of infra/prefect.yaml carries the tag its runs inherit.
     assert all("btx" in d.tags for d in btx_deployed.deployments.values()), btx_deployed.deployments
@@ -102,11 +104,11 @@ def _logs(cluster, flow_run_id) -> str:
 
 @pytest.mark.integration
 def test_one_pipeline_run_per_run_name(btx_deployed, btx_pipeline_run):
-    """A run name whose slot is taken (here: its limit set to 0, as if another run held the one
-    slot) cancels a new run (`on_overlap: cancel`) or makes it wait (`queue`) until the slot is
-    free; it then completes, reusing every finished stage (issue 14, failure 3)."""
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-    from prefect.exceptions import ObjectNotFound
+    """While another holder has the run name's one slot (here: the test, through the API), a new
+    pipeline run is cancelled (`on_overlap: cancel`) or waits (`queue`) without launching
+    anything; once the slot is free it completes, reusing every finished stage (failure 3)."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
 
     from flows.pipeline import run_limit_name
     from tests.prefect_harness import wait_for
@@ -116,9 +118,12 @@ def test_one_pipeline_run_per_run_name(btx_deployed, btx_pipeline_run):
     name = run_limit_name(config["run_name"])
     with cluster.client() as client:
         try:
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=0))
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=0))
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:  # the shared run made it
+            pass
+        lease = client.increment_concurrency_slots_with_lease(names=[name], slots=1, mode="concurrency",
+                                                              lease_duration=600).json()["lease_id"]
+    released = False
     try:
         config["orchestration"]["on_overlap"] = "cancel"
         cancelled = cluster.wait_flow_run(_pipeline_run(cluster, config).id, 180)
@@ -129,15 +134,19 @@ def test_one_pipeline_run_per_run_name(btx_deployed, btx_pipeline_run):
         queued = _pipeline_run(cluster, config)
         wait_for(lambda: "waiting for it to end" in _logs(cluster, queued.id), 180, "the run to queue", 1.0,
                  cluster.death)
+        time.sleep(5)
         with cluster.client() as client:
             assert client.read_flow_run(queued.id).state.is_running()
             assert not _children(cluster, queued.id), "a queued run launched branches"
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1))
+            client.release_concurrency_slots_with_lease(lease)
+            released = True
         final = cluster.wait_flow_run(queued.id, 400)
         assert final.state.is_completed(), (final.state, cluster.diagnostics())
+        assert len(_children(cluster, queued.id)) == len(config["domains"])
     finally:
-        with cluster.client() as client:
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1))
+        if not released:
+            with cluster.client() as client:
+                client.release_concurrency_slots_with_lease(lease)
 
 
 @pytest.mark.integration
@@ -165,3 +174,41 @@ def test_expert_process_pools_run_one_branch_at_a_time(btx_deployed) -> None:
         assert client.read_work_pool(CONTROL_POOL).concurrency_limit is None
         for pool in EXPERT_POOLS:
             assert client.read_work_pool(pool).concurrency_limit == 1, pool
+
+
+@pytest.mark.integration
+def test_cancel_from_the_api_checkpoints_at_the_step_reached(btx_deployed, btx_pipeline_run) -> None:
+    """A branch cancelled from the API mid-training (its worker sends SIGTERM) writes a checkpoint
+    at the step it reached, not only the last periodic one, and ends Cancelled (failure 8)."""
+    import re
+
+    from btx_core.config.schema import BTXConfig
+    from btx_core.store import layout
+    from btx_core.store.core import Store
+    from tests.prefect_harness import EXPERT_POOLS, REPO, S3_KEY_ID, S3_SECRET, wait_for
+
+    cluster, every = btx_deployed.cluster, 25
+    config = copy.deepcopy(btx_pipeline_run.config)
+    ci = __import__("yaml").safe_load((REPO / "configs" / "ci.yaml").read_text())
+    config["domains"].append(next(d for d in ci["domains"] if d["name"] == "knowledge"))
+    config["expert_training"].update(steps=2000, checkpoint_every=every, threads=1)
+    cfg = BTXConfig.model_validate(config)
+    store = Store(cfg.store, {"key": S3_KEY_ID, "secret": S3_SECRET,
+                              "client_kwargs": {"endpoint_url": cluster.s3_endpoint}})
+    prefix = layout.expert_checkpoints(cfg, "knowledge")
+    with cluster.client() as client:
+        deployment = btx_deployed.deployments[f"train-expert/{EXPERT_POOLS[0]}"]
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"config": config,
+                                                                                "domain": "knowledge"})
+    newest = lambda: (store.latest_checkpoint(prefix) or (0, None))[0]  # noqa: E731
+    wait_for(lambda: newest() >= every, 400, "the first periodic checkpoint", 0.5, cluster.death)
+    from prefect.states import Cancelling
+
+    with cluster.client() as client:
+        client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"), force=True)
+    final = cluster.wait_flow_run(run.id, 180)
+    assert final.state.is_cancelled(), final.state
+    said = _logs(cluster, run.id) + (cluster.logs / f"worker-{EXPERT_POOLS[0]}.log").read_text(errors="replace")
+    stopped = [int(s) for s in re.findall(r"training stopped at step (\d+)", said)]
+    assert stopped and stopped[-1] > every, said[-3000:]
+    assert newest() == stopped[-1], (newest(), stopped)  # the checkpoint of the step reached
