@@ -19,6 +19,7 @@ It creates the automation, or updates it in place when its settings changed.
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import timedelta
 
 NAME = "btx: crash zombie flow runs"
@@ -59,10 +60,18 @@ def zombie_automation(within_s: float, *, deployment_ids=None, tag: str = TAG, n
 
 
 def _definition(automation) -> dict:
-    """What the automation does (not its ids), to compare the server's with the wanted one."""
-    data = automation.model_dump(mode="json", include={"name", "description", "enabled", "trigger", "actions"})
-    data["trigger"].pop("id", None)
-    return data
+    """What the automation does (not its ids), to compare the server's with the wanted one; sets
+    (a trigger's `after`, `expect`) come out of JSON as lists in any order, so lists are sorted."""
+    def canonical(value):
+        if isinstance(value, dict):
+            return {k: canonical(v) for k, v in value.items() if k != "id"}
+        if isinstance(value, list):
+            items = [canonical(v) for v in value]
+            return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+        return value
+
+    return canonical(automation.model_dump(mode="json", include={"name", "description", "enabled", "trigger",
+                                                                 "actions"}))
 
 
 def ensure(within_s: float) -> str:
