@@ -68,11 +68,18 @@ def one_run_per_name(config: BTXConfig) -> Iterator[bool]:
     the whole run: two runs of one name would train the same stages into the same prefixes
     (the store's writer leases would refuse the second's branches one by one). A second run
     waits for the first (`on_overlap: queue`), or yields False at once (`cancel`). The slot is a
-    lease the server frees if its holder dies without releasing it."""
+    lease the server frees if its holder dies without releasing it. Only against a Prefect server."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
+    if not PREFECT_API_URL.value():
+        # Embedded (`btx run` without a server): no other run can see this API, and its database
+        # outlives it without the service that expires the slots of killed runs. The store's
+        # writer leases keep two `btx run`s of one config apart.
+        yield True
+        return
     name = run_limit_name(config.run_name)
     with get_client(sync_client=True) as client:
         try:
