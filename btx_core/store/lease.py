@@ -58,7 +58,8 @@ class LeaseRecord:
         return f"pid {self.pid} on {self.host}{run}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -131,7 +132,7 @@ class WriterLease:
             log.info("%s: taking over the lease of an earlier attempt of this flow run (%s)",
                      self.prefix, current.owner)
             return None
-        if current.host == self.record.host and not _pid_alive(current.pid):
+        if current.host == self.record.host and not pid_alive(current.pid):
             log.info("%s: taking over the lease of %s, which is no longer running", self.prefix, current.owner)
             return None
         until = datetime.fromtimestamp(current.expires_at, timezone.utc).isoformat(timespec="seconds")
