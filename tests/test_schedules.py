@@ -67,6 +67,10 @@ def test_scheduled_runs_receive_the_schedule_parameters(btx_deployed: Deployed) 
     with btx_deployed.cluster.client() as client:
         (schedule,) = client.read_deployment_schedules(deployment.id)
         client.update_deployment_schedule(deployment.id, schedule.id, active=True)
+        (resumed,) = client.read_deployment_schedules(deployment.id)
+    # Prefect 3.9.1 empties a schedule's parameters when it is resumed; the deployment's default
+    # parameters (the same config, infra/prefect.yaml) are what its runs then receive.
+    assert resumed.active and resumed.parameters in ({}, jsonable(declared["parameters"])), resumed
     try:
         # The scheduler service (every few seconds on the test server) fills in the next runs.
         runs = wait_for(lambda: [r for r in scheduled_runs() if r.auto_scheduled], 90,
