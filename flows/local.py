@@ -13,6 +13,8 @@ import contextlib
 import logging
 import logging.handlers
 import multiprocessing
+import os
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -23,9 +25,18 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from flows import progress
 
 
+def _branch_process(queue) -> None:
+    """ProcessPoolTaskRunner initializer: a branch process dies with its parent (see
+    btx_core.training.stop.die_with_parent), and, with a display, shows its progress and its log
+    on its parent's (printing them itself would garble the parent's bars)."""
+    from btx_core.training.stop import die_with_parent
+
+    die_with_parent()
+    if queue is not None:
+        _show_through(queue)
+
+
 def _show_through(queue) -> None:
-    """ProcessPoolTaskRunner initializer: a branch process shows its progress and its log on
-    its parent's display (printing them itself would garble the parent's bars)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -54,7 +65,7 @@ def branch_processes(max_workers: int) -> Iterator[ProcessPoolTaskRunner]:
         api_url = str(client.api_url)
     factory = progress.current_display()
     queue = multiprocessing.get_context("spawn").Queue() if factory else None
-    options = dict(initializer=_show_through, initargs=(queue,)) if queue else {}
+    options = dict(initializer=_branch_process, initargs=(queue,))
     reader = None
     if queue is not None:
         reader = threading.Thread(target=_pump, args=(queue, factory), name="btx-progress", daemon=True)
@@ -62,11 +73,24 @@ def branch_processes(max_workers: int) -> Iterator[ProcessPoolTaskRunner]:
     try:
         with temporary_settings({PREFECT_API_URL: api_url}), \
                 ProcessPoolTaskRunner(max_workers=max_workers, **options) as runner:
-            yield runner
+            try:
+                yield runner
+            except BaseException:  # SIGTERM (Prefect's TerminationSignal), Ctrl-C, a failure
+                _stop_branches(runner)  # else leaving the runner waits for them to finish training
+                raise
     finally:
         if queue is not None:
             queue.put(None)
             reader.join(timeout=10)
+
+
+def _stop_branches(runner: ProcessPoolTaskRunner) -> None:
+    """SIGTERM to every branch process: each writes a checkpoint at its next step and stops."""
+    executor = getattr(runner, "_executor", None)
+    for process in list(getattr(executor, "_processes", {}).values()):
+        with contextlib.suppress(OSError, ValueError):
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
 
 
 def _pump(queue, factory: progress.DisplayFactory) -> None:

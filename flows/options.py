@@ -16,6 +16,7 @@ from prefect.tasks import exponential_backoff
 
 from btx_core.config.schema import Orchestration
 from btx_core.errors import CheckpointMismatchError, ConfigError
+from btx_core.training.stop import TrainingStopped
 
 STAGE_TASK = dict(persist_result=True, result_serializer="json")
 RETRY_JITTER = 0.5  # a retry waits up to +50 % longer (mean: the backoff), so branches do not retry in lockstep
@@ -25,7 +26,7 @@ def is_transient(task, task_run, state) -> bool:
     """Retry unless the failure is one no retry can fix (a bad config, a foreign checkpoint)."""
     try:
         state.result()
-    except (ConfigError, CheckpointMismatchError):
+    except (ConfigError, CheckpointMismatchError, TrainingStopped):  # TrainingStopped: asked to stop
         return False
     except BaseException:  # noqa: BLE001 - everything else may be the node, the network, the store
         return True

@@ -12,8 +12,14 @@ Stages hand each other store locations; every stage finds its own finished outpu
 
 from __future__ import annotations
 
-from prefect import flow, task
+import contextlib
+from collections.abc import Iterator
+
+from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.exceptions import TerminationSignal
 from prefect.futures import wait
+from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from btx_core.config.schema import BTXConfig
@@ -21,11 +27,14 @@ from btx_core.errors import BTXError, IncompleteOutputError
 from btx_core.stages.common import open_store
 from btx_core.stages.expert import expert_config_hash
 from btx_core.store import layout
+from btx_core.training.stop import request_stop
 from flows.local import branch_processes
 from flows.options import cores
-from flows.progress import forward_library_logs, run_name
+from flows.progress import artifact_key, forward_library_logs, run_name
 from flows.remote import run_child
 from flows.tasks import evaluate_task, expert_task_for, finetune_task, mix_task, report_task, seed_task
+
+OVERLAP_PROBE_S = 2.0  # how long a new run tries for its run name's slot before it queues or cancels
 
 
 class BranchesFailed(BTXError):
@@ -37,6 +46,68 @@ def btx_pipeline(config: BTXConfig) -> dict[str, str]:
     """Branch-Train-MiX: seed -> experts (in parallel) -> mix -> (finetune -> evaluate, with a
     `finetune` section) -> report. Returns stage -> store location."""
     forward_library_logs()
+    try:
+        with one_run_per_name(config) as admitted:
+            if not admitted:
+                return Cancelled(message=f"another run of {config.run_name!r} is running "
+                                         "(orchestration.on_overlap: cancel)")
+            return _pipeline(config)
+    except (TerminationSignal, KeyboardInterrupt) as stop:  # SIGTERM, a cancel, Ctrl-C: training
+        request_stop(f"the pipeline flow run is stopping ({type(stop).__name__})")  # in threads stops too
+        raise
+
+
+def run_limit_name(run: str) -> str:
+    """The global concurrency limit of a run name (`prefect gcl inspect btx-run-<run>`)."""
+    return "btx-run-" + artifact_key(run)
+
+
+@contextlib.contextmanager
+def one_run_per_name(config: BTXConfig) -> Iterator[bool]:
+    """Hold the global concurrency limit `btx-run-<run_name>` (limit 1, made on first use) for
+    the whole run: two runs of one name would train the same stages into the same prefixes
+    (the store's writer leases would refuse the second's branches one by one). A second run
+    waits for the first (`on_overlap: queue`), or yields False at once (`cancel`). The slot is a
+    lease the server frees if its holder dies without releasing it. Only against a Prefect server."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        # Embedded (`btx run` without a server): no other run can see this API, and its database
+        # outlives it without the service that expires the slots of killed runs. The store's
+        # writer leases keep two `btx run`s of one config apart.
+        yield True
+        return
+    name = run_limit_name(config.run_name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)  # as it is: an operator may change it
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # two runs starting at once both try
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    logger, entered = get_run_logger(), False
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=OVERLAP_PROBE_S, strict=True):
+            entered = True
+            yield True
+        return
+    except TimeoutError:  # prefect's AcquireConcurrencySlotTimeoutError, unless the run raised it
+        if entered:
+            raise
+    if config.orchestration.on_overlap == "cancel":
+        logger.warning("another run of %r holds %s: cancelling this one (orchestration.on_overlap: cancel)",
+                       config.run_name, name)
+        yield False
+        return
+    logger.warning("another run of %r holds %s: waiting for it to end (orchestration.on_overlap: queue)",
+                   config.run_name, name)
+    with concurrency(name, occupy=1, strict=True):
+        yield True
+
+
+def _pipeline(config: BTXConfig) -> dict[str, str]:
     seed = seed_task.submit(config)
     seed.result()  # a failed seed fails the run here, with its own error
     run_branches = local_branches if config.orchestration.expert_runner == "local" else remote_branches
@@ -90,14 +161,16 @@ def _looks_complete(config: BTXConfig, domain: str, seed_location: str) -> bool:
 def expert_branch_task(config: BTXConfig, domain: str, seed_location: str) -> str:
     """Run one expert branch as a `train-expert/<pool>` deployment run; return its location."""
     pool = config.orchestration.domain_pools.get(domain, config.orchestration.expert_pool)
-    run_child(f"train-expert/{pool}", {"config": config.model_dump(mode="json"), "domain": domain}, domain)
+    run_child(f"train-expert/{pool}", {"config": config.model_dump(mode="json"), "domain": domain}, domain,
+              config.orchestration)
     return _stored(config, layout.expert_model(config, domain), f"expert[{domain}]")
 
 
 @task(name="mix-on-pool", task_run_name="mix", persist_result=True, result_serializer="json")
 def mix_on_pool_task(config: BTXConfig) -> str:
     """Run MiX as a `mix/<pool>` deployment run on `orchestration.mix_pool`; return its location."""
-    run_child(f"mix/{config.orchestration.mix_pool}", {"config": config.model_dump(mode="json")}, "mix")
+    run_child(f"mix/{config.orchestration.mix_pool}", {"config": config.model_dump(mode="json")}, "mix",
+              config.orchestration)
     return _stored(config, layout.mix_model(config), "mix")
 
 
@@ -105,7 +178,7 @@ def mix_on_pool_task(config: BTXConfig) -> str:
 def finetune_on_pool_task(config: BTXConfig) -> str:
     """Run MoE-finetuning as a `finetune/<pool>` deployment run on `orchestration.finetune_pool`."""
     pool = config.orchestration.finetune_pool
-    run_child(f"finetune/{pool}", {"config": config.model_dump(mode="json")}, "finetune")
+    run_child(f"finetune/{pool}", {"config": config.model_dump(mode="json")}, "finetune", config.orchestration)
     return _stored(config, layout.trained_model(config, "btx"), "finetune")
 
 
@@ -127,8 +200,9 @@ def remote_branches(config: BTXConfig, seed) -> dict:
 def _all_or_raise(futures: dict) -> dict:
     """Wait for every branch (so the finished ones are kept), then fail if any failed."""
     wait(list(futures.values()))
-    failed = [d for d, f in futures.items() if not f.state.is_completed()]
+    failed = {d: f.state for d, f in futures.items() if not f.state.is_completed()}
     if failed:
+        why = "\n".join(f"- {d}: {state.message or state.type.value}" for d, state in failed.items())
         raise BranchesFailed(f"expert branch(es) {', '.join(failed)} failed; the others are complete. "
-                             "Retry this flow run, or run it again: finished stages are reused")
+                             f"Retry this flow run, or run it again: finished stages are reused.\n{why}")
     return futures

@@ -164,9 +164,123 @@ def publish(config: BTXConfig) -> str:
                           description="Compute per stage: steps, tokens, training FLOPs, wall time, throughput")
     create_markdown_artifact(checkpoints_markdown(config, records), key=artifact_key(run, "checkpoints"),
                              description="Every stage output and training checkpoint in the store")
+    report = write_report(config)
+    create_markdown_artifact(f"Report in the store (stays after this run): [{report}]"
+                             f"({'file://' + report if scheme(report) == 'local' else report})",
+                             key=artifact_key(run, "report"), description="Where the run's report is kept")
     for key, markdown, description in (
             ("loss-curves", loss_curves_markdown(config, records), "Training loss per step, per stage"),
             ("routing", routing_markdown(config, records, results), "MoE routing per layer and expert")):
         if markdown is not None:
             create_markdown_artifact(markdown, key=artifact_key(run, key), description=description)
     return layout.run_root(config)
+
+
+# --- the run's answer: a table on the terminal, a report in the store --------------------------
+
+def _loss(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def evaluation_table(config: BTXConfig, records: list[StageRecord], results: dict | None) -> str:
+    """Held-out loss (nats/token, lower is better) per domain: the seed, each expert, BTM, MiX and
+    BTX once the evaluation stage has run; else the seed vs each domain's own expert."""
+    domains = [d.name for d in config.domains]
+    if results:
+        losses = results["losses"]
+        columns = ["seed", *(f"expert:{d}" for d in domains),
+                   *(m for m in losses if m.startswith("btm")), *(m for m in ("btx-mix", "btx") if m in losses)]
+        rows = [[d, *(_loss(losses[c]["single"].get(d)) for c in columns)] for d in domains]
+        for key in ("average", "mixed"):
+            rows.append([key, *(_loss(losses[c].get(key)) for c in columns)])
+        header = ["held-out loss", *columns]
+    else:
+        by_name = {r.name: r for r in records}
+        header = ["held-out loss", "seed", "its expert"]
+        rows = [[d, _loss(by_name[f"expert[{d}]"].metrics.get("seed_heldout_loss")),
+                 _loss(by_name[f"expert[{d}]"].metrics.get("heldout_loss"))] for d in domains]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def routing_summary(results: dict | None) -> list[str]:
+    """Per domain: the expert most of its tokens reach first (top-1, mean over layers), and how many."""
+    routing = ((results or {}).get("routing") or {}).get("btx") or ((results or {}).get("routing") or {}).get("btx-mix")
+    report = (routing or {}).get("single")
+    if not report or "by_domain_top1" not in report:
+        return []
+    experts = report["experts"]
+    lines = []
+    for domain, layers in report["by_domain_top1"].items():
+        shares = [sum(layer[e] for layer in layers) / len(layers) for e in range(len(experts))]
+        best = max(range(len(experts)), key=shares.__getitem__)
+        lines.append(f"{domain}: {shares[best]:.0%} of its tokens go first to expert {experts[best]} "
+                     f"(uniform: {1 / len(experts):.0%})")
+    return lines
+
+
+def report_location(config: BTXConfig) -> str:
+    return f"{layout.run_root(config)}/report"
+
+
+def report_markdown(config: BTXConfig, records: list[StageRecord], results: dict | None,
+                    images: dict[str, str]) -> str:
+    lines = [f"# btx run `{config.run_name}`", "",
+             "Held-out loss, nats/token (lower is better):", "", "```",
+             evaluation_table(config, records, results), "```", ""]
+    if (routing := routing_summary(results)):
+        lines += ["## Routing (BTX, held-out tokens, top-1, mean over layers)", "",
+                  *(f"- {line}" for line in routing), ""]
+    for title, name in images.items():
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    lines += ["## Stage outputs", ""]
+    lines += [f"- {r.name}: `{r.location}`" + (f" (manifest `{r.manifest.hash[:12]}`)" if r.manifest else
+                                                " (not complete)") for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(config: BTXConfig, store: Store | None = None) -> str:
+    """The run's report as a stage output in the store (`<run>/report`: report.md and its PNGs,
+    with a manifest): it stays after the run, whatever Prefect keeps. Returns report.md's location."""
+    import tempfile
+    from pathlib import Path
+
+    from btx_core.config.values import stable_hash
+
+    store = store or open_store(config)
+    records, results = collect(config, store), evaluation(config, store)
+    inputs = {r.name: r.manifest.hash for r in records if r.manifest}
+    location = report_location(config)
+    config_hash = stable_hash({"stage": "report", "results": bool(results)})
+    if store.exists_with(location, config_hash, inputs) is None:
+        with tempfile.TemporaryDirectory(prefix="btx-report-") as tmp:
+            images = {}
+            curves = {r.name: r.metrics["train_losses"] for r in records if r.metrics.get("train_losses")}
+            if curves:
+                Path(tmp, "loss-curves.png").write_bytes(
+                    loss_curves_png(curves, title=f"{config.run_name}: training loss per step", dpi=DPI))
+                images["Training loss"] = "loss-curves.png"
+            finetuned = ((results or {}).get("routing") or {}).get("btx")
+            routing = (finetuned["single"] if finetuned
+                       else next((r.metrics.get("routing") for r in records if r.name == "mix"), None))
+            if routing:
+                Path(tmp, "routing.png").write_bytes(routing_load_png(
+                    routing, title=f"{config.run_name}: share of tokens per expert", dpi=DPI))
+                images["Routing per layer and expert"] = "routing.png"
+            Path(tmp, "report.md").write_text(report_markdown(config, records, results, images))
+            store.write_dir(Path(tmp), location, stage="report", config_hash=config_hash, inputs=inputs)
+    return f"{location}/report.md"
+
+
+def terminal_summary(config: BTXConfig) -> str:
+    """What `btx run` prints last: the evaluation table, the routing summary and the report's path."""
+    store = open_store(config)
+    records, results = collect(config, store), evaluation(config, store)
+    lines = ["", "Held-out loss, nats/token (lower is better):", evaluation_table(config, records, results)]
+    if (routing := routing_summary(results)):
+        lines += ["", "Routing (BTX, top-1, mean over layers):", *(f"  {line}" for line in routing)]
+    if store.is_complete(report_location(config)):
+        lines += ["", f"Report (kept in the store): {report_location(config)}/report.md"]
+    return "\n".join(lines)

@@ -8,6 +8,7 @@
 #                                     # GPUs (infra/kubernetes/*.json); needs prefect-kubernetes
 #                                     # where the workers run (the image has it)
 #
+# BTX_POOL_CONCURRENCY=N: flow runs at once per expert pool (process pools: default 1, one GPU).
 # BTX_IMAGE=registry/btx-worker:tag sets the Kubernetes jobs' image (default btx-worker:latest).
 # BTX_POOL_PREFIX=staging names the pools staging-control, staging-experts, ... (default btx),
 # to keep several installs apart on one server; prefect.yaml names the default ones.
@@ -21,8 +22,18 @@ kind=${1:-}
 : "${PREFECT_API_URL:?set PREFECT_API_URL to your Prefect server, e.g. http://127.0.0.1:4200/api}"
 here=$(cd "$(dirname "$0")" && pwd)
 prefix=${BTX_POOL_PREFIX:-btx}
-prefect=${PREFECT:-prefect}
-python=${PYTHON:-python3}
+# The project's virtualenv when there is one (a checkout after `make setup`), else what PATH has
+# (the image, or a virtualenv you activated).
+venv="$here/../.venv/bin"
+if [[ -x $venv/prefect ]]; then default_prefect=$venv/prefect default_python=$venv/python
+else default_prefect=prefect default_python=python3; fi
+prefect=${PREFECT:-$default_prefect}
+python=${PYTHON:-$default_python}
+# Flow runs at once per expert pool: one per GPU a process pool's worker has (two branches on a
+# one-GPU worker would share it and run out of memory). Kubernetes pools: no limit unless set
+# (the cluster's GPUs and autoscaler decide). A run that waits for a slot stays Scheduled; the
+# pipeline does not count that wait against orchestration.start_timeout_s.
+slots=${BTX_POOL_CONCURRENCY:-}
 
 control_pools=("$prefix-control")
 if [[ -n ${BTX_EXPERT_POOLS:-} ]]; then
@@ -58,21 +69,28 @@ create() {  # pool type [template]
   "$prefect" --no-prompt work-pool create "${args[@]}"
 }
 
+limit() {  # pool slots
+  if [[ -n $2 ]]; then "$prefect" --no-prompt work-pool set-concurrency-limit "$1" "$2"
+  else "$prefect" --no-prompt work-pool clear-concurrency-limit "$1" >/dev/null; fi
+}
+
 case $kind in
   process)
     for pool in "${control_pools[@]}" "${expert_pools[@]}"; do create "$pool" process; done
+    for pool in "${expert_pools[@]}"; do limit "$pool" "${slots:-1}"; done
     ;;
   kubernetes)
     cpu=$(with_image "$here/kubernetes/control-job-template.json")
     gpu=$(with_image "$here/kubernetes/gpu-job-template.json")
     trap 'rm -f "$cpu" "$gpu"' EXIT
     for pool in "${control_pools[@]}"; do create "$pool" kubernetes "$cpu"; done
-    for pool in "${expert_pools[@]}"; do create "$pool" kubernetes "$gpu"; done
+    for pool in "${expert_pools[@]}"; do create "$pool" kubernetes "$gpu"; limit "$pool" "$slots"; done
     ;;
 esac
 
 # A lost node's runs would stay Running forever: with heartbeats on in the workers
 # (PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60, set in compose.yaml and the job templates' env), this
-# automation marks them Crashed after 5 minutes of silence, and the branch's retry resumes it.
-"${PYTHON:-python3}" -m flows.automations --within 300 || \
+# automation marks btx's runs (tag `btx`) Crashed after 5 minutes of silence, and the pipeline
+# reschedules the branch, which resumes from its checkpoint. Rerunning it updates it in place.
+(cd "$here/.." && "$python" -m flows.automations --within "${BTX_ZOMBIE_AFTER_S:-300}") || \
   echo "warning: could not create the zombie-run automation (flows/automations.py)" >&2

@@ -226,3 +226,19 @@ def test_btx_run_command_runs_the_whole_pipeline(tmp_path):
     for stage in ("seed", "expert[math]", "expert[code]", "expert[knowledge]", "mix"):
         line = next(l for l in proc.stdout.splitlines() if l.startswith(stage + " "))
         assert "complete" in line, line
+    # It ends with the answer, not with stage locations (issue 14, failure 11): held-out loss of
+    # the seed, each expert, BTM, MiX and BTX per domain, the routing, and a report that stays.
+    tail = proc.stdout[proc.stdout.index("Held-out loss, nats/token"):]
+    header = tail.splitlines()[1].split()
+    assert header[:5] == ["held-out", "loss", "seed", "expert:math", "expert:code"] and "btx" in header, tail
+    for row in ("math", "code", "knowledge", "average", "mixed"):
+        assert any(line.split()[:1] == [row] for line in tail.splitlines()), (row, tail)
+    assert "go first to expert" in tail, tail
+    report = tmp_path / "store" / "ci" / "report"
+    assert "Report (kept in the store): " in tail and f"{report}/report.md" in tail, tail
+    from btx_core.store.core import Store
+
+    kept = Store(str(tmp_path / "store")).verify(str(report))
+    assert {"report.md", "loss-curves.png", "routing.png"} <= set(kept.files), kept.files
+    text = (report / "report.md").read_text()
+    assert "expert:knowledge" in text and "![Training loss](loss-curves.png)" in text, text

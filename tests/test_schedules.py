@@ -32,7 +32,7 @@ def test_deploying_creates_the_cron_schedule(btx_deployed: Deployed) -> None:
         schedules = client.read_deployment_schedules(_pipeline_deployment(btx_deployed).id)
     assert len(schedules) == 1, schedules
     (created,) = schedules
-    assert created.active is True
+    assert created.active is False  # shipped paused: a first-time user turns it on
     assert created.slug == declared["slug"]
     assert created.schedule.cron == declared["cron"]
     assert created.schedule.timezone == declared["timezone"]
@@ -63,9 +63,23 @@ def test_scheduled_runs_receive_the_schedule_parameters(btx_deployed: Deployed) 
                     type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
             )
 
-    # The scheduler service (every few seconds on the test server) fills in the next runs.
-    runs = wait_for(lambda: [r for r in scheduled_runs() if r.auto_scheduled], 90,
-                    "the scheduler to create runs of btx-pipeline/btx")
+    # Shipped paused: turn it on (as a user would once a run by hand worked), and off again after.
+    with btx_deployed.cluster.client() as client:
+        (schedule,) = client.read_deployment_schedules(deployment.id)
+        client.update_deployment_schedule(deployment.id, schedule.id, active=True)
+        (resumed,) = client.read_deployment_schedules(deployment.id)
+    # Prefect 3.9.1 empties a schedule's parameters when it is resumed; the deployment's default
+    # parameters (the same config, infra/prefect.yaml) are what its runs then receive.
+    assert resumed.active and resumed.parameters in ({}, jsonable(declared["parameters"])), resumed
+    try:
+        # The scheduler service (every few seconds on the test server) fills in the next runs.
+        runs = wait_for(lambda: [r for r in scheduled_runs() if r.auto_scheduled], 90,
+                        "the scheduler to create runs of btx-pipeline/btx")
+    finally:
+        with btx_deployed.cluster.client() as client:
+            client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+            for run in scheduled_runs():  # nothing of this test waits on the pools after it
+                client.delete_flow_run(run.id)
     for run in runs:
         assert run.parameters == jsonable(declared["parameters"]), run.name
         assert run.work_pool_name == "btx-control"

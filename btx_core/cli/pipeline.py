@@ -41,6 +41,10 @@ def train_expert(config: Path = ConfigArg,
     """Branch the seed and train one domain expert (resumes from its newest checkpoint)."""
     cfg = load(config)  # a bad config or domain fails before the training stack is imported
     cfg.domain(domain)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank under torchrun: it goes when torchrun goes
+        from btx_core.training.stop import die_with_parent
+
+        die_with_parent()
     from btx_core.stages.expert import train_expert as run
 
     with ProgressBar(f"expert[{domain}]") as bar:
@@ -68,6 +72,11 @@ def run(config: Path = ConfigArg) -> None:
     from flows.progress import display
 
     hf_logging.disable_progress_bar()  # per-load bars would scroll the stage bars away
+    # SIGTERM: the flow stops its branches, each at a checkpoint, and this process ends; SIGKILL
+    # or a crash: the reaper ends what this process started (branches, the temporary API server).
+    from btx_core.cli import reaper
+
+    reaper.start()
     bars = StageBars()
     try:
         with display(bars), logging_redirect_tqdm():
@@ -84,6 +93,9 @@ def run(config: Path = ConfigArg) -> None:
         raise typer.Exit(1)
     typer.echo(f"pipeline {cfg.run_name!r} complete; artifacts under the key prefix {cfg.run_name}-")
     status(config)
+    from flows.report import terminal_summary
+
+    typer.echo(terminal_summary(cfg))
 
 
 @app.command()

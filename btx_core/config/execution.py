@@ -36,12 +36,30 @@ class Orchestration(StrictModel):
     finetune_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
     """Work pool of the MoE-finetune stage; null runs it in the pipeline flow's process."""
     retries: int = Field(default=3, ge=0)
-    """Retries of a failed expert branch; each retry resumes from the branch's newest checkpoint."""
+    """Retries of a failed expert branch; each retry resumes from the branch's newest checkpoint.
+    In `deployments` mode the pipeline also reschedules a crashed branch run (its process or
+    node lost, so nothing inside it could retry) in place, up to this many times, with the same
+    backoff."""
     retry_delay_s: float = Field(default=10.0, ge=0)
     """Exponential backoff base: retry r waits retry_delay_s x 2^r seconds, +-50 % jitter."""
+    start_timeout_s: float | None = Field(default=1200.0, gt=0)
+    """Deployment runs (branches, and MiX or finetune on a pool): seconds a child flow run may
+    stay Scheduled, Late or Pending (no worker polls its pool, an unschedulable GPU pod, an image
+    that cannot be pulled) before the parent cancels it and fails with the reason; null waits
+    forever. Counted again each time the parent reschedules a crashed child."""
+    state_log_every_s: float = Field(default=60.0, gt=0)
+    """While the parent waits for a child run to start, a line with its state this often."""
+    on_overlap: Literal["queue", "cancel"] = "queue"
+    """A pipeline run whose `run_name` is already running (an overrunning nightly, a second
+    click): `queue` waits for the first to end (a Prefect global concurrency limit of 1 named
+    `btx-run-<run_name>`), `cancel` ends the second at once as Cancelled."""
     max_parallel_branches: int | None = Field(default=None, gt=0)
     """`local` mode: expert branches trained at once (default: all). Each gets its share of the
     CPU cores as torch threads (cores // branches at once), unless `expert_training.threads` is set."""
+
+    def retry_wait_s(self, retry: int) -> float:
+        """Seconds before retry `retry` (0-based): `retry_delay_s` x 2^retry, up to +50 % jitter."""
+        return self.retry_delay_s * 2 ** retry * random.uniform(1.0, 1.5)
 
     @field_validator("domain_pools")
     @classmethod

@@ -71,7 +71,8 @@ def train_expert_torchrun(config: BTXConfig, domain: str, nproc: int, *,
         log.info("expert[%s]: %s", domain, " ".join(command))
         with open(output, "wb") as sink:  # a file, not a pipe: a chatty child never blocks on it
             proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # its own group: stopped as one
+                                    start_new_session=True,  # its own group: stopped as one
+                                    preexec_fn=_sigterm_when_parent_dies)
         try:
             _follow(proc, reports, on_progress, poll_s)
         except BaseException:  # a failing callback (the fault hook), a cancelled task run
@@ -130,6 +131,17 @@ def _follow(proc: subprocess.Popen, reports: Path, on_progress: ProgressCallback
             if finished:
                 return
             time.sleep(poll_s)
+
+
+def _sigterm_when_parent_dies() -> None:
+    """In the torchrun child before exec: SIGTERM when the thread that started it ends (it waits
+    on torchrun until torchrun ends, so: when this process dies, even by SIGKILL); torchrun then
+    stops its ranks, which checkpoint and exit (and follow torchrun if it is killed outright)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:

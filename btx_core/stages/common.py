@@ -8,6 +8,7 @@ a finished pipeline trains nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from btx_core.errors import BTXError, CheckpointMismatchError, IncompleteOutputE
 from btx_core.model.card import read_front_matter, write_finetune_card
 from btx_core.moe.routing import lm_loss_only
 from btx_core.store.core import Manifest, Store, checkpoint_location
+from btx_core.store.lease import WriterLease
 from btx_core.store.outputs import StageOutput
 from btx_core.training.compute import flops_per_token
 from btx_core.training.distributed import Dist, main_rank_first
@@ -35,6 +37,8 @@ class StoreCheckpoints:
                  keep: int, cache_dir: Path):
         self.store, self.prefix, self.keep, self.cache_dir = store, prefix, keep, cache_dir
         self.config_hash, self.inputs = config_hash, inputs
+        self.lease: WriterLease | None = None
+        """The stage prefix's writer lease, checked before every checkpoint write."""
 
     def latest(self) -> tuple[int, Path] | None:
         found = self.store.latest_checkpoint(self.prefix)
@@ -49,6 +53,8 @@ class StoreCheckpoints:
         return step, self.store.fetch(location, self.cache_dir)
 
     def save(self, step: int, directory: Path) -> None:
+        if self.lease is not None:
+            self.lease.check()
         self.store.write_dir(directory, checkpoint_location(self.prefix, step), stage="checkpoint",
                              config_hash=self.config_hash, inputs=self.inputs, metrics={"step": step})
         self.store.prune_checkpoints(self.prefix, keep=self.keep)
@@ -83,6 +89,19 @@ class TrainingRun:
         sink = StoreCheckpoints(self.store, self.checkpoints, config_hash=self.config_hash,
                                 inputs=self.inputs, keep=self.settings.keep_checkpoints,
                                 cache_dir=cache_dir(self.config))
+        # One writer per stage prefix (rank 0 writes; the other ranks follow it).
+        lease = WriterLease(self.store, stage_prefix(self.location)) if self.ranks.is_main else None
+        with lease or contextlib.nullcontext():
+            if lease is not None and (done := self.store.exists_with(self.location, self.config_hash,
+                                                                     self.inputs)) is not None:
+                return StageOutput(self.location, done, skipped=True)  # the last writer finished it
+            sink.lease = lease
+            return self._train_and_save(model, tokenizer, data, sink, metrics=metrics,
+                                        on_progress=on_progress, stop_after=stop_after)
+
+    def _train_and_save(self, model, tokenizer, data: TokenizedSplits, sink: StoreCheckpoints, *,
+                        metrics: dict, on_progress: ProgressCallback | None,
+                        stop_after: int | None) -> StageOutput:
         result = train(model, data.train, self.settings, checkpoints=sink, on_progress=on_progress,
                        stop_after=stop_after)
         if result.steps < self.settings.total_steps(self.ranks.world_size):
@@ -95,12 +114,20 @@ class TrainingRun:
                    "train_losses": result.losses, **metrics}
         with main_rank_first(self.ranks):  # one writer; the other ranks then read its manifest
             if self.ranks.is_main:
+                if sink.lease is not None:
+                    sink.lease.check()
                 save_model(self.store, model, tokenizer, self.location, stage=self.stage,
                            config_hash=self.config_hash, inputs=self.inputs, metrics=metrics,
                            card_source=self.card_source)
         notes = [f"resumed from step {result.resumed_from}"] if result.resumed_from else []
         return StageOutput(self.location, self.store.read_manifest(self.location), skipped=False,
                            notes=notes)
+
+
+def stage_prefix(location: str) -> str:
+    """The prefix a training stage writes under (its model and its checkpoints): the parent of
+    its output location (`<run>/experts/<domain>` for `<run>/experts/<domain>/model`)."""
+    return location.rstrip("/").rsplit("/", 1)[0]
 
 
 def open_store(config: BTXConfig) -> Store:

@@ -49,6 +49,7 @@ from btx_core.training.state import (
     read_train_state,
     save_checkpoint,
 )
+from btx_core.training.stop import TrainingStopped, stop_on_sigterm, stop_requested
 
 log = logging.getLogger(__name__)
 FINAL_LOSS_WINDOW = 10  # steps averaged for the reported final training loss
@@ -137,6 +138,8 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
 
     `stop_after` ends the run early after that many steps (as a kill would), for tests. Under
     FSDP the training runs on a sharded copy; `model` gets its final weights at the end.
+    SIGTERM (in the main thread) or `stop.request_stop` writes a checkpoint at the next step
+    boundary and raises `TrainingStopped` (btx_core/training/stop.py).
     """
     if len(blocks.shape) != 2 or blocks.shape[1] != settings.seq_len:
         raise ValueError(f"blocks have shape {blocks.shape}, expected [n, {settings.seq_len}]: "
@@ -177,25 +180,36 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
     started = window_start = time.perf_counter()
     window_steps = 0
     last_stop = total_steps if stop_after is None else min(total_steps, resumed_from + stop_after)
-    while state.step < last_stop:
-        loss = _step(wrapped, blocks, state.step, settings, ranks, device, autocast, optimizer)
-        scheduler.step()
-        state.step += 1
-        state.sequences_seen += settings.batch_size * settings.grad_accum * ranks.world_size
-        state.tokens_seen += tokens_per_step
-        state.losses.append(loss)
-        window_steps += 1
-        if report and (state.step % settings.log_every == 0 or state.step == total_steps):
-            now = time.perf_counter()
-            rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-            report(Progress(step=state.step, total_steps=total_steps, loss=loss,
-                            lr=scheduler.get_last_lr()[0], tokens_per_s=rate,
-                            eta_s=(total_steps - state.step) * tokens_per_step / rate,
-                            resumed_from=resumed_from))
-            window_start, window_steps = now, 0
-        if checkpoints and (state.step % settings.checkpoint_every == 0 or state.step == total_steps):
-            _save(checkpoints, state, model, runner if fsdp else None, optimizer, scheduler, ranks)
+    with stop_on_sigterm():
+        while state.step < last_stop:
+            loss = _step(wrapped, blocks, state.step, settings, ranks, device, autocast, optimizer)
+            scheduler.step()
+            state.step += 1
+            state.sequences_seen += settings.batch_size * settings.grad_accum * ranks.world_size
+            state.tokens_seen += tokens_per_step
+            state.losses.append(loss)
+            window_steps += 1
+            if report and (state.step % settings.log_every == 0 or state.step == total_steps):
+                now = time.perf_counter()
+                rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                report(Progress(step=state.step, total_steps=total_steps, loss=loss,
+                                lr=scheduler.get_last_lr()[0], tokens_per_s=rate,
+                                eta_s=(total_steps - state.step) * tokens_per_step / rate,
+                                resumed_from=resumed_from))
+                window_start, window_steps = now, 0
+            if checkpoints and (state.step % settings.checkpoint_every == 0 or state.step == total_steps):
+                _save(checkpoints, state, model, runner if fsdp else None, optimizer, scheduler, ranks)
 
+            if state.step < last_stop and _stopping(ranks, device):
+                saved = checkpoints is not None and (state.step % settings.checkpoint_every == 0
+                                                     or state.step == total_steps)
+                if checkpoints and not saved and state.step > resumed_from:
+                    _save(checkpoints, state, model, runner if fsdp else None, optimizer, scheduler, ranks)
+                why = stop_requested() or "another rank was asked to stop"
+                where = f"a checkpoint at step {state.step}" if checkpoints else "no checkpoint sink"
+                log.warning("training stopped at step %d (%s); %s", state.step, why, where)
+                raise TrainingStopped(f"training stopped at step {state.step}/{total_steps} ({why}); "
+                                      f"{where}: a rerun resumes from it")
     if fsdp:  # the trained weights back into the caller's (plain) model, on every rank
         model.load_state_dict(full_weights(runner, everywhere=True))
         model.to(device)
@@ -207,6 +221,16 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
                        final_loss=sum(recent) / len(recent) if recent else math.nan,
                        losses=list(state.losses), resumed_from=resumed_from, wall_s=wall,
                        tokens_per_s=trained_tokens / wall if wall > 0 else 0.0)
+
+
+def _stopping(ranks: Dist, device: torch.device) -> bool:
+    """Whether to stop now; all ranks agree (one stops, all stop: the checkpoint is collective)."""
+    stop = stop_requested() is not None
+    if ranks.world_size > 1:
+        flag = torch.tensor([1.0 if stop else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return stop
 
 
 def _step(model, data: Blocks, step: int, settings: TrainSettings, ranks: Dist,

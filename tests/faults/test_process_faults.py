@@ -6,6 +6,7 @@ finished is lost (the run resumes from its newest complete checkpoint) and nothi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -138,7 +139,7 @@ def test_expert_killed_three_times_resumes_each_time_and_ends_with_the_uninterru
 
 
 # ---------------------------------------------------------------------------------------------
-# A Prefect worker killed under a running branch
+# A branch's process killed, then its whole node lost: the pipeline retries it by itself
 
 
 FAULT_POOL = "btx-faults"
@@ -147,9 +148,10 @@ HEARTBEAT_S = 30  # Prefect's minimum
 ZOMBIE_AFTER_S = 40  # no heartbeat (nor final state) for this long: the run is crashed
 
 
-def _branch_config(run) -> dict:
-    """The shared pipeline run's config (its seed is in the store) with one more domain, whose
-    branch is long enough to be killed twice."""
+def _pipeline_config(run) -> dict:
+    """The shared pipeline run's config as a pipeline of its own (its own run name, so it writes
+    nothing of the shared run's) with one domain on FAULT_POOL, whose branch is long enough to be
+    killed twice; no finetune."""
     import copy
 
     from btx_core.config.schema import BTXConfig
@@ -157,29 +159,33 @@ def _branch_config(run) -> dict:
 
     config = copy.deepcopy(run.config)
     ci = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
-    config["domains"].append(next(d for d in ci["domains"] if d["name"] == BRANCH))
+    config["run_name"] = f"{config['run_name']}-faults"
+    config["domains"] = [next(d for d in ci["domains"] if d["name"] == BRANCH)]
+    config["finetune"] = None
     config["expert_training"].update(steps=120, checkpoint_every=10, threads=1)
-    BTXConfig.model_validate(config)
-    return config
+    # The default backoff (10 s): a worker re-running the flow run it just lost within a second
+    # was seen to kill the new process too (-9). Three retries for two faults: slack for that.
+    config["orchestration"].update(domain_pools={BRANCH: FAULT_POOL}, retries=3, retry_delay_s=10.0)
+    return BTXConfig.model_validate(config).model_dump(mode="json")
 
 
 def _zombie_automation(deployment_id):
     """The shipped automation (flows/automations.py), limited to runs of one deployment."""
     from flows.automations import zombie_automation
 
-    return zombie_automation(ZOMBIE_AFTER_S, deployment_id=deployment_id,
+    return zombie_automation(ZOMBIE_AFTER_S, deployment_ids=[deployment_id],
                              name=f"crash zombie runs of {deployment_id}")
 
 
 class _Branch:
-    """One `train-expert/btx-faults` flow run, watched through the API and the store."""
+    """The `train-expert/btx-faults` flow run of a pipeline run, watched through the API and the store."""
 
-    def __init__(self, cluster, config: dict, flow_run_id):
+    def __init__(self, cluster, config: dict, parent_id):
         from btx_core.config.schema import BTXConfig
         from btx_core.store import layout
         from tests.prefect_harness import S3_KEY_ID, S3_SECRET
 
-        self.cluster, self.id = cluster, flow_run_id
+        self.cluster, self.parent_id, self.id = cluster, parent_id, None
         cfg = BTXConfig.model_validate(config)
         # Explicit options: fsspec caches filesystems by arguments, not by environment.
         self.store = Store(cfg.store, {"key": S3_KEY_ID, "secret": S3_SECRET,
@@ -187,57 +193,64 @@ class _Branch:
         self.checkpoints = layout.expert_checkpoints(cfg, BRANCH)
         self.model = layout.expert_model(cfg, BRANCH)
 
-    def state(self):
+    def run(self):
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
         with self.cluster.client() as client:
-            return client.read_flow_run(self.id).state
+            if self.id is None:
+                children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[self.parent_id])))
+                if not children:
+                    return None
+                (child,) = children
+                self.id = child.id
+            return client.read_flow_run(self.id)
 
     def newest_checkpoint(self) -> int:
         return (self.store.latest_checkpoint(self.checkpoints) or (0, None))[0]
 
-    def wait_past(self, step: int, timeout: float = 300) -> int:
-        """Wait until the run is Running and has stored a checkpoint newer than `step`."""
+    def wait_past(self, step: int, run_count: int, timeout: float = 400) -> int:
+        """Wait until attempt `run_count` of the run is Running and has stored a checkpoint newer
+        than `step`."""
         from tests.prefect_harness import wait_for
 
         def past():
-            state = self.state()
-            assert not state.is_final(), f"the branch ended {state.type.value} before its fault"
+            run = self.run()
+            if run is None:
+                return None
+            assert not run.state.is_final() or run.state.is_crashed(), f"the branch ended {run.state}"
             newest = self.newest_checkpoint()
-            return newest if newest > step and state.is_running() else None
+            ok = newest > step and run.state.is_running() and run.run_count >= run_count
+            return newest if ok else None
 
-        return wait_for(past, timeout, f"a checkpoint past step {step}", 0.2, self.cluster.death)
+        return wait_for(past, timeout, f"attempt {run_count} past step {step}", 0.2, self.cluster.death)
 
-    def wait_final(self, timeout: float):
-        return self.cluster.wait_flow_run(self.id, timeout).state
+    def wait_crashed(self, timeout: float):
+        from tests.prefect_harness import wait_for
 
-    def retry(self) -> None:
-        """What `prefect flow-run retry` does to a deployment's run (prefect/cli/flow_run.py),
-        without a CLI start-up: schedule it again, in place."""
-        from prefect.states import Scheduled
-
-        with self.cluster.client() as client:
-            result = client.set_flow_run_state(self.id, Scheduled(message="Retried via CLI"), force=True)
-        assert result.state is not None and result.state.is_scheduled(), result
+        return wait_for(lambda: (r := self.run()).state.is_crashed() and r.state, timeout,
+                        "the branch to be marked Crashed", 0.5, self.cluster.death)
 
 
-def _kill(cluster, worker, rng: random.Random, *, with_flow_run: bool) -> list[int]:
-    """SIGKILL the worker's process group at a random moment within 0.3 s; with
-    `with_flow_run`, its flow runs too (they run in sessions of their own): the node is gone.
-    Returns the flow runs' PIDs."""
+def _kill(cluster, worker, rng: random.Random, *, with_worker: bool) -> list[int]:
+    """SIGKILL the worker's flow-run processes at a random moment within 0.3 s; with
+    `with_worker`, the worker too, first (stopped first, so that no one can report the death):
+    the node is gone. Returns the flow runs' PIDs."""
     import time
 
     from tests.prefect_harness import descendants
 
     time.sleep(rng.uniform(0.0, 0.3))
-    cluster.services.pop(worker.name)  # its death is the point, not a reason to give up
     flow_runs = descendants(worker.proc.pid)
     assert flow_runs, "the worker runs no flow run"
-    if with_flow_run:  # stopped first, so that none can report its worker's death
+    if with_worker:
+        cluster.services.pop(worker.name)  # its death is the point, not a reason to give up
         for pid in flow_runs:
             os.kill(pid, signal.SIGSTOP)
-    os.killpg(worker.proc.pid, signal.SIGKILL)
-    worker.proc.wait()
-    if with_flow_run:
-        for pid in flow_runs:
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait()
+    for pid in flow_runs:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return flow_runs
 
@@ -249,11 +262,13 @@ def _gone(pids: list[int]) -> bool:
 
 
 @pytest.mark.integration
-def test_killed_worker_crashes_its_branch_and_a_retry_completes_it(btx_deployed, btx_pipeline_run):
-    """Two real faults on one `train-expert` flow run, each followed by a retry (as `prefect
-    flow-run retry` does it) on a fresh worker: (1) SIGKILL to the worker's process group; (2) SIGKILL to the worker and
-    its flow-run process (a lost node). Each time the run is marked Crashed through the API and
-    the retry resumes from the newest complete checkpoint; the last one completes the branch."""
+def test_crashed_branch_is_retried_by_the_pipeline_itself(btx_deployed, btx_pipeline_run):
+    """Two real faults on the branch of a running pipeline, and no human action: (1) SIGKILL to
+    the branch's flow-run process (its worker reports it Crashed); (2) SIGKILL to the worker and
+    its flow run at once (a lost node: only the missing heartbeats tell, through the automation
+    of flows/automations.py). Each time the pipeline reschedules the same child flow run in place
+    (AwaitingRetry), a worker runs it again, and it resumes from the newest complete checkpoint;
+    the pipeline completes."""
     import time
 
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -262,7 +277,7 @@ def test_killed_worker_crashes_its_branch_and_a_retry_completes_it(btx_deployed,
 
     cluster, rng = btx_deployed.cluster, random.Random(FAULT_SEED)
     deployment = btx_deployed.add_expert_pool(FAULT_POOL)
-    config = _branch_config(btx_pipeline_run)
+    config = _pipeline_config(btx_pipeline_run)
     # Heartbeats every 30 s (3.9.1 defaults to 180) so that the automation may wait only 40 s.
     worker_env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     with cluster.client() as client:
@@ -273,52 +288,53 @@ def test_killed_worker_crashes_its_branch_and_a_retry_completes_it(btx_deployed,
         worker = cluster.start_worker(FAULT_POOL, **worker_env)
         workers.append(worker)
         with cluster.client() as client:
-            run = client.create_flow_run_from_deployment(
-                deployment.id, parameters={"config": config, "domain": BRANCH})
-        branch, measured, resumes = _Branch(cluster, config, run.id), {}, []
+            pipeline = client.create_flow_run_from_deployment(
+                client.read_deployment_by_name("btx-pipeline/btx").id, parameters={"config": config})
+        branch, measured, resumes = _Branch(cluster, config, pipeline.id), {}, []
 
-        # 1. The worker is killed; its flow run (in a session of its own) outlives it until its
-        # next write to the worker's pipe fails, and then reports itself Crashed.
-        branch.wait_past(0)
-        leftovers += _kill(cluster, worker, rng, with_flow_run=False)
+        # 1. The branch's process is killed; its worker reports it Crashed.
+        branch.wait_past(0, run_count=1)
+        leftovers += _kill(cluster, worker, rng, with_worker=False)
         killed = time.monotonic()
-        worker = cluster.start_worker(FAULT_POOL, **worker_env)  # boots while we wait
+        branch.wait_crashed(120)
+        resumes.append(branch.newest_checkpoint())
+        assert not branch.store.is_complete(branch.model)
+
+        # 2. The node is lost: worker and flow run die at once, and nobody reports.
+        step = branch.wait_past(resumes[-1], run_count=branch.run().run_count + 1)
+        measured["process killed -> training again"] = round(time.monotonic() - killed, 1)
+        assert step > resumes[-1]
+        leftovers += _kill(cluster, worker, rng, with_worker=True)
+        killed = time.monotonic()
+        worker = cluster.start_worker(FAULT_POOL, **worker_env)
         workers.append(worker)
-        state = branch.wait_final(180)
-        measured["worker killed -> Crashed"] = round(time.monotonic() - killed, 1)
-        assert state.is_crashed(), (state, cluster.diagnostics())
-        wait_for(lambda: _gone(leftovers), 60, "the orphaned flow run to exit")
-        assert not branch.store.is_complete(branch.model)
-        resumes.append(branch.newest_checkpoint())
-        branch.retry()
-
-        # 2. The node is lost: worker and flow run die at once, and nobody reports. Only the
-        # missing heartbeats tell, through the automation.
-        branch.wait_past(resumes[-1])
-        leftovers += _kill(cluster, worker, rng, with_flow_run=True)
-        killed = time.monotonic()
-        workers.append(cluster.start_worker(FAULT_POOL, **worker_env))
         time.sleep(3)
-        assert branch.state().is_running(), "without heartbeats, nothing marks a dead run"
-        state = branch.wait_final(ZOMBIE_AFTER_S + 90)
-        measured["node lost -> Crashed"] = round(time.monotonic() - killed, 1)
-        assert state.is_crashed() and "heartbeat" in (state.message or ""), state
-        assert not branch.store.is_complete(branch.model)
+        assert branch.run().state.is_running(), "without heartbeats, nothing marks a dead run"
+        branch.wait_crashed(ZOMBIE_AFTER_S + 90)
         resumes.append(branch.newest_checkpoint())
-        branch.retry()
+        branch.wait_past(resumes[-1], run_count=branch.run().run_count + 1)
+        measured["node lost -> training again"] = round(time.monotonic() - killed, 1)
 
-        state = branch.wait_final(300)
-        assert state.is_completed(), (state, cluster.diagnostics())
+        final = cluster.wait_flow_run(pipeline.id, 600)
+        assert final.state.is_completed(), (final.state, cluster.diagnostics())
+        wait_for(lambda: _gone(leftovers), 60, "the killed flow runs to be gone")
+        child = branch.run()
         with cluster.client() as client:
-            history = [s.type.value for s in sorted(client.read_flow_run_states(run.id), key=lambda s: s.timestamp)]
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-        print("seconds:", measured, "resumed from:", resumes)
-        assert [t for t in history if t in ("CRASHED", "COMPLETED")] == ["CRASHED", "CRASHED", "COMPLETED"], history
-        # Each retry trained on from the checkpoint that was newest when it started: the
-        # workers' output says so for each attempt (a lost node loses the log lines its flow run
-        # had not sent to the API yet), and the API's logs for the last one.
-        said = (cluster.logs / f"worker-{FAULT_POOL}.log").read_text(errors="replace")
-        assert [int(s) for s in re.findall(r"resuming from step (\d+)", said)] == resumes, said[-3000:]
+            history = [s.name for s in sorted(client.read_flow_run_states(child.id), key=lambda s: s.timestamp)]
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[child.id])))
+            parent_logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[pipeline.id])))
+        print("seconds:", measured, "resumed from:", resumes, "history:", history)
+        crashes = history.count("Crashed")
+        assert 2 <= crashes <= 3 and history[-1] == "Completed", history  # 3: the kernel killed one more
+        assert history.count("AwaitingRetry") == crashes, history  # each crash rescheduled, by the pipeline
+        said = "\n".join(log.message for log in parent_logs)
+        assert said.count("rescheduling it in place") == crashes, said[-3000:]
+        # Each attempt trained on from the checkpoint that was newest when it started: the
+        # worker's output says so (a lost node loses the log lines its flow run had not sent to
+        # the API yet), and the API's logs for the last one.
+        output = "".join((cluster.logs / f"worker-{FAULT_POOL}.log").read_text(errors="replace"))
+        resumed = [int(s) for s in re.findall(r"resuming from step (\d+)", output)]
+        assert resumed[0] == resumes[0] and resumed[-1] == resumes[-1], (resumed, resumes, output[-3000:])
         text = "\n".join(log.message for log in logs)
         assert f"resuming from step {resumes[-1]} " in text, text[-3000:]
         manifest = branch.store.verify(branch.model)
