@@ -32,7 +32,7 @@ from flows.local import branch_processes
 from flows.options import cores
 from flows.progress import artifact_key, forward_library_logs, run_name
 from flows.remote import run_child
-from flows.tasks import evaluate_task, expert_task_for, finetune_task, mix_task, report_task, seed_task
+from flows.tasks import STAGE_TASKS, expert_task_for, report_task
 
 OVERLAP_PROBE_S = 2.0  # how long a new run tries for its run name's slot before it queues or cancels
 
@@ -108,23 +108,29 @@ def one_run_per_name(config: BTXConfig) -> Iterator[bool]:
 
 
 def _pipeline(config: BTXConfig) -> dict[str, str]:
-    seed = seed_task.submit(config)
+    seed = run_stage(config, "seed")
     seed.result()  # a failed seed fails the run here, with its own error
     run_branches = local_branches if config.orchestration.expert_runner == "local" else remote_branches
     experts = run_branches(config, seed)
-    run_mix = mix_task if config.orchestration.mix_pool is None else mix_on_pool_task
-    mix = run_mix.submit(config, wait_for=list(experts.values()))
+    mix = run_stage(config, "mix", wait_for=list(experts.values()))
     mix.result()  # a failed mix fails the run here, with its own error
     done = {"seed": seed.result(), **{f"expert[{d}]": f.result() for d, f in experts.items()},
             "mix": mix.result()}
     last = mix
     if config.finetune is not None:
-        run_finetune = finetune_task if config.orchestration.finetune_pool is None else finetune_on_pool_task
-        done["finetune"] = run_finetune.submit(config, wait_for=[mix]).result()
-        last = evaluate_task.submit(config)
+        done["finetune"] = run_stage(config, "finetune", wait_for=[mix]).result()
+        last = run_stage(config, "evaluate")
         done["evaluate"] = last.result()
     report_task.submit(config, wait_for=[last]).result()
     return done
+
+
+def run_stage(config: BTXConfig, stage: str, wait_for=()):
+    """Submit a heavy stage: in this flow run's process, or as a `btx-stage/<pool>` deployment
+    run when `orchestration.<stage>_pool` names a pool. Returns the future of its location."""
+    if config.orchestration.stage_pool(stage) is None:
+        return STAGE_TASKS[stage].submit(config, wait_for=list(wait_for))
+    return stage_on_pool_task.submit(config, stage, wait_for=list(wait_for))
 
 
 def local_branches(config: BTXConfig, seed) -> dict:
@@ -166,20 +172,20 @@ def expert_branch_task(config: BTXConfig, domain: str, seed_location: str) -> st
     return _stored(config, layout.expert_model(config, domain), f"expert[{domain}]")
 
 
-@task(name="mix-on-pool", task_run_name="mix", persist_result=True, result_serializer="json")
-def mix_on_pool_task(config: BTXConfig) -> str:
-    """Run MiX as a `mix/<pool>` deployment run on `orchestration.mix_pool`; return its location."""
-    run_child(f"mix/{config.orchestration.mix_pool}", {"config": config.model_dump(mode="json")}, "mix",
+# Where each stage that can run on a pool leaves its output: the parent reads it from the store.
+STAGE_OUTPUTS = {"seed": layout.seed_model, "mix": layout.mix_model, "evaluate": layout.eval_results,
+                 "finetune": lambda config: layout.trained_model(config, "btx")}
+
+
+@task(name="stage-on-pool", task_run_name="{stage}", persist_result=True, result_serializer="json")
+def stage_on_pool_task(config: BTXConfig, stage: str) -> str:
+    """Run a stage as a `btx-stage/<pool>` deployment run on `orchestration.<stage>_pool` and
+    wait for it (with the start deadline and the in-place retry of a crashed run); return its location."""
+    pool = config.orchestration.stage_pool(stage)
+    # The idempotency key's name cannot be a domain's (a domain name has no ':').
+    run_child(f"btx-stage/{pool}", {"config": config.model_dump(mode="json"), "stage": stage}, f"stage:{stage}",
               config.orchestration)
-    return _stored(config, layout.mix_model(config), "mix")
-
-
-@task(name="finetune-on-pool", task_run_name="finetune", persist_result=True, result_serializer="json")
-def finetune_on_pool_task(config: BTXConfig) -> str:
-    """Run MoE-finetuning as a `finetune/<pool>` deployment run on `orchestration.finetune_pool`."""
-    pool = config.orchestration.finetune_pool
-    run_child(f"finetune/{pool}", {"config": config.model_dump(mode="json")}, "finetune", config.orchestration)
-    return _stored(config, layout.trained_model(config, "btx"), "finetune")
+    return _stored(config, STAGE_OUTPUTS[stage](config), stage)
 
 
 def _stored(config: BTXConfig, location: str, stage: str) -> str:

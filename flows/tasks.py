@@ -83,3 +83,8 @@ def report_task(config: BTXConfig) -> str:
     from flows.report import publish
 
     return publish(config)
+
+
+# The heavy stages that can run on a work pool of their own (`orchestration.<stage>_pool`, the
+# `btx-stage/<pool>` deployment: flows/stages.py), and where each one's output is in the store.
+STAGE_TASKS = {"seed": seed_task, "mix": mix_task, "finetune": finetune_task, "evaluate": evaluate_task}

@@ -513,11 +513,15 @@ def jsonable(value: Any) -> Any:
 PIPELINE_TIMEOUT_S = 600.0
 # Each branch on its own pool; the `btx-experts-2` worker carries the fault hook.
 DOMAIN_POOLS = {"math": EXPERT_POOLS[0], "code": EXPERT_POOLS[1]}
+# The other heavy stages, each a `btx-stage/<pool>` run: the control pool only orchestrates.
+HEAVY_STAGES = ("seed", "mix", "finetune", "evaluate")
+STAGE_POOL = EXPERT_POOLS[0]
 
 
 def distributed_config(cluster: Cluster) -> dict[str, Any]:
     """configs/ci.yaml on the cluster: two domains, each branch a deployment run on its own pool,
-    the store in S3, quick retries."""
+    the seed, MiX, finetune and evaluation deployment runs on an expert pool, the store in S3,
+    quick retries."""
     import yaml
 
     from btx_core.config.schema import BTXConfig
@@ -529,7 +533,8 @@ def distributed_config(cluster: Cluster) -> dict[str, Any]:
         cache_dir=str(cluster.root / "cache"),
         domains=[d for d in config["domains"] if d["name"] in DOMAIN_POOLS],
         orchestration={"expert_runner": "deployments", "expert_pool": EXPERT_POOLS[0],
-                       "domain_pools": DOMAIN_POOLS, "retries": 2, "retry_delay_s": 1.0},
+                       "domain_pools": DOMAIN_POOLS, "retries": 2, "retry_delay_s": 1.0,
+                       **{f"{stage}_pool": STAGE_POOL for stage in HEAVY_STAGES}},
     )
     # Report problems here, not as a failed run on the server.
     return BTXConfig.model_validate(config).model_dump(mode="json")

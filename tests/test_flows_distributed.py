@@ -2,7 +2,8 @@
 deployments of infra/, one process worker per pool, all on 127.0.0.1 (tests/prefect_harness.py).
 
 One run of `btx-pipeline/btx` on configs/ci.yaml with two domains, each branch a run of
-`train-expert/<pool>` on its own pool. The `btx-experts-2` worker carries the fault hook
+`train-expert/<pool>` on its own pool, and the seed, MiX, finetune and evaluation each a run of
+`btx-stage/<pool>`: the parent on the control pool only orchestrates. The `btx-experts-2` worker carries the fault hook
 (tests/support/faults.py): its branch fails once after its first checkpoint. Everything below
 is read back through the Prefect API (and the workers' logs, and the store).
 """
@@ -14,27 +15,36 @@ from uuid import UUID
 
 import pytest
 
-from tests.prefect_harness import DOMAIN_POOLS, EXPERT_POOLS, PipelineRun
+from tests.prefect_harness import (
+    CONTROL_POOL,
+    DOMAIN_POOLS,
+    EXPERT_POOLS,
+    HEAVY_STAGES,
+    STAGE_POOL,
+    PipelineRun,
+)
 
 FAULTY_POOL = EXPERT_POOLS[1]
 FAULTY = next(d for d, p in DOMAIN_POOLS.items() if p == FAULTY_POOL)
 HEALTHY = [d for d in DOMAIN_POOLS if d != FAULTY]
 
 
-def _children(run: PipelineRun) -> dict[str, object]:
-    """The pipeline run's child flow runs (the branches), by domain."""
+def _children(run: PipelineRun, kind: str = "domain") -> dict[str, object]:
+    """The pipeline run's child flow runs: the branches by domain (`kind="domain"`), or the
+    other heavy stages by stage (`kind="stage"`)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     with run.deployed.cluster.client() as client:
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.flow_run.id])))
-    by_domain: dict[str, list] = {}
+    by_name: dict[str, list] = {}
     for child in children:
-        by_domain.setdefault(child.parameters["domain"], []).append(child)
-    assert set(by_domain) == set(DOMAIN_POOLS), by_domain
-    for domain, runs in by_domain.items():
-        assert len(runs) == 1, f"expert[{domain}] was launched {len(runs)} times: {runs}"
-    return {domain: runs[0] for domain, runs in by_domain.items()}
+        if kind in child.parameters:
+            by_name.setdefault(child.parameters[kind], []).append(child)
+    assert set(by_name) == set(DOMAIN_POOLS if kind == "domain" else HEAVY_STAGES), by_name
+    for name, runs in by_name.items():
+        assert len(runs) == 1, f"{name} was launched {len(runs)} times: {runs}"
+    return {name: runs[0] for name, runs in by_name.items()}
 
 
 def _task_runs(run: PipelineRun, flow_run_id: UUID) -> list:
@@ -89,6 +99,27 @@ def test_each_branch_runs_on_its_own_pool(completed: PipelineRun) -> None:
             if other != pool:
                 assert str(child.id) not in text, f"{other}'s worker ran expert[{domain}]"
     assert len({c.work_pool_name for c in children.values()}) == len(children)
+
+
+@pytest.mark.integration
+def test_heavy_stages_run_on_their_pool_not_the_control_pool(completed: PipelineRun) -> None:
+    run = completed
+    stages = _children(run, "stage")
+    logs = {pool: (run.deployed.cluster.logs / f"worker-{pool}.log").read_text()
+            for pool in (CONTROL_POOL, *EXPERT_POOLS)}
+    for stage, child in stages.items():
+        assert child.state.is_completed(), (stage, child.state)
+        assert child.work_pool_name == STAGE_POOL, (stage, child.work_pool_name)
+        assert child.deployment_id == run.deployed.deployments[f"btx-stage/{STAGE_POOL}"].id
+        assert child.idempotency_key == f"{run.flow_run.id}:stage:{stage}"
+        assert str(child.id) in logs[STAGE_POOL], f"{STAGE_POOL}'s worker did not run {stage}"
+        assert str(child.id) not in logs[CONTROL_POOL], f"the control pool's worker ran {stage}"
+        # The stage's own task ran in that child flow run, not in the parent.
+        ran = [re.sub(r"-[0-9a-f]{3}$", "", t.name) for t in _task_runs(run, child.id) if t.run_count]
+        assert ran == [stage], (stage, ran)
+    # The parent ran no stage itself: its tasks only waited on the children (and wrote the report).
+    ran = {re.sub(r"-[0-9a-f]{3}$", "", t.name) for t in _task_runs(run, run.flow_run.id) if t.run_count}
+    assert ran <= {*HEAVY_STAGES, *(f"expert[{d}]" for d in DOMAIN_POOLS), "report"}, ran
 
 
 @pytest.mark.integration

@@ -160,3 +160,28 @@ def test_bucket_step_creates_the_store_bucket_once(s3_endpoint):
     bucket = f"btx-{uuid.uuid4().hex[:10]}"
     assert ensure_bucket(f"s3://{bucket}/nightly") == f"bucket {bucket}: created"
     assert ensure_bucket(f"s3://{bucket}") == f"bucket {bucket}: exists"
+
+
+def test_control_pool_only_orchestrates_the_nightly_run():
+    """Failure 7: the nightly config sends every heavy stage off the CPU control pool, and every
+    pool it names serves the deployment that the pipeline launches there."""
+    from btx_core.config.schema import BTXConfig
+
+    data = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    (pipeline,) = [d for d in data["deployments"] if d["entrypoint"] == "flows/pipeline.py:btx_pipeline"]
+    config = BTXConfig.model_validate(pipeline["parameters"]["config"])
+    control = pipeline["work_pool"]["name"]
+    served = {(d["entrypoint"], d["work_pool"]["name"]) for d in data["deployments"]}
+    o = config.orchestration
+    assert o.expert_runner == "deployments" and config.finetune is not None
+    for stage in ("seed", "mix", "finetune", "evaluate"):
+        pool = o.stage_pool(stage)
+        assert pool not in (None, control), (stage, pool)
+        assert ("flows/stages.py:stage_flow", pool) in served, (stage, pool)
+    for domain in config.domains:
+        pool = o.domain_pools.get(domain.name, o.expert_pool)
+        assert pool != control and ("flows/expert.py:train_expert_flow", pool) in served, (domain.name, pool)
+    # A deployment's name is its pool's: the pipeline launches `<flow>/<pool>`.
+    for deployment in data["deployments"]:
+        if deployment is not pipeline:
+            assert deployment["name"] == deployment["work_pool"]["name"], deployment["name"]

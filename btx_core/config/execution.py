@@ -31,10 +31,17 @@ class Orchestration(StrictModel):
     deployment `train-expert/<pool>`."""
     domain_pools: dict[str, str] = Field(default_factory=dict)
     """Per-domain work pool overrides (domain name -> pool), e.g. one pool per hardware class."""
+    # The other heavy stages: each `<stage>_pool` names the work pool whose `btx-stage/<pool>`
+    # deployment runs that stage; null runs it in the pipeline flow's own process (embedded mode).
+    # On a cluster set them all, so that the control pool only orchestrates.
+    seed_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
+    """Work pool of the seed stage (import, or create and pretrain: a GPU pool)."""
     mix_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
-    """Work pool of the MiX stage; null runs it in the pipeline flow's process."""
+    """Work pool of the MiX stage (streams a layer at a time: memory and disk close to the store)."""
     finetune_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
-    """Work pool of the MoE-finetune stage; null runs it in the pipeline flow's process."""
+    """Work pool of the MoE-finetune stage (the whole MoE trains at once: the most GPU memory)."""
+    evaluate_pool: str | None = Field(default=None, pattern=POOL_PATTERN)
+    """Work pool of the evaluation stage (every model's forward passes: a GPU pool)."""
     retries: int = Field(default=3, ge=0)
     """Retries of a failed expert branch; each retry resumes from the branch's newest checkpoint.
     In `deployments` mode the pipeline also reschedules a crashed branch run (its process or
@@ -43,7 +50,7 @@ class Orchestration(StrictModel):
     retry_delay_s: float = Field(default=10.0, ge=0)
     """Exponential backoff base: retry r waits retry_delay_s x 2^r seconds, +-50 % jitter."""
     start_timeout_s: float | None = Field(default=1200.0, gt=0)
-    """Deployment runs (branches, and MiX or finetune on a pool): seconds a child flow run may
+    """Deployment runs (branches, and stages on a pool): seconds a child flow run may
     stay Scheduled, Late or Pending (no worker polls its pool, an unschedulable GPU pod, an image
     that cannot be pulled) before the parent cancels it and fails with the reason; null waits
     forever. Counted again each time the parent reschedules a crashed child."""
@@ -60,6 +67,10 @@ class Orchestration(StrictModel):
     def retry_wait_s(self, retry: int) -> float:
         """Seconds before retry `retry` (0-based): `retry_delay_s` x 2^retry, up to +50 % jitter."""
         return self.retry_delay_s * 2 ** retry * random.uniform(1.0, 1.5)
+
+    def stage_pool(self, stage: str) -> str | None:
+        """The work pool of a heavy stage (`seed`, `mix`, `finetune`, `evaluate`); None: in process."""
+        return getattr(self, f"{stage}_pool")
 
     @field_validator("domain_pools")
     @classmethod
