@@ -5,6 +5,7 @@ with its parent."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,3 +194,68 @@ def re_step(text: str, domain: str) -> int:
 
     found = re.findall(rf"expert\[{domain}\].*?(\d+)/4000", text)
     return int(found[-1]) if found else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A branch under torchrun: torchrun and its ranks die with the process that started it
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_torchrun_branch_dies_with_its_parent(seeded, tmp_path, sig):
+    """A parent (standing in for a worker's flow-run process) trains a branch on two gloo
+    processes through `train_expert_torchrun`, as flows/expert.py does; the parent is killed
+    mid-training: torchrun (in a session of its own, so no process-group signal reaches it) and
+    both ranks are gone within the bound, and the ranks checkpointed at the step they reached."""
+    import shutil
+
+    import yaml
+
+    from btx_core.cli.reaper import _running
+    from tests.test_cli_e2e import write_config
+
+    work, seeded_store, _ = seeded
+    store = tmp_path / "store"
+    shutil.copytree(seeded_store / "ci" / "seed", store / "ci" / "seed")
+    config = write_config(tmp_path, store, expert_steps=4000, checkpoint_every=1000)
+    raw = yaml.safe_load(config.read_text())
+    raw["expert_training"].update(batch_size=2, nproc_per_node=2, log_every=1, keep_checkpoints=5)
+    config.write_text(yaml.safe_dump(raw))
+    log = tmp_path / "parent.log"
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from btx_core.config.load import load_config
+        from btx_core.stages.branch import train_expert_torchrun
+
+        def show(progress):
+            print("step", progress.step, flush=True)
+
+        train_expert_torchrun(load_config({str(config)!r}), "math", 2, on_progress=show, poll_s=0.2)
+    """)], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"})
+    started: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while not any(int(s) >= 10 for s in re.findall(r"step (\d+)", log.read_text())):
+            assert parent.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        started = _descendants(parent.pid)
+        assert len(started) >= 3, started  # torchrun and its two ranks
+        parent.send_signal(sig)
+        parent.wait(30)
+        killed = time.monotonic()
+        while any(_running(p, s) for p, s in started.items()) and time.monotonic() < killed + 90:
+            time.sleep(0.2)
+        left = [p for p, s in started.items() if _running(p, s)]
+        assert not left, (left, log.read_text()[-3000:])
+        print(f"{sig.name}: torchrun and its ranks gone {time.monotonic() - killed:.1f} s after the parent")
+        steps = sorted(int(p.name.split("-")[-1]) for p in
+                       (store / "ci" / "experts" / "math" / "checkpoints").glob("step-*")
+                       if (p / "_manifest.json").is_file())
+        assert steps and 10 <= steps[-1] < 1000, steps  # the step reached, not a periodic one
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid, since in started.items():
+            if _running(pid, since):
+                os.kill(pid, signal.SIGKILL)
