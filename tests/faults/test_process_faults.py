@@ -7,6 +7,7 @@ finished is lost (the run resumes from its newest complete checkpoint) and nothi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -255,6 +256,30 @@ def _kill(cluster, worker, rng: random.Random, *, with_worker: bool) -> list[int
     return flow_runs
 
 
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+def restart_timeline(states, kill_times) -> list[dict[str, float]]:
+    """For each kill (a wall-clock time, same clock as the server's on 127.0.0.1), seconds from
+    it to the child run marked Crashed, rescheduled (AwaitingRetry), and Running again; and the
+    backoff the parent chose (the AwaitingRetry's scheduled time minus its own)."""
+    ordered = sorted(states, key=lambda s: s.timestamp)
+    timeline = []
+    for kill in kill_times:
+        after = [s for s in ordered if s.timestamp >= kill]
+        crashed = next(s for s in after if s.name == "Crashed")
+        retry = next(s for s in after if s.name == "AwaitingRetry" and s.timestamp >= crashed.timestamp)
+        running = next(s for s in after if s.name == "Running" and s.timestamp >= retry.timestamp)
+        since = lambda s: round((s.timestamp - kill).total_seconds(), 1)  # noqa: E731
+        backoff = (retry.state_details.scheduled_time - retry.timestamp).total_seconds()
+        timeline.append({"crashed_s": since(crashed), "rescheduled_s": since(retry), "running_s": since(running),
+                         "backoff_s": round(backoff, 1), "running_minus_backoff_s": round(since(running) - backoff, 1)})
+    return timeline
+
+
 def _gone(pids: list[int]) -> bool:
     from tests.prefect_harness import _alive
 
@@ -295,7 +320,7 @@ def test_crashed_branch_is_retried_by_the_pipeline_itself(btx_deployed, btx_pipe
         # 1. The branch's process is killed; its worker reports it Crashed.
         branch.wait_past(0, run_count=1)
         leftovers += _kill(cluster, worker, rng, with_worker=False)
-        killed = time.monotonic()
+        killed, kill_times = time.monotonic(), [_now()]
         branch.wait_crashed(120)
         resumes.append(branch.newest_checkpoint())
         assert not branch.store.is_complete(branch.model)
@@ -306,6 +331,7 @@ def test_crashed_branch_is_retried_by_the_pipeline_itself(btx_deployed, btx_pipe
         assert step > resumes[-1]
         leftovers += _kill(cluster, worker, rng, with_worker=True)
         killed = time.monotonic()
+        kill_times.append(_now())
         worker = cluster.start_worker(FAULT_POOL, **worker_env)
         workers.append(worker)
         time.sleep(3)
@@ -324,6 +350,13 @@ def test_crashed_branch_is_retried_by_the_pipeline_itself(btx_deployed, btx_pipe
             logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[child.id])))
             parent_logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[pipeline.id])))
         print("seconds:", measured, "resumed from:", resumes, "history:", history)
+        with cluster.client() as client:
+            timeline = restart_timeline(client.read_flow_run_states(child.id), kill_times)
+        print("from each kill to the restart:", timeline)
+        if os.environ.get("BTX_BENCH_OUT"):  # bench/crash_restart.py collects these
+            with open(os.environ["BTX_BENCH_OUT"], "a") as out:
+                out.write(json.dumps({"faults": ["process killed", "node lost"], "timeline": timeline,
+                                      "heartbeat_s": HEARTBEAT_S, "zombie_after_s": ZOMBIE_AFTER_S}) + "\n")
         crashes = history.count("Crashed")
         assert 2 <= crashes <= 3 and history[-1] == "Completed", history  # 3: the kernel killed one more
         assert history.count("AwaitingRetry") == crashes, history  # each crash rescheduled, by the pipeline
