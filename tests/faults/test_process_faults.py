@@ -201,6 +201,7 @@ class _Branch:
             if self.id is None:
                 children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                     parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[self.parent_id])))
+                children = [c for c in children if c.parameters.get("domain") == BRANCH]  # not the stages
                 if not children:
                     return None
                 (child,) = children
