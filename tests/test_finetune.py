@@ -160,6 +160,20 @@ def test_interrupted_finetune_resumes_to_the_same_weights(mixed):
 
 
 @pytest.mark.integration
+def test_interrupted_sample_top1_finetune_resumes_to_the_same_weights(mixed):
+    # The Gumbel noise comes from torch's RNG and the temperature from the step: both are restored.
+    work, config = mixed
+    sampled = config.model_copy(update={"finetune": config.finetune.model_copy(update={"routing": "sample_top1"})})
+    with pytest.raises(BTXError, match="stopped at step 3"):
+        finetune(sampled, name="s-resumed", stop_after=3)
+    resumed = finetune(sampled, name="s-resumed")
+    assert resumed.metrics["resumed_from_step"] == 2
+    straight = finetune(sampled, name="s-straight")
+    a, b = _tensors(resumed.location), _tensors(straight.location)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
 def test_routing_and_load_balancing_ablations_are_config_lines(mixed):
     """Load balancing off, transformers' loss, sample top-1: each one line of `finetune`, each
     saved as a stock MoE that AutoModelForCausalLM loads."""

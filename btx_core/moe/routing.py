@@ -25,7 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from btx_core.errors import BTXError
 from btx_core.model.families import MOE_TARGETS, MoETarget
@@ -205,8 +207,8 @@ class RouterObjective:
     the paper's load-balancing loss from the router logits the model returns, and the
     temperature schedule of sample top-1 routing."""
 
-    def __init__(self, model, plan: RoutingPlan):
-        self.plan = plan
+    def __init__(self, model, plan: RoutingPlan, seed: int = 0):
+        self.plan, self.seed = plan, seed
         self.routers = [block.gate for block in moe_blocks(model)]
 
     def at_step(self, step: int, total_steps: int) -> None:
@@ -214,6 +216,11 @@ class RouterObjective:
             temperature = gumbel_temperature(step, total_steps, *self.plan.temperature)
             for router in self.routers:
                 router.temperature = temperature
+            # The Gumbel noise, like the data order, a pure function of (seed, step, rank): a rerun
+            # or a resumed run samples the same experts whatever the process did before. Through
+            # torch's global generator, which activation checkpointing replays in its recompute.
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, step, rank]).generate_state(1)[0]))
 
     def extra_loss(self, outputs, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         if not (self.plan.load_balancing and self.plan.loss == "paper"):

@@ -154,7 +154,7 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     objective = None
     if plan is not None:
         configure(model, plan)
-        objective = RouterObjective(model, plan)
+        objective = RouterObjective(model, plan, seed=settings.seed)
         metrics.update(routing=asdict(plan), frozen_parameters=freeze_experts(model) if frozen else 0)
     model.to(pick_device(settings.device, ranks, settings.precision))
     data = build_mixture(splits, weights, settings.seed)
