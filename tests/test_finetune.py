@@ -1,7 +1,6 @@
-"""MoE-finetuning (and its baselines), the load-balancing loss, Branch-Train-Merge, evaluation and
-`btx compare`, on the CI pico model."""
+"""MoE-finetuning (and its baselines) with each routing and load-balancing option, Branch-Train-Merge,
+evaluation and `btx compare`, on the CI pico model (the loss itself: tests/test_load_balancing.py)."""
 
-import itertools
 import json
 import math
 from pathlib import Path
@@ -12,12 +11,10 @@ import torch
 import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from btx_core.data.prepare import SplitStats, TokenizedSplits
 from btx_core.errors import BTXError
 from btx_core.evaluation.scores import btm_logprobs, build_eval_sets
-from btx_core.moe.routing import aux_loss_coefficient, paper_load_balancing_loss
 from btx_core.stages.common import open_store
 from btx_core.stages.compare import compare
 from btx_core.stages.evaluate import evaluate_location, evaluate_run
@@ -28,48 +25,6 @@ from btx_core.stages.seed import build_seed
 from btx_core.store import layout
 from tests.test_cli_e2e import btx
 from tests.test_mix_stage import ci_config
-
-# --- the load-balancing loss -----------------------------------------------------------------------
-
-def _balanced_logits(experts: int, top_k: int, repeats: int) -> torch.Tensor:
-    """Tokens that cycle through every set of k experts: each expert gets k/N of the tokens and,
-    by symmetry, a mean router probability of exactly 1/N: perfect balance."""
-    rows = []
-    for chosen in itertools.combinations(range(experts), top_k):
-        row = torch.zeros(experts)
-        row[list(chosen)] = 4.0
-        rows.append(row)
-    return torch.stack(rows * repeats)
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("experts,top_k,layers", [(4, 2, 6), (4, 1, 2), (8, 2, 3)])
-def test_load_balancing_loss_at_perfect_balance_is_the_papers(experts, top_k, layers):
-    alpha = 0.01
-    logits = [_balanced_logits(experts, top_k, repeats=3) for _ in range(layers)]
-    probs = torch.softmax(logits[0], -1)
-    assert torch.allclose(probs.mean(0), torch.full((experts,), 1 / experts))
-    # The paper: L_LB = alpha N sum_i u_i p_i per layer, u_i = k/N, p_i = 1/N -> alpha k per layer.
-    paper = alpha * experts * sum((top_k / experts) * (1 / experts) for _ in range(experts)) * layers
-    assert float(paper_load_balancing_loss(logits, top_k, alpha)) == pytest.approx(paper, rel=1e-6)
-    # What training adds: transformers' Mixtral aux loss times btx's coefficient (alpha x layers).
-    ours = float(load_balancing_loss_func(tuple(logits), experts, top_k)) * aux_loss_coefficient(alpha, layers)
-    assert ours == pytest.approx(paper, rel=1e-6)
-
-
-@pytest.mark.unit
-def test_load_balancing_coefficient_off_balance():
-    # transformers pools u and p over the layers before multiplying; the paper multiplies per
-    # layer. They agree whenever the layers route alike, and differ (slightly) otherwise.
-    generator = torch.Generator().manual_seed(0)
-    same = [torch.randn(64, 4, generator=generator) * 3] * 5
-    ours = float(load_balancing_loss_func(tuple(same), 4, 2)) * aux_loss_coefficient(0.01, 5)
-    assert ours == pytest.approx(float(paper_load_balancing_loss(same, 2, 0.01)), rel=1e-5)
-    varied = [torch.randn(64, 4, generator=generator) * 3 for _ in range(5)]
-    ours = float(load_balancing_loss_func(tuple(varied), 4, 2)) * aux_loss_coefficient(0.01, 5)
-    paper = float(paper_load_balancing_loss(varied, 2, 0.01))
-    assert ours <= paper + 1e-7 and ours == pytest.approx(paper, rel=0.05)
-
 
 # --- Branch-Train-Merge --------------------------------------------------------------------------
 
@@ -160,11 +115,16 @@ def test_finetune_trains_the_mixed_model_on_the_mixture(mixed):
     m = out.metrics
     assert out.location == layout.trained_model(config, "btx") and m["steps"] == 6
     assert set(m["mixture"]) == {"math", "code", "general"}
-    assert m["routing"] == {"strategy": "top_k", "top_k": 2, "load_balancing": True, "alpha": 0.01}
+    assert m["routing"] == {"strategy": "top_k", "top_k": 2, "load_balancing": True, "alpha": 0.01,
+                            "loss": "paper", "temperature": None}
     assert m["heldout_loss"] < m["start_heldout_loss"]
+    # The paper's loss, per layer: alpha at perfect balance, at most alpha x N at total collapse.
+    layers = 2
+    assert 0.01 * layers <= m["final_load_balancing_loss"] <= 0.01 * layers * 3
     saved = json.loads((Path(out.location) / "config.json").read_text())
     assert saved["architectures"] == ["MixtralForCausalLM"] and saved["output_router_logits"] is False
-    assert saved["router_aux_loss_coef"] == pytest.approx(0.01 * saved["num_hidden_layers"])
+    assert saved["num_hidden_layers"] == layers
+    assert saved["router_aux_loss_coef"] == pytest.approx(0.01 * layers)  # stock; unused by the paper's loss
     card = yaml.safe_load((Path(out.location) / "README.md").read_text().split("---")[1])
     assert card["base_model"] == layout.mix_model(config) and card["base_model_relation"] == "finetune"
     assert card["pipeline_tag"] == "text-generation" and "btx" in card["tags"]
@@ -197,6 +157,49 @@ def test_interrupted_finetune_resumes_to_the_same_weights(mixed):
     straight = finetune(config, name="straight")
     a, b = _tensors(resumed.location), _tensors(straight.location)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
+def test_interrupted_sample_top1_finetune_resumes_to_the_same_weights(mixed):
+    # The Gumbel noise comes from torch's RNG and the temperature from the step: both are restored.
+    work, config = mixed
+    sampled = config.model_copy(update={"finetune": config.finetune.model_copy(update={"routing": "sample_top1"})})
+    with pytest.raises(BTXError, match="stopped at step 3"):
+        finetune(sampled, name="s-resumed", stop_after=3)
+    resumed = finetune(sampled, name="s-resumed")
+    assert resumed.metrics["resumed_from_step"] == 2
+    straight = finetune(sampled, name="s-straight")
+    a, b = _tensors(resumed.location), _tensors(straight.location)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
+def test_routing_and_load_balancing_ablations_are_config_lines(mixed):
+    """Load balancing off, transformers' loss, sample top-1: each one line of `finetune`, each
+    saved as a stock MoE that AutoModelForCausalLM loads."""
+    work, config = mixed
+
+    def run(name, **options):
+        ablation = config.model_copy(update={"finetune": config.finetune.model_copy(update=options)})
+        out = finetune(ablation, name=name)
+        saved = json.loads((Path(out.location) / "config.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(out.location)
+        assert type(model).__name__ == "MixtralForCausalLM" and saved["output_router_logits"] is False
+        assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+        return out.metrics, saved
+
+    off, _ = run("no-lb", load_balancing=False)
+    assert off["routing"]["load_balancing"] is False and "final_load_balancing_loss" not in off
+    stock, saved = run("stock-lb", load_balancing_loss="transformers")
+    assert stock["routing"]["loss"] == "transformers" and "final_load_balancing_loss" not in stock
+    assert saved["router_aux_loss_coef"] == pytest.approx(0.01 * 2)
+    # The same data and init: only the loss term differs, so the trained weights differ.
+    assert off["final_train_loss"] != stock["final_train_loss"]
+    sampled, saved = run("sample-top1", routing="sample_top1", gumbel_temperature=(2.0, 0.5))
+    assert sampled["routing"] == {"strategy": "sample_top1", "top_k": 1, "load_balancing": True,
+                                  "alpha": 0.01, "loss": "paper", "temperature": [2.0, 0.5]}
+    assert saved["num_experts_per_tok"] == 1  # top-1 at inference
+    assert 0.01 * 2 <= sampled["final_load_balancing_loss"] <= 0.01 * 2 * 3
 
 
 @pytest.mark.integration

@@ -122,7 +122,7 @@ def test_output_loads_generates_and_round_trips_through_save_pretrained(tmp_path
     assert all(f.stat().st_size <= 40_000 + 64 * 1024 for f in out.glob("model-*.safetensors"))
     moe = AutoModelForCausalLM.from_pretrained(out).eval()
     assert moe.config.btx_expert_names == ["e0", "e1", "e2", "e3"]
-    # off in what is saved (finetuning turns it on for its run); the coefficient is the paper's scale
+    # off in what is saved (finetuning turns it on for its run); the stock coefficient, alpha x layers
     assert not moe.config.output_router_logits and moe.config.router_aux_loss_coef == pytest.approx(0.02)
     ids = tokens()
     with torch.no_grad():

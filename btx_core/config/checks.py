@@ -105,6 +105,9 @@ def _finetune_problems(d: Mapping) -> list[str]:
         problems.append(f"finetune.top_k ({top_k}) is larger than the number of experts ({experts}); lower it")
     if ft.get("routing") == "soft" and top_k is not None:
         problems.append("finetune.top_k applies to `top_k` routing; `soft` uses every expert: remove it")
+    if ft.get("routing") == "sample_top1" and top_k is not None:
+        problems.append("finetune.top_k applies to `top_k` routing; `sample_top1` routes each token to "
+                        "one expert: remove it")
     return problems
 
 

@@ -269,8 +269,9 @@ class MixSettings(StrictModel):
     top_k: int = Field(default=2, ge=1)
     """Experts per token."""
     load_balancing_alpha: float = Field(default=0.01, ge=0)
-    """The paper's load-balancing coefficient per layer; the Mixtral config gets
-    alpha x num_layers (transformers averages the loss over layers, the paper sums it)."""
+    """The paper's load-balancing coefficient per layer (finetuning's `load_balancing_loss`);
+    the saved config's `router_aux_loss_coef` is alpha x num_layers, transformers' own loss
+    being averaged over layers where the paper sums it."""
     sample_blocks: int = Field(default=32, gt=0)
     """Blocks per domain for the centroid init and the routing report."""
     shard_size: str = "2GB"
@@ -293,16 +294,34 @@ class FinetuneSettings(StrictModel):
     mixture: dict[str, float] | None = None
     """Source -> weight, over the domain names and `general` (the seed's pretraining corpus);
     normalised to sum 1. Default: uniform over all of them, as in the paper."""
-    routing: Literal["top_k", "soft"] = "top_k"
+    routing: Literal["top_k", "soft", "sample_top1"] = "top_k"
     """`top_k`: softmax over the top-k router logits (Mixtral, the paper's default). `soft`: every
-    expert, weighted by the full softmax (k = number of experts). Strategies live in a registry
-    (btx_core/moe/routing.py), where Switch top-1 and sample top-1 would be added."""
+    expert, weighted by the full softmax (k = number of experts). `sample_top1`: in training each
+    token goes to one expert sampled from the router's softmax (Gumbel-max, straight-through
+    Gumbel-softmax gradient at the annealed `gumbel_temperature`); saved as a stock top-1 model
+    (argmax). Strategies live in a registry (btx_core/moe/routing.py)."""
     top_k: int | None = Field(default=None, ge=1)
-    """Experts per token for `top_k` routing; default: `mix.top_k`."""
+    """Experts per token for `top_k` routing; default: `mix.top_k`. With `soft` routing the
+    load-balancing loss counts each token's top `mix.top_k` experts."""
+    gumbel_temperature: tuple[float, float] = (1.0, 0.1)
+    """`sample_top1`: the Gumbel-softmax temperature at the first and at the last step, decayed
+    exponentially in between."""
     load_balancing: bool = True
-    """Add the load-balancing loss (transformers' Mixtral aux loss) to the LM loss."""
+    """Add a load-balancing loss to the LM loss (false: the paper's "no load balancing" ablation)."""
+    load_balancing_loss: Literal["paper", "transformers"] = "paper"
+    """`paper`: alpha N sum_i u_i p_i per MoE layer from that layer's router logits (u_i: share of
+    the layer's routed slots, a top-k token counting 1/k per expert), summed over layers; alpha
+    per layer at perfect balance. `transformers`: the model's own aux loss at coefficient
+    alpha x num_layers (a top-k token counted k times, u and p pooled over layers first)."""
     load_balancing_alpha: float | None = Field(default=None, ge=0)
     """The paper's alpha per layer (default: `mix.load_balancing_alpha`, 0.01)."""
+
+    @field_validator("gumbel_temperature")
+    @classmethod
+    def _positive_temperatures(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if min(value) <= 0:
+            raise ValueError(f"temperatures must be > 0, got {list(value)}: e.g. [1.0, 0.1]")
+        return value
     freeze_experts: bool = False
     """Train only the routers and the shared (non-FFN) parameters; expert FFNs stay as mixed."""
 

@@ -74,10 +74,10 @@ def write_model_card(out_dir: Path, *, config: Mapping, experts: Sequence, optio
     lines += ["", "## Options", "", "```json", json.dumps(_options_json(options), indent=2, sort_keys=True),
               "```", "",
               f"Load balancing: `router_aux_loss_coef` = {config['router_aux_loss_coef']:.4g} = alpha x "
-              f"num_layers ({config['num_hidden_layers']}). The paper adds alpha * N * sum_i u_i p_i per "
-              "layer and sums over layers; transformers computes the loss once from statistics averaged "
-              "over layers, so alpha x num_layers gives the paper's scale. `output_router_logits` is off in "
-              "this config (inference needs no router logits); finetuning turns it on for its run.", ""]
+              f"num_layers ({config['num_hidden_layers']}), for transformers' own loss, which it averages over "
+              "layers. The paper adds alpha * N * sum_i u_i p_i per layer (u_i summing to 1 over experts) and "
+              "sums over layers; btx's finetune trains with that form by default. `output_router_logits` is "
+              "off in this config (inference needs no router logits); finetuning turns it on for its run.", ""]
     for key, value in extra.items():
         if key not in ("title", "base_model", "license"):
             lines += [f"{key}: {value}", ""]

@@ -155,7 +155,9 @@ def translate(dense: Mapping, family: DenseFamily, where: str) -> tuple[dict, li
 def build_moe_config(carried: Mapping, family: DenseFamily, *, num_experts: int, top_k: int,
                      aux_loss_coef: float, dtype, expert_names: list[str]):
     """The MoE's config, through its transformers config class. `output_router_logits` is off in
-    what is saved (finetuning turns it on for its run); the aux coefficient is the paper's scale."""
+    what is saved (finetuning turns it on for its run); the aux coefficient is transformers' stock
+    one, alpha x layers (btx finetunes with the paper's own per-layer loss by default:
+    btx_core/moe/routing.py)."""
     import transformers
 
     target = family.moe

@@ -25,7 +25,7 @@ from btx_core.store.lease import WriterLease
 from btx_core.store.outputs import StageOutput
 from btx_core.training.compute import flops_per_token
 from btx_core.training.distributed import Dist, main_rank_first
-from btx_core.training.loop import Progress, evaluate_loss, train
+from btx_core.training.loop import Objective, Progress, evaluate_loss, train
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -85,7 +85,7 @@ class TrainingRun:
 
     def train_and_save(self, model, tokenizer, data: TokenizedSplits, *, metrics: dict,
                        on_progress: ProgressCallback | None = None,
-                       stop_after: int | None = None) -> StageOutput:
+                       stop_after: int | None = None, objective: Objective | None = None) -> StageOutput:
         sink = StoreCheckpoints(self.store, self.checkpoints, config_hash=self.config_hash,
                                 inputs=self.inputs, keep=self.settings.keep_checkpoints,
                                 cache_dir=cache_dir(self.config))
@@ -97,13 +97,14 @@ class TrainingRun:
                 return StageOutput(self.location, done, skipped=True)  # the last writer finished it
             sink.lease = lease
             return self._train_and_save(model, tokenizer, data, sink, metrics=metrics,
-                                        on_progress=on_progress, stop_after=stop_after)
+                                        on_progress=on_progress, stop_after=stop_after,
+                                        objective=objective)
 
     def _train_and_save(self, model, tokenizer, data: TokenizedSplits, sink: StoreCheckpoints, *,
                         metrics: dict, on_progress: ProgressCallback | None,
-                        stop_after: int | None) -> StageOutput:
+                        stop_after: int | None, objective: Objective | None = None) -> StageOutput:
         result = train(model, data.train, self.settings, checkpoints=sink, on_progress=on_progress,
-                       stop_after=stop_after)
+                       stop_after=stop_after, objective=objective)
         if result.steps < self.settings.total_steps(self.ranks.world_size):
             raise BTXError(f"{self.stage} stopped at step {result.steps} (stop_after); rerun to resume")
         fpt = flops_per_token(model.config.to_dict(), self.settings.seq_len)
@@ -112,6 +113,8 @@ class TrainingRun:
                    "flops_per_token": fpt, "train_flops": fpt * result.tokens,
                    "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
                    "train_losses": result.losses, **metrics}
+        if result.final_extra_loss is not None:  # MoE finetuning: the paper's load-balancing loss
+            metrics["final_load_balancing_loss"] = result.final_extra_loss
         with main_rank_first(self.ranks):  # one writer; the other ranks then read its manifest
             if self.ranks.is_main:
                 if sink.lease is not None:

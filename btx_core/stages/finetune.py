@@ -3,7 +3,8 @@ upcycling (the MoE of seed copies, finetuned) and the dense baseline (the seed t
 
 All three train on the same mixture (every domain plus the general corpus, weights from the
 config) through the expert-training loop (`TrainingRun`: checkpoints, resume, store, manifest);
-an MoE adds its routing strategy, the load-balancing loss and optionally frozen expert FFNs.
+an MoE adds its routing strategy, the load-balancing loss (by default the paper's, per layer,
+computed here from the router logits: `moe/routing.py`) and optionally frozen expert FFNs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from btx_core.data.prepare import TokenizedSplits
 from btx_core.data.shards import BlockMixture, Blocks
 from btx_core.errors import BTXError
 from btx_core.model.dense import load_causal_lm
-from btx_core.moe.routing import RoutingPlan, configure, freeze_experts
+from btx_core.moe.routing import RouterObjective, RoutingPlan, configure, freeze_experts
 from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, complete_input, open_store
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
@@ -43,10 +44,13 @@ def settings_of(config: BTXConfig) -> FinetuneSettings:
 
 def routing_plan(config: BTXConfig) -> RoutingPlan:
     ft = settings_of(config)
-    return RoutingPlan(strategy=ft.routing, top_k=ft.top_k or config.mix.top_k,
+    sampled = ft.routing == "sample_top1"
+    return RoutingPlan(strategy=ft.routing, top_k=1 if sampled else ft.top_k or config.mix.top_k,
                        load_balancing=ft.load_balancing,
                        alpha=config.mix.load_balancing_alpha if ft.load_balancing_alpha is None
-                       else ft.load_balancing_alpha)
+                       else ft.load_balancing_alpha,
+                       loss=ft.load_balancing_loss,
+                       temperature=tuple(ft.gumbel_temperature) if sampled else None)
 
 
 # --- the data mixture ----------------------------------------------------------------------------
@@ -147,8 +151,10 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     model, tokenizer = load_causal_lm(str(model_dir), allow_moe=True,
                                       trust_remote_code=config.seed.trust_remote_code)
     metrics: dict = {"kind": kind, "mixture": weights, "source": source}
+    objective = None
     if plan is not None:
         configure(model, plan)
+        objective = RouterObjective(model, plan, seed=settings.seed)
         metrics.update(routing=asdict(plan), frozen_parameters=freeze_experts(model) if frozen else 0)
     model.to(pick_device(settings.device, ranks, settings.precision))
     data = build_mixture(splits, weights, settings.seed)
@@ -159,5 +165,5 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
                    trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
     log.info("finetune %s (%s): %d steps from %s", name, kind, settings.total_steps(ranks.world_size), source)
     return run.train_and_save(model, tokenizer, data, metrics=metrics, on_progress=on_progress,
-                              stop_after=stop_after)
+                              stop_after=stop_after, objective=objective)
 

@@ -80,6 +80,20 @@ class TrainResult:
     resumed_from: int
     wall_s: float
     tokens_per_s: float
+    final_extra_loss: float | None = None
+    """The objective's term, averaged like `final_loss` over the steps this process trained."""
+
+
+class Objective(Protocol):
+    """What a stage adds to the model's own loss: MoE finetuning's load-balancing loss and router
+    temperature schedule (`btx_core/moe/routing.py`, `RouterObjective`). A pure function of the
+    step, so a resumed run trains exactly as an uninterrupted one."""
+
+    def at_step(self, step: int, total_steps: int) -> None:
+        """Called before each optimizer step."""
+
+    def extra_loss(self, outputs, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A term added to `outputs.loss` for the backward pass (None: nothing)."""
 
 
 class CheckpointSink(Protocol):
@@ -129,7 +143,7 @@ def batch_indices(n_blocks: int, step: int, micro: int, settings: TrainSettings,
 def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
           checkpoints: CheckpointSink | None = None,
           on_progress: Callable[[Progress], None] | None = None,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, objective: Objective | None = None) -> TrainResult:
     """Train `model` in place on packed token blocks [n, seq_len]; resume from `checkpoints`.
 
     `blocks` is an array in memory or a lazy one (token shards, a mixture of them): each step
@@ -139,7 +153,8 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
     `stop_after` ends the run early after that many steps (as a kill would), for tests. Under
     FSDP the training runs on a sharded copy; `model` gets its final weights at the end.
     SIGTERM (in the main thread) or `stop.request_stop` writes a checkpoint at the next step
-    boundary and raises `TrainingStopped` (btx_core/training/stop.py).
+    boundary and raises `TrainingStopped` (btx_core/training/stop.py). `objective` adds a term
+    to the model's loss (the loss reported is their sum).
     """
     if len(blocks.shape) != 2 or blocks.shape[1] != settings.seq_len:
         raise ValueError(f"blocks have shape {blocks.shape}, expected [n, {settings.seq_len}]: "
@@ -178,11 +193,16 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
     report = _with_progress_file(on_progress) if ranks.is_main else None
 
     started = window_start = time.perf_counter()
-    window_steps = 0
+    window_steps, extra_losses = 0, []
     last_stop = total_steps if stop_after is None else min(total_steps, resumed_from + stop_after)
     with stop_on_sigterm():
         while state.step < last_stop:
-            loss = _step(wrapped, blocks, state.step, settings, ranks, device, autocast, optimizer)
+            if objective is not None:
+                objective.at_step(state.step, total_steps)
+            loss, extra = _step(wrapped, blocks, state.step, settings, ranks, device, autocast, optimizer,
+                                objective)
+            if extra is not None:
+                extra_losses.append(extra)
             scheduler.step()
             state.step += 1
             state.sequences_seen += settings.batch_size * settings.grad_accum * ranks.world_size
@@ -220,7 +240,12 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
     return TrainResult(steps=state.step, tokens=state.tokens_seen,
                        final_loss=sum(recent) / len(recent) if recent else math.nan,
                        losses=list(state.losses), resumed_from=resumed_from, wall_s=wall,
-                       tokens_per_s=trained_tokens / wall if wall > 0 else 0.0)
+                       tokens_per_s=trained_tokens / wall if wall > 0 else 0.0,
+                       final_extra_loss=_mean(extra_losses[-FINAL_LOSS_WINDOW:]))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _stopping(ranks: Dist, device: torch.device) -> bool:
@@ -234,16 +259,26 @@ def _stopping(ranks: Dist, device: torch.device) -> bool:
 
 
 def _step(model, data: Blocks, step: int, settings: TrainSettings, ranks: Dist,
-          device: torch.device, autocast, optimizer) -> float:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all ranks."""
+          device: torch.device, autocast, optimizer, objective: Objective | None = None
+          ) -> tuple[float, float | None]:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all ranks
+    and, with an objective, the mean of its term (part of the loss)."""
     total = torch.zeros((), device=device)
+    extra_total = None
     for micro in range(settings.grad_accum):
         rows = np.asarray(data[batch_indices(len(data), step, micro, settings, ranks)])
         ids = torch.from_numpy(rows).to(device, non_blocking=True).long()
         # DDP and FSDP reduce gradients on every backward; only the last micro-batch needs it.
         sync = micro == settings.grad_accum - 1
         with gradient_sync(model, sync), autocast:
-            loss = model(input_ids=ids, labels=ids).loss / settings.grad_accum
+            outputs = model(input_ids=ids, labels=ids)
+            loss = outputs.loss
+            # Packed blocks have no padding, hence no attention mask.
+            extra = objective.extra_loss(outputs) if objective is not None else None
+            if extra is not None:
+                loss = loss + extra.to(loss.device)
+                extra_total = (0.0 if extra_total is None else extra_total) + extra.detach() / settings.grad_accum
+            loss = loss / settings.grad_accum
         loss.backward()
         total += loss.detach()
     if settings.grad_clip is not None:
@@ -252,7 +287,9 @@ def _step(model, data: Blocks, step: int, settings: TrainSettings, ranks: Dist,
     optimizer.zero_grad(set_to_none=True)
     if ranks.world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
-    return float(total)
+        if extra_total is not None:
+            dist.all_reduce(extra_total, op=dist.ReduceOp.AVG)
+    return float(total), None if extra_total is None else float(extra_total)
 
 
 def _optimizer(model: torch.nn.Module, settings: TrainSettings, fused: bool) -> torch.optim.AdamW:
