@@ -314,9 +314,13 @@ class CompareSettings(StrictModel):
     """Random seeds; each is a full branch-train-mix-finetune plus baselines from the same seed
     model (expert data order, router init, finetune data order change with it)."""
     eval_blocks: int = Field(default=64, gt=0)
-    """Held-out blocks per domain in the single-domain evaluation set."""
+    """Held-out blocks per domain in the single-domain evaluation set, drawn at random from all of
+    the domain's held-out blocks (all of them when it has fewer)."""
     mixed_blocks: int = Field(default=64, gt=0)
     """Blocks in the mixed-domain set, each spliced from 2-3 domains' held-out text."""
+    eval_seed: int = 20240311
+    """Fixes which held-out blocks both evaluation sets draw: the same for every model and every
+    random seed of a comparison (recorded in results.json under `eval_sets`)."""
     btm_top_k: list[int] = Field(default_factory=lambda: [1, 2])
     """Branch-Train-Merge ensembles to evaluate: top-k experts by domain posterior."""
     batch_size: int = Field(default=8, gt=0)
