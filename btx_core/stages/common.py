@@ -110,7 +110,7 @@ class TrainingRun:
         metrics = {"final_train_loss": result.final_loss, "heldout_loss": self.heldout_loss(model, data),
                    "steps": result.steps, "tokens": result.tokens, "resumed_from_step": result.resumed_from,
                    "flops_per_token": fpt, "train_flops": fpt * result.tokens,
-                   "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
+                   "wall_s": result.wall_s, "devices": self.ranks.world_size, "tokens_per_s": result.tokens_per_s,
                    "train_losses": result.losses, **metrics}
         with main_rank_first(self.ranks):  # one writer; the other ranks then read its manifest
             if self.ranks.is_main:
