@@ -261,6 +261,13 @@ def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
             assert r[f"{kind}-time"]["tokens"] == budgets[f"{kind}_time"] * r[f"{kind}-tokens"]["tokens"] // \
                 budgets[f"{kind}_tokens"]
     assert report["per_seed"][1]["run_name"] == f"{config.run_name}-seed1"
+    # Which held-out blocks every model was scored on, and the planned split of BTX's FLOPs.
+    sets = json.loads((tmp_path / "results.json").read_text())["eval_sets"]
+    assert sets["seed"] == config.compare.eval_seed and set(sets["single_block_indices"]) == {"math", "code"}
+    assert all(len(ix) == min(config.compare.eval_blocks, sets["heldout_blocks"][d])
+               for d, ix in sets["single_block_indices"].items())
+    assert len(sets["mixed_sources"]) == config.compare.mixed_blocks
+    assert 0 < report["planned_compute"]["expert_flop_share"] < 1
     assert report["summary"]["btx"]["average"]["n"] == 2
     claims = {c["claim"] for c in report["claims"]}
     assert "expert math beats the seed on math" in claims
