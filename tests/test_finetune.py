@@ -244,7 +244,7 @@ def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
     config = config.model_copy(update={"compare": config.compare.model_copy(update={"seeds": [0, 1]})})
     report = compare(config, out_dir=tmp_path)
     rows = {"seed", "expert:math", "expert:code", "btm-top1", "btm-top2", "btx-mix", "btx",
-            "upcycle-tokens", "upcycle-flops", "dense-tokens", "dense-flops"}
+            "upcycle-tokens", "upcycle-flops", "upcycle-time", "dense-tokens", "dense-flops", "dense-time"}
     assert set(report["summary"]) == rows and report["seeds"] == [0, 1]
     for seed, result in report["per_seed"].items():
         assert set(result["rows"]) == rows
@@ -254,7 +254,23 @@ def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
         r = result["rows"]
         assert r["upcycle-tokens"]["tokens"] == pytest.approx(r["btx"]["tokens"], rel=0.02)
         assert r["dense-flops"]["flops"] == pytest.approx(r["btx"]["flops"], rel=0.02)
+        # Device time: BTX's is its experts' plus its finetuning's, measured in this run; each
+        # time-matched baseline trains that many seconds over its own measured seconds per step.
+        assert budgets["btx_device_s"] == pytest.approx(r["btx"]["device_s"]) and r["btx"]["device_s"] > 0
+        assert r["btx"]["device_s"] > sum(r[f"expert:{d}"]["device_s"] for d in ("math", "code"))
+        for kind in ("upcycle", "dense"):
+            per_step = budgets[f"{kind}_step_s"]
+            assert budgets[f"{kind}_time"] == max(1, round(budgets["btx_device_s"] / per_step))
+            assert r[f"{kind}-time"]["tokens"] == budgets[f"{kind}_time"] * r[f"{kind}-tokens"]["tokens"] // \
+                budgets[f"{kind}_tokens"]
     assert report["per_seed"][1]["run_name"] == f"{config.run_name}-seed1"
+    # Which held-out blocks every model was scored on, and the planned split of BTX's FLOPs.
+    sets = json.loads((tmp_path / "results.json").read_text())["eval_sets"]
+    assert sets["seed"] == config.compare.eval_seed and set(sets["single_block_indices"]) == {"math", "code"}
+    assert all(len(ix) == min(config.compare.eval_blocks, sets["heldout_blocks"][d])
+               for d, ix in sets["single_block_indices"].items())
+    assert len(sets["mixed_sources"]) == config.compare.mixed_blocks
+    assert 0 < report["planned_compute"]["expert_flop_share"] < 1
     assert report["summary"]["btx"]["average"]["n"] == 2
     claims = {c["claim"] for c in report["claims"]}
     assert "expert math beats the seed on math" in claims

@@ -38,9 +38,10 @@ class DataSource(StrictModel):
 
     cross_check = checks.source_problems
 
-    builtin: Literal["code", "math", "knowledge", "general"] | None = None
+    builtin: Literal["code", "math", "knowledge", "prose", "general"] | None = None
     """A corpus shipped with btx (offline): `code` (Python stdlib source), `math` (generated
-    worked problems), `knowledge` (CIA World Factbook prose), `general` (a mixture of the three)."""
+    worked problems), `knowledge` (CIA World Factbook prose), `prose` (English prose from none of
+    those: the demo seed's corpus), `general` (a mixture of code, math and knowledge)."""
     path: str | None = None
     """Local path, glob or `s3://` URI of text, json/jsonl or parquet files (a file or a directory)."""
     hub: str | None = None
@@ -240,8 +241,9 @@ class SeedSpec(StrictModel):
     """Run code shipped with the model. Off: only transformers' own Llama/Mistral code runs."""
     create: TinyModelSpec | None = None
     """Create a tiny Llama with this shape and pretrain it on `pretrain_data`."""
-    pretrain_data: DataSource = Field(default_factory=lambda: DataSource(builtin="general"))
-    """Corpus for the tokenizer and pretraining of a created seed."""
+    pretrain_data: DataSource = Field(default_factory=lambda: DataSource(builtin="prose"))
+    """Corpus for the tokenizer and pretraining of a created seed, and the `general` part of the
+    finetuning mixture. The default shares nothing with the built-in domains, as BTX assumes."""
     pretrain: TrainSettings | None = None
     """Pretraining of a created seed (required with `create`)."""
     held_out_fraction: float = Field(default=HELD_OUT_FRACTION, gt=0, lt=1)
@@ -333,9 +335,13 @@ class CompareSettings(StrictModel):
     """Random seeds; each is a full branch-train-mix-finetune plus baselines from the same seed
     model (expert data order, router init, finetune data order change with it)."""
     eval_blocks: int = Field(default=64, gt=0)
-    """Held-out blocks per domain in the single-domain evaluation set."""
+    """Held-out blocks per domain in the single-domain evaluation set, drawn at random from all of
+    the domain's held-out blocks (all of them when it has fewer)."""
     mixed_blocks: int = Field(default=64, gt=0)
     """Blocks in the mixed-domain set, each spliced from 2-3 domains' held-out text."""
+    eval_seed: int = 20240311
+    """Fixes which held-out blocks both evaluation sets draw: the same for every model and every
+    random seed of a comparison (recorded in results.json under `eval_sets`)."""
     btm_top_k: list[int] = Field(default_factory=lambda: [1, 2])
     """Branch-Train-Merge ensembles to evaluate: top-k experts by domain posterior."""
     batch_size: int = Field(default=8, gt=0)

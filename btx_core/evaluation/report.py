@@ -17,8 +17,10 @@ LABELS = {
     "seed": "Seed (dense, no further training)",
     "dense-tokens": "Dense: seed trained on the mixture, token-matched",
     "dense-flops": "Dense: seed trained on the mixture, FLOP-matched",
+    "dense-time": "Dense: seed trained on the mixture, device-time-matched",
     "upcycle-tokens": "Sparse upcycling, token-matched",
     "upcycle-flops": "Sparse upcycling, FLOP-matched",
+    "upcycle-time": "Sparse upcycling, device-time-matched",
     "btx-mix": "BTX before MoE-finetuning (MiX only)",
     "btx": "**BTX** (MiX + MoE-finetune)",
 }
@@ -41,14 +43,15 @@ def _stats(values: Sequence[float]) -> dict:
 
 
 def aggregate(runs: Mapping[int, Mapping[str, Mapping]], domains: list[str]) -> dict:
-    """runs: seed -> row name -> {single: {domain: loss}, average, mixed, tokens, flops, wall_s}."""
+    """runs: seed -> row name -> {single: {domain: loss}, average, mixed, tokens, flops, wall_s,
+    device_s}."""
     names = list(dict.fromkeys(n for rows in runs.values() for n in rows))
     out = {}
     for name in names:
         rows = [rows[name] for rows in runs.values() if name in rows]
         metrics = {f"loss:{d}": [r.get("single", {}).get(d) for r in rows] for d in domains}
         metrics |= {f"mixed:{d}": [r.get("mixed_by_domain", {}).get(d) for r in rows] for d in domains}
-        for key in ("average", "mixed", "tokens", "flops", "wall_s"):
+        for key in ("average", "mixed", "tokens", "flops", "wall_s", "device_s"):
             metrics[key] = [r.get(key) for r in rows]
         out[name] = {k: _stats(v) for k, v in metrics.items()}
     return out
@@ -64,18 +67,21 @@ def _cell(stats: Mapping, digits: int = 3) -> str:
 
 def markdown_table(summary: Mapping, domains: list[str], seeds: Sequence[int]) -> str:
     """Table 2, small: held-out loss (nats/token, lower is better), mean ± std over seeds."""
-    head = ["Model", *domains, "Average", "Mixed-domain", "Train tokens", "Train FLOPs", "Wall (s)"]
+    head = ["Model", *domains, "Average", "Mixed-domain", "Train tokens", "Train FLOPs", "Device time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in summary.items():
         cells = [row_label(name), *(_cell(s[f"loss:{d}"]) for d in domains), _cell(s["average"]),
                  _cell(s["mixed"])]
-        tokens, flops, wall = s["tokens"]["mean"], s["flops"]["mean"], s["wall_s"]["mean"]
+        # Rows from before device time was recorded fall back to wall time (one device).
+        tokens, flops = s["tokens"]["mean"], s["flops"]["mean"]
+        wall = s.get("device_s", {}).get("mean") or s["wall_s"]["mean"]
         cells += [f"{tokens / 1e6:.2f}M" if tokens else "0", human_flops(flops or 0),
                   f"{wall:.0f}" if wall else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"Held-out loss in nats per token (lower is better), mean ± sample std over seeds "
             f"{', '.join(map(str, seeds))}. Training cost counts what each model trained after the "
-            "shared seed; BTM and MiX cost their experts' training.")
+            "shared seed; BTM and MiX cost their experts' training. Device time: each training stage's "
+            "wall time x the devices it ran on, measured in this run (the paper's GPU-days).")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -99,7 +105,8 @@ def claims(runs: Mapping[int, Mapping[str, Mapping]], domains: list[str]) -> lis
     for d in domains:
         checks.append((f"BTX beats the seed on {d}", "btx", "seed", f"loss:{d}"))
     for metric, where in (("average", "average over domains"), ("mixed", "mixed-domain set")):
-        for other in ("upcycle-flops", "upcycle-tokens", "dense-flops", "dense-tokens",
+        for other in ("upcycle-flops", "upcycle-tokens", "upcycle-time", "dense-flops", "dense-tokens",
+                      "dense-time",
                       *sorted(n for n in next(iter(runs.values())) if n.startswith("btm-top"))):
             checks.append((f"BTX beats {row_label(other)} ({where})", "btx", other, metric))
     for d in domains:

@@ -2,21 +2,39 @@
 held-out sets, the losses they give, where an MoE routes each domain's tokens, and the
 Branch-Train-Merge ensemble of dense experts computed from the experts' own log-probabilities.
 
-- Single-domain set: each domain's first `eval_blocks` held-out blocks.
-- Mixed-domain set: blocks spliced from 2-3 domains' held-out text (a segment of each), every token
-  labelled with its domain. There, token-level routing (BTX) and a sequence-level ensemble (BTM),
-  whose domain posterior lags behind each switch, really differ.
+- Single-domain set: `eval_blocks` of each domain's held-out blocks, drawn at random without
+  replacement from all of them. Held-out blocks are packed in corpus order, so a prefix is the
+  first few documents: in the built-in `code` corpus, mostly two generated character-map tables.
+- Mixed-domain set: blocks spliced from 2-3 domains' held-out text (a segment of a random block of
+  each), every token labelled with its domain. There, token-level routing (BTX) and a
+  sequence-level ensemble (BTM), whose domain posterior lags behind each switch, really differ.
+
+Both are fixed by one seed (`compare.eval_seed`): every model and every random seed of a
+comparison is scored on the same blocks, and `EvalSets.describe` records which.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-EVAL_SEED = 20240311  # fixes the mixed-domain set: every model and every random seed sees the same
+EVAL_SEED = 20240311  # the default of `compare.eval_seed`
+
+
+@dataclass(frozen=True)
+class MixedSegment:
+    """Tokens [start, end) of a spliced block: tokens [offset, offset + end - start) of held-out
+    block `block` of domain `domain`."""
+
+    domain: str
+    block: int
+    offset: int
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -28,33 +46,61 @@ class EvalSets:
     """Spliced blocks [m, T]."""
     mixed_labels: np.ndarray
     """Domain index of every token of `mixed` [m, T]."""
+    single_blocks: dict[str, list[int]] = field(default_factory=dict)
+    """Domain -> the index of each block of `single` among that domain's held-out blocks."""
+    mixed_sources: list[list[MixedSegment]] = field(default_factory=list)
+    """Per spliced block, where each of its segments comes from."""
+    seed: int = EVAL_SEED
+    heldout_blocks: dict[str, int] = field(default_factory=dict)
+    """Domain -> how many held-out blocks the sample was drawn from."""
+    data: dict[str, str] = field(default_factory=dict)
+    """Domain -> content id of the prepared data the blocks index (when known)."""
 
     def describe(self) -> dict:
+        """Sizes, the seed, and which held-out blocks make up each set (for results files)."""
         return {"single_blocks": {d: len(b) for d, b in self.single.items()},
-                "mixed_blocks": len(self.mixed), "seq_len": int(self.mixed.shape[1]) if len(self.mixed) else 0}
+                "mixed_blocks": len(self.mixed), "seq_len": int(self.mixed.shape[1]) if len(self.mixed) else 0,
+                "seed": self.seed, "heldout_blocks": dict(self.heldout_blocks), "data": dict(self.data),
+                "single_block_indices": {d: list(ix) for d, ix in self.single_blocks.items()},
+                "mixed_sources": [[[s.domain, s.block, s.offset, s.start, s.end] for s in row]
+                                  for row in self.mixed_sources]}
 
 
-def build_eval_sets(heldout: dict[str, np.ndarray], *, eval_blocks: int, mixed_blocks: int,
-                    seed: int = EVAL_SEED) -> EvalSets:
-    """Both held-out sets from each domain's held-out blocks [n, T]."""
+def sample_blocks(available: int, wanted: int, seed: int, domain: str) -> np.ndarray:
+    """`wanted` distinct block indices out of `available` (all of them if fewer), drawn uniformly
+    with a generator keyed on the seed and the domain's name (adding a domain changes no other
+    domain's sample), in increasing order."""
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
+    return np.sort(rng.choice(available, size=min(wanted, available), replace=False))
+
+
+def build_eval_sets(heldout: dict, *, eval_blocks: int, mixed_blocks: int, seed: int = EVAL_SEED) -> EvalSets:
+    """Both held-out sets from each domain's held-out blocks [n, T] (arrays or lazy shards: only
+    the sampled blocks are read)."""
     domains = list(heldout)
-    single = {d: np.asarray(b[:eval_blocks]) for d, b in heldout.items()}
+    picks = {d: sample_blocks(len(b), eval_blocks, seed, d) for d, b in heldout.items()}
+    single = {d: np.asarray(b[picks[d]]) for d, b in heldout.items()}
     seq_len = next(iter(heldout.values())).shape[1]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, len(domains)])
     mixed = np.zeros((mixed_blocks if len(domains) > 1 else 0, seq_len), dtype=np.int64)
     labels = np.zeros_like(mixed)
+    sources = []
     for row in range(len(mixed)):
         parts = rng.choice(len(domains), size=min(len(domains), int(rng.integers(2, 4))), replace=False)
         # Cut points at least a quarter block from each other, so every segment has context.
         cuts = np.sort(rng.choice(np.arange(1, 4), size=len(parts) - 1, replace=False)) * seq_len // 4
         bounds = [0, *cuts.tolist(), seq_len]
+        segments = []
         for part, start, end in zip(parts, bounds, bounds[1:]):
             source = heldout[domains[part]]
-            block = source[int(rng.integers(len(source)))]
+            index = int(rng.integers(len(source)))  # any held-out block of the domain
             offset = int(rng.integers(0, seq_len - (end - start) + 1))
-            mixed[row, start:end] = block[offset:offset + end - start]
+            mixed[row, start:end] = np.asarray(source[index])[offset:offset + end - start]
             labels[row, start:end] = part
-    return EvalSets(domains, single, mixed, labels)
+            segments.append(MixedSegment(domains[part], index, offset, start, end))
+        sources.append(segments)
+    return EvalSets(domains, single, mixed, labels, {d: p.tolist() for d, p in picks.items()}, sources, seed,
+                    {d: len(b) for d, b in heldout.items()})
 
 
 # --- one model ------------------------------------------------------------------------------------

@@ -2,9 +2,16 @@
 several random seeds (the BTX paper's Table 2, small).
 
 Per random seed: seed -> experts -> MiX -> MoE-finetune (BTX); sparse upcycling and the dense
-baseline finetuned on the same mixture with budgets matched to BTX's training after the seed, once
-in tokens and once in FLOPs; the BTM ensemble of the experts; all evaluated on the same held-out
-sets. Every stage is a store output, so a rerun (or a run after `btx run`) reuses what exists.
+baseline finetuned on the same mixture with budgets matched to BTX's training after the seed three
+ways: in tokens, in FLOPs, and in measured device time (each stage's wall time x devices, the
+paper's GPU-days); the BTM ensemble of the experts; all evaluated on the same held-out sets.
+
+Device time is matched from measurements of the same run: BTX's is its experts' and its
+finetuning's; a baseline's seconds per step come from its token- and FLOP-matched runs (same model,
+recipe and machine), and its time-matched run gets BTX's device time divided by that. On a shared
+machine wall times are noisy, so each time-matched row reports the device time it really took.
+Stages run one after another here; experts trained concurrently on shared cores (the Prefect flow)
+would each measure the contention too. Every stage is a store output, so a rerun (or a run after `btx run`) reuses what exists.
 The seed model is shared by all random seeds, as in the paper (a given pretrained LLM); a seed
 other than the config's own runs as `<run_name>-seed<r>`, which imports that seed model.
 """
@@ -37,10 +44,18 @@ from btx_core.stages.mix import mix_stage
 from btx_core.stages.seed import build_seed
 from btx_core.store import layout
 from btx_core.store.core import Store
-from btx_core.training.compute import StageCompute, flops_per_token, matched_budgets
+from btx_core.training.compute import (
+    StageCompute,
+    device_seconds,
+    flops_per_token,
+    matched_budgets,
+    time_matched,
+)
 
 log = logging.getLogger(__name__)
-BASELINES = ("upcycle-tokens", "upcycle-flops", "dense-tokens", "dense-flops")
+BASELINES = ("upcycle-tokens", "upcycle-flops", "upcycle-time", "dense-tokens", "dense-flops", "dense-time")
+# Trained first: their measured seconds per step size the time-matched runs.
+MEASURED = ("upcycle-tokens", "upcycle-flops", "dense-tokens", "dense-flops")
 StageCallback = Callable[[str], None]
 
 
@@ -56,6 +71,29 @@ def seed_config(config: BTXConfig, seed: int) -> BTXConfig:
         "run_name": f"{config.run_name}-seed{seed}", "seed": shared,
         "expert_training": config.expert_training.model_copy(update={"seed": seed}),
         "finetune": ft.model_copy(update={"training": ft.training.model_copy(update={"seed": seed})})})
+
+
+def planned_compute(config: BTXConfig) -> dict | None:
+    """BTX's training FLOPs after the seed as the config plans them, and the experts' share (the
+    paper's Table 3: 77 % experts, 23 % MoE-finetuning), for a created seed (its shape is in the
+    config; None for an imported one). Counts planned steps; the vocabulary is the configured
+    size, which the trained tokenizer reaches on any corpus of the demo's size."""
+    spec, ft = config.seed.create, settings_of(config)
+    if spec is None:
+        return None
+    dense = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+             "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
+             "num_key_value_heads": spec.num_kv_heads, "vocab_size": spec.vocab_size}
+    experts = len(config.domains) + config.mix.include_seed
+    top_k = experts if ft.routing == "soft" else (ft.top_k or config.mix.top_k)
+    moe = {**dense, "num_local_experts": experts, "num_experts_per_tok": top_k}
+    et, tt = config.expert_training, ft.training
+    expert_tokens = len(config.domains) * et.total_steps() * et.global_tokens_per_step()
+    finetune_tokens = tt.total_steps() * tt.global_tokens_per_step()
+    expert_flops = expert_tokens * flops_per_token(dense, et.seq_len)
+    finetune_flops = finetune_tokens * flops_per_token(moe, tt.seq_len)
+    return {"expert_tokens": expert_tokens, "finetune_tokens": finetune_tokens, "expert_flops": expert_flops,
+            "finetune_flops": finetune_flops, "expert_flop_share": expert_flops / (expert_flops + finetune_flops)}
 
 
 # --- one random seed -------------------------------------------------------------------------------
@@ -83,9 +121,17 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
     budgets = matched_budgets([*expert_cost, btx_cost], tokens_per_step=ft.tokens_per_step,
                               dense_fpt=flops_per_token(seed_cfg, ft.seq_len), moe_fpt=btx.metrics["flops_per_token"])
     trained = {"btx": btx}
-    for name in BASELINES:
+    for name in MEASURED:
         stage(f"finetune {name}")
         trained[name] = finetune(config, name.split("-")[0], steps=budgets.steps(name), name=name).manifest
+    experts_device = sum(device_seconds(m.metrics) for m in experts.values())
+    budgets = time_matched(budgets, experts_device + device_seconds(btx.metrics),
+                           upcycle_step_s=_step_seconds(trained, "upcycle"),
+                           dense_step_s=_step_seconds(trained, "dense"))
+    for name in ("upcycle-time", "dense-time"):
+        stage(f"finetune {name}")
+        trained[name] = finetune(config, name.split("-")[0], steps=budgets.steps(name), name=name).manifest
+    trained = {name: trained[name] for name in ("btx", *BASELINES)}
 
     experts_tokens = sum(c.tokens for c in expert_cost)
     experts_flops = sum(c.flops for c in expert_cost)
@@ -94,31 +140,39 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
     scores: dict[str, ModelScores] = {}
     stage("evaluate")
     scores["seed"] = score_location(config, layout.seed_model(config), sets)
-    rows["seed"] = {**scores["seed"].losses(), "tokens": 0, "flops": 0.0, "wall_s": 0.0}
+    rows["seed"] = {**scores["seed"].losses(), "tokens": 0, "flops": 0.0, "wall_s": 0.0, "device_s": 0.0}
     for (d, manifest), cost in zip(experts.items(), expert_cost):
         scores[f"expert:{d}"] = score_location(config, layout.expert_model(config, d), sets)
         rows[f"expert:{d}"] = {**scores[f"expert:{d}"].losses(), "tokens": cost.tokens, "flops": cost.flops,
-                               "wall_s": manifest.metrics["wall_s"]}
+                               "wall_s": manifest.metrics["wall_s"], "device_s": device_seconds(manifest.metrics)}
     ensemble = [scores[f"expert:{d.name}"] for d in config.domains]
     if config.mix.include_seed:
         ensemble.append(scores["seed"])  # the same experts as BTX's MoE: the seed as a generalist
+    experts_cost = {"tokens": experts_tokens, "flops": experts_flops, "wall_s": experts_wall,
+                    "device_s": experts_device}
     for k in config.compare.btm_top_k:
-        rows[f"btm-top{k}"] = {**btm_scores(ensemble, k).losses(), "tokens": experts_tokens,
-                               "flops": experts_flops, "wall_s": experts_wall}
+        rows[f"btm-top{k}"] = {**btm_scores(ensemble, k).losses(), **experts_cost}
     routing = {}
     mix_scores = score_location(config, layout.mix_model(config), sets)
-    rows["btx-mix"] = {**mix_scores.losses(), "tokens": experts_tokens, "flops": experts_flops,
-                       "wall_s": experts_wall}
+    rows["btx-mix"] = {**mix_scores.losses(), **experts_cost}
     routing["btx-mix"] = mix_scores.routing
     for name, manifest in trained.items():
         result = score_location(config, layout.trained_model(config, name), sets)
-        extra = (experts_tokens, experts_flops, experts_wall) if name == "btx" else (0, 0.0, 0.0)
-        rows[name] = {**result.losses(), "tokens": manifest.metrics["tokens"] + extra[0],
-                      "flops": manifest.metrics["tokens"] * manifest.metrics["flops_per_token"] + extra[1],
-                      "wall_s": manifest.metrics["wall_s"] + extra[2]}
+        extra = experts_cost if name == "btx" else {"tokens": 0, "flops": 0.0, "wall_s": 0.0, "device_s": 0.0}
+        rows[name] = {**result.losses(), "tokens": manifest.metrics["tokens"] + extra["tokens"],
+                      "flops": manifest.metrics["tokens"] * manifest.metrics["flops_per_token"] + extra["flops"],
+                      "wall_s": manifest.metrics["wall_s"] + extra["wall_s"],
+                      "device_s": device_seconds(manifest.metrics) + extra["device_s"]}
         if result.routing:
             routing[name] = result.routing
     return {"rows": rows, "routing": routing, "budgets": budgets.to_dict(), "run_name": config.run_name}
+
+
+def _step_seconds(trained: dict, kind: str) -> float:
+    """Measured device-seconds per finetuning step of `kind` (upcycle, dense): over its token- and
+    FLOP-matched runs together."""
+    runs = [trained[f"{kind}-{match}"].metrics for match in ("tokens", "flops")]
+    return sum(device_seconds(m) for m in runs) / sum(m["steps"] for m in runs)
 
 
 # --- the whole comparison --------------------------------------------------------------------------
@@ -153,6 +207,7 @@ def finish_compare(config: BTXConfig, per_seed: dict[int, dict], *, wall_s: floa
     report = {"run_name": config.run_name, "seeds": list(per_seed), "domains": domains,
               "eval_sets": (sets or eval_sets(config)).describe(), "summary": aggregate(runs, domains),
               "claims": claims(runs, domains), "per_seed": per_seed, "wall_s": wall_s,
+              "planned_compute": planned_compute(config),
               "config": config.model_dump(mode="json")}
     with tempfile.TemporaryDirectory(prefix="btx-compare-") as tmp:
         files = write_report(report, Path(tmp))

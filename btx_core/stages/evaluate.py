@@ -4,6 +4,7 @@ ensembles, the MiX output and BTX, recorded in the store."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import tempfile
@@ -19,20 +20,23 @@ from btx_core.store.outputs import STAGE_FORMAT, StageOutput
 
 
 def eval_sets(config: BTXConfig) -> EvalSets:
-    """The held-out sets of a run: its domains' held-out blocks, packed as the experts were trained."""
+    """The held-out sets of a run: blocks sampled (seed `compare.eval_seed`) from its domains'
+    held-out blocks, packed as the experts were trained; the same for every model of the run."""
     store, cache = open_store(config), cache_dir(config)
     seed_location = layout.seed_model(config)
     seed = store.read_manifest(seed_location)
     settings = config.expert_training
-    heldout = {}
+    heldout, data = {}, {}
     for d in config.domains:
         prepared = ensure_prepared(config, store, d.data, tokenizer=tokenizer_id(seed),
                                    tokenizer_dir=lambda: store.fetch(seed_location, cache),
                                    seq_len=settings.seq_len, held_out_fraction=d.held_out_fraction,
                                    cache_dir=cache)
         heldout[d.name] = prepared.load(store, cache).heldout
-    return build_eval_sets(heldout, eval_blocks=config.compare.eval_blocks,
-                           mixed_blocks=config.compare.mixed_blocks)
+        data[d.name] = prepared.content_id
+    sets = build_eval_sets(heldout, eval_blocks=config.compare.eval_blocks,
+                           mixed_blocks=config.compare.mixed_blocks, seed=config.compare.eval_seed)
+    return dataclasses.replace(sets, data=data)
 
 
 def _model_dir(config: BTXConfig, location: str) -> Path:

