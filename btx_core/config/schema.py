@@ -129,8 +129,11 @@ class TrainSettings(StrictModel):
     micro-batch, split evenly over the branch's processes."""
     grad_accum: int = Field(default=1, gt=0)
     """Micro-batches accumulated per optimizer step."""
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """`bf16`: bf16 autocast over fp32 weights (CPU with AMX, CUDA); `fp32`: full precision."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`bf16`: bf16 autocast over fp32 weights; `fp32`: full precision; `auto`: bf16 where the
+    device computes it natively (CUDA GPUs from Ampere on, CPUs with AMX or AVX512-BF16, Arm CPUs
+    with BF16), fp32 elsewhere. On a CPU without it (e.g. AVX2 only) bf16 is emulated and several
+    times slower than fp32. The precision used is recorded in each stage's manifest."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when available."""
     seed: int = 0

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from btx_core.training.distributed import resolve_precision
+
 EVAL_SEED = 20240311  # the default of `compare.eval_seed`
 
 
@@ -144,7 +146,7 @@ class RoutingCounts:
 
 
 @torch.no_grad()
-def token_logprobs(model, blocks: np.ndarray, *, batch_size: int, precision: str = "bf16",
+def token_logprobs(model, blocks: np.ndarray, *, batch_size: int, precision: str = "auto",
                    labels: np.ndarray | None = None, routing: RoutingCounts | None = None) -> np.ndarray:
     """log p(x_{t+1} | x_<=t) of every next token [n, T-1] (float32). With `routing`, an MoE's
     router choices are counted per token label (the label of the token being routed)."""
@@ -152,7 +154,8 @@ def token_logprobs(model, blocks: np.ndarray, *, batch_size: int, precision: str
     was_training = model.training
     model.eval()
     out = np.zeros((len(blocks), max(blocks.shape[1] - 1, 0)), dtype=np.float32)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if resolve_precision(precision, device) == "bf16"
                 else contextlib.nullcontext())
     moe = getattr(model.config, "num_experts", None) is not None  # every MoE config maps this name
     try:
@@ -193,7 +196,7 @@ class ModelScores:
         return result
 
 
-def score_model(model, sets: EvalSets, *, batch_size: int, precision: str = "bf16") -> ModelScores:
+def score_model(model, sets: EvalSets, *, batch_size: int, precision: str = "auto") -> ModelScores:
     """Per-token log-probs on both sets; for an MoE also the routing of every domain's tokens
     (single-domain set) and of each segment's domain in the mixed set."""
     config = model.config

@@ -112,6 +112,7 @@ class TrainingRun:
                    "steps": result.steps, "tokens": result.tokens, "resumed_from_step": result.resumed_from,
                    "flops_per_token": fpt, "train_flops": fpt * result.tokens,
                    "wall_s": result.wall_s, "devices": self.ranks.world_size, "tokens_per_s": result.tokens_per_s,
+                   "precision": result.precision,
                    "train_losses": result.losses, **metrics}
         if result.final_extra_loss is not None:  # MoE finetuning: the paper's load-balancing loss
             metrics["final_load_balancing_loss"] = result.final_extra_loss

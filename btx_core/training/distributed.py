@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
+import platform
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from btx_core.errors import BTXError
+
+log = logging.getLogger(__name__)
 
 BARRIER_TIMEOUT = timedelta(hours=2)
 
@@ -51,6 +56,33 @@ def main_rank_first(ranks: Dist):
     yield
     if ranks.world_size > 1 and ranks.is_main:
         dist.barrier()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively (else autocast to bf16 is emulated, and slow)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        with contextlib.suppress(OSError):
+            return " bf16" in Path("/proc/cpuinfo").read_text()
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+_warned_emulated = False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> `bf16` where `device` computes it natively, else `fp32`; an explicit `bf16`
+    stays (with one warning per process where it is emulated)."""
+    global _warned_emulated
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not native_bf16(device) and not _warned_emulated:
+        _warned_emulated = True
+        log.warning("precision: bf16 on a CPU without native bf16 (no AMX or AVX512-BF16): torch "
+                    "emulates it, several times slower than fp32. Use `precision: auto` or `fp32`.")
+    return precision
 
 
 def pick_device(setting: str, ranks: Dist, precision: str = "fp32") -> torch.device:

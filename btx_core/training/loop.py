@@ -39,6 +39,7 @@ from btx_core.training.distributed import (
     main_rank_first,
     optimizer_loader,
     pick_device,
+    resolve_precision,
     shard,
     wrap_ddp,
 )
@@ -82,6 +83,8 @@ class TrainResult:
     tokens_per_s: float
     final_extra_loss: float | None = None
     """The objective's term, averaged like `final_loss` over the steps this process trained."""
+    precision: str = "fp32"
+    """The precision trained in (`auto` resolved for the device)."""
 
 
 class Objective(Protocol):
@@ -241,7 +244,8 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
                        final_loss=sum(recent) / len(recent) if recent else math.nan,
                        losses=list(state.losses), resumed_from=resumed_from, wall_s=wall,
                        tokens_per_s=trained_tokens / wall if wall > 0 else 0.0,
-                       final_extra_loss=_mean(extra_losses[-FINAL_LOSS_WINDOW:]))
+                       final_extra_loss=_mean(extra_losses[-FINAL_LOSS_WINDOW:]),
+                       precision=resolve_precision(settings.precision, device))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -302,7 +306,7 @@ def _optimizer(model: torch.nn.Module, settings: TrainSettings, fused: bool) -> 
 
 
 def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
