@@ -1,27 +1,34 @@
-"""S3 transfer speed: the store's parallel transfers vs single-stream s3fs, same files, same server.
+"""S3 transfer speed: single-stream s3fs, s3fs tuned by hand, and the store's transfers; same files, one run.
 
-    .venv/bin/python bench/s3_transfer.py [--files 4] [--mb 64] [--rounds 3] [--json FILE]
+    PYTHONPATH=. .venv/bin/python bench/s3_transfer.py [--server moto|s3rver] [--files 4] [--mb 64]
+        [--rounds 5] [--json FILE]
 
-Starts a moto S3 server (its own process) on 127.0.0.1, writes `--files` checkpoint-like shards
-of `--mb` MB random bytes, and times, in alternating order within each round:
+Starts an S3 server on 127.0.0.1 (`moto`: `python -m moto.server`, one Python process; or
+`s3rver`: the Node.js fake S3, `npm install --prefix /tmp/s3rver s3rver@3.7.1`, path given by
+`--s3rver-bin`), writes `--files` checkpoint-like shards of `--mb` MB random bytes, and times:
 
 - single: s3fs with default settings, one file at a time (`fs.put_file`, then `fs.get_file`);
-- store: what `Store.write_dir` and `Store.fetch` move files with (`btx_core.store.transfer`'s
-  `put_files`/`get_files` with the `Store.transfer` defaults: several files at once, each file
-  of two parts or more in parallel parts: multipart upload, ranged download);
+- s3fs: what a user would write with s3fs alone, tuned: one batched `fs.put(lpaths, rpaths)` /
+  `fs.get(rpaths, lpaths)` with `batch_size` = all the files, `chunksize` and `max_concurrency`
+  chosen by a grid search run first on the same server (the best setting for each direction is
+  kept), and botocore's adaptive retry mode (`config_kwargs={"retries": {"mode": "adaptive"}}`);
+- store: what `Store.write_dir` and `Store.fetch` move files with
+  (`btx_core.store.transfer.put_files`/`get_files` with the `Store.transfer` defaults);
 - store+hash: `Store.write_dir` and `Store.fetch` themselves (also sha256 of every file, the size
   listing, the manifest; fetch checks every hash), for what a stage really pays.
 
-Reports medians over rounds and the single / store ratio of the medians. Every download is
-checked byte for byte against its source.
+The sides run in alternating order within each round. Reports medians over rounds and ratios of
+the medians. Every download is checked byte for byte against its source.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -31,7 +38,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-SIDES = ("single", "store", "store+hash")
+SIDES = ("single", "s3fs", "store", "store+hash")
+MIB = 2**20
+# The grid a user tuning s3fs would try: parts of 8 MiB (the AWS CLI's), 32 MiB (the store's),
+# 64 MiB (one request for these files), with 1, 2 or 8 requests per file.
+GRID_CHUNK_MIB = (8, 32, 64)
+GRID_CONCURRENCY = (1, 2, 8)
+ADAPTIVE = {"retries": {"mode": "adaptive", "max_attempts": 10}}
 
 
 def free_port() -> int:
@@ -40,18 +53,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_moto(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_server(kind: str, port: int, s3rver_bin: str, data_dir: Path) -> subprocess.Popen:
+    if kind == "moto":
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        probe = f"http://127.0.0.1:{port}/moto-api/"
+    else:
+        data_dir.mkdir()
+        cmd = [s3rver_bin, "-d", str(data_dir), "-a", "127.0.0.1", "-p", str(port), "--silent",
+               "--allow-mismatched-signatures", "--no-vhost-buckets"]
+        probe = f"http://127.0.0.1:{port}/"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+            urllib.request.urlopen(probe, timeout=1)
+            return proc
+        except urllib.error.HTTPError:  # answering, if only to refuse an unsigned request
             return proc
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("moto server did not start within 60 s")
+    raise RuntimeError(f"{kind} server did not start within 60 s")
 
 
 def timed(fn) -> float:
@@ -62,85 +84,103 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", choices=("moto", "s3rver"), default="moto")
+    parser.add_argument("--s3rver-bin", default="/tmp/s3rver/node_modules/.bin/s3rver")
     parser.add_argument("--files", type=int, default=4, help="shard files per transfer")
     parser.add_argument("--mb", type=int, default=64, help="size of each shard, MB (10^6 bytes)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the raw measurements here")
     args = parser.parse_args()
 
     port = free_port()
-    os.environ.update(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="S3RVER",
+                      AWS_SECRET_ACCESS_KEY="S3RVER", AWS_DEFAULT_REGION="us-east-1")
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         os.environ.pop(name, None)
     import boto3
-    import fsspec
+    from s3fs import S3FileSystem
 
     from btx_core.store.core import Store
     from btx_core.store.transfer import get_files, put_files
 
     load = os.getloadavg()[0]
-    server = start_moto(port)
-    try:
-        boto3.client("s3").create_bucket(Bucket="btx-bench")
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)  # s3fs defaults
-        store = Store("s3://btx-bench/store", storage_options={"skip_instance_cache": True})
-        with tempfile.TemporaryDirectory(prefix="btx-s3bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="btx-s3bench-") as tmp:
+        server = start_server(args.server, port, args.s3rver_bin, Path(tmp, "server"))
+        try:
+            boto3.client("s3").create_bucket(Bucket="btx-bench")
+            single = S3FileSystem(skip_instance_cache=True)  # s3fs defaults
+            tuned = S3FileSystem(skip_instance_cache=True, config_kwargs=ADAPTIVE)
+            store = Store("s3://btx-bench/store", storage_options={"skip_instance_cache": True})
             src = Path(tmp, "src")
             src.mkdir()
             names = [f"model-{i + 1:05d}-of-{args.files:05d}.safetensors" for i in range(args.files)]
             for name in names:
                 (src / name).write_bytes(os.urandom(args.mb * 10**6))
             total = args.files * args.mb * 10**6
+            settings = {"up": {}, "down": {}}
 
             def check(dest: Path) -> None:
                 for name in names:
                     if (dest / name).read_bytes() != (src / name).read_bytes():
                         raise RuntimeError(f"{dest / name} differs from its source")
 
-            def run(side: str, r: int) -> tuple[float, float]:
-                dest = Path(tmp, f"{side}-{r}")
+            def run(side: str, tag: str, options: dict | None = None) -> tuple[float, float]:
+                dest = Path(tmp, f"{side}-{tag}")
                 dest.mkdir()
-                remote = f"btx-bench/{side}-{r}"
-                pairs_up = [(str(src / n), f"{remote}/{n}") for n in names]
-                pairs_down = [(f"{remote}/{n}", str(dest / n)) for n in names]
+                remote = f"btx-bench/{side}-{tag}"
+                lpaths_up, rpaths = [str(src / n) for n in names], [f"{remote}/{n}" for n in names]
+                lpaths_down = [str(dest / n) for n in names]
                 if side == "single":
-                    up = timed(lambda: [fs.put_file(a, b) for a, b in pairs_up])
-                    down = timed(lambda: [fs.get_file(a, b) for a, b in pairs_down])
+                    up = timed(lambda: [single.put_file(a, b) for a, b in zip(lpaths_up, rpaths)])
+                    down = timed(lambda: [single.get_file(a, b) for a, b in zip(rpaths, lpaths_down)])
+                elif side == "s3fs":
+                    up_kw, down_kw = (options, options) if options else (settings["up"], settings["down"])
+                    up = timed(lambda: tuned.put(lpaths_up, rpaths, batch_size=len(names), **up_kw))
+                    down = timed(lambda: tuned.get(rpaths, lpaths_down, batch_size=len(names), **down_kw))
                 elif side == "store":
-                    up = timed(lambda: put_files(store.fs, pairs_up, store.transfer))
+                    up = timed(lambda: put_files(store.fs, list(zip(lpaths_up, rpaths)), store.transfer))
                     sizes = [args.mb * 10**6] * len(names)  # fetch takes them from the manifest
-                    down = timed(lambda: get_files(store.fs, pairs_down, sizes, store.transfer))
+                    down = timed(lambda: get_files(store.fs, list(zip(rpaths, lpaths_down)), sizes,
+                                                   store.transfer))
                 else:
-                    location = store.child(f"hash-{r}")
+                    location = store.child(f"hash-{tag}")
                     up = timed(lambda: store.write_dir(src, location, stage="bench", config_hash="x"))
                     got = []
                     down = timed(lambda: got.append(store.fetch(location, dest)))
                     dest = got[0]
                 check(dest)
-                fs.rm(remote if side != "store+hash" else store._path(location), recursive=True)
-                for path in Path(tmp, f"{side}-{r}").rglob("*"):
-                    if path.is_file():
-                        path.unlink()  # keep the scratch disk small
+                single.rm(remote if side != "store+hash" else store._path(location), recursive=True)
+                shutil.rmtree(Path(tmp, f"{side}-{tag}"))  # keep the scratch disk small
                 return up, down
 
-            run("single", -1), run("store", -1)  # warm-up: connections, imports, moto's first bucket use
+            run("single", "warm"), run("store", "warm")  # connections, imports, the first bucket use
+            grid = []
+            for chunk, conc in itertools.product(GRID_CHUNK_MIB, GRID_CONCURRENCY):
+                options = {"chunksize": chunk * MIB, "max_concurrency": conc}
+                up, down = run("s3fs", f"grid-{chunk}-{conc}", options)
+                grid.append((options, up, down))
+                print(f"grid chunksize {chunk:2d} MiB, max_concurrency {conc}: up {up:6.2f} s  "
+                      f"down {down:6.2f} s", file=sys.stderr)
+            settings["up"] = min(grid, key=lambda g: g[1])[0]
+            settings["down"] = min(grid, key=lambda g: g[2])[0]
+            print(f"tuned s3fs: up {settings['up']}, down {settings['down']}", file=sys.stderr)
+
             results: dict[str, dict[str, list[float]]] = {s: {"up": [], "down": []} for s in SIDES}
             for r in range(args.rounds):
-                order = SIDES if r % 2 == 0 else SIDES[::-1]
-                for side in order:
-                    up, down = run(side, r)
+                for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                    up, down = run(side, str(r))
                     results[side]["up"].append(up)
                     results[side]["down"].append(down)
                     print(f"round {r + 1} {side:>10}: up {up:6.2f} s ({total / up / 1e6:6.1f} MB/s)  "
                           f"down {down:6.2f} s ({total / down / 1e6:6.1f} MB/s)", file=sys.stderr)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
     med = {s: {d: statistics.median(v) for d, v in results[s].items()} for s in SIDES}
-    print(f"\n{args.files} x {args.mb} MB, {args.rounds} rounds, {platform.machine()}, "
-          f"{len(os.sched_getaffinity(0))} cores, load {load:.1f} at start\n")
+    print(f"\n{args.server}: {args.files} x {args.mb} MB, {args.rounds} rounds, {platform.machine()}, "
+          f"{len(os.sched_getaffinity(0))} cores, load {load:.1f} at start")
+    print(f"tuned s3fs settings (grid search): up {settings['up']}, down {settings['down']}\n")
     print("| side | upload s | upload MB/s | download s | download MB/s | per-round up s | per-round down s |")
     print("|---|---:|---:|---:|---:|---|---|")
     for s in SIDES:
@@ -148,12 +188,13 @@ def main() -> None:
         print(f"| {s} | {m['up']:.2f} | {total / m['up'] / 1e6:.0f} | {m['down']:.2f} | "
               f"{total / m['down'] / 1e6:.0f} | {', '.join(f'{x:.2f}' for x in results[s]['up'])} | "
               f"{', '.join(f'{x:.2f}' for x in results[s]['down'])} |")
-    for s in SIDES[1:]:
-        print(f"\nsingle / {s}: upload {med['single']['up'] / med[s]['up']:.2f}x, download "
-              f"{med['single']['down'] / med[s]['down']:.2f}x, both "
-              f"{sum(med['single'].values()) / sum(med[s].values()):.2f}x")
+    print("\n| ratio of medians (time of a / time of b) | upload | download |")
+    print("|---|---:|---:|")
+    for a, b in (("single", "s3fs"), ("single", "store"), ("s3fs", "store"), ("single", "store+hash")):
+        print(f"| {a} / {b} | {med[a]['up'] / med[b]['up']:.2f}x | {med[a]['down'] / med[b]['down']:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "settings": settings, "grid": grid,
+                                               "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -497,9 +497,9 @@ def test_unreachable_endpoint_is_a_store_error(tmp_path, monkeypatch):
 def test_store_transfer_in_the_config_sets_the_policy_and_defaults_match(tmp_path):
     import yaml
 
+    from btx_core.config.execution import TransferPolicy
     from btx_core.config.schema import BTXConfig
     from btx_core.stages.common import open_store
-    from btx_core.store.transfer import TransferPolicy
 
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())
     raw["store"] = str(tmp_path / "store")
@@ -508,4 +508,7 @@ def test_store_transfer_in_the_config_sets_the_policy_and_defaults_match(tmp_pat
     raw["store_transfer"] = {"files_at_once": 2, "connections": 16, "part_size_mib": 64, "attempts": 3}
     policy = open_store(BTXConfig.model_validate(raw)).transfer
     assert policy == TransferPolicy(files_at_once=2, connections=16, part_size_mib=64, attempts=3)
-    assert (policy.part_size, policy.first_wait_s) == (64 << 20, Store.transfer.first_wait_s)
+    assert policy.part_size == 64 << 20
+    raw["store"] = "s3://btx-some-bucket/run"  # the tries configure the S3 client (no request made)
+    assert open_store(BTXConfig.model_validate(raw)).fs.config_kwargs["retries"] == {
+        "mode": "adaptive", "total_max_attempts": 3}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -88,32 +87,25 @@ class TransferPolicy(StrictModel):
     never what is stored. BENCHMARKS.md "S3 transfer" measured the defaults."""
 
     files_at_once: int = Field(default=4, gt=0)
-    """Files transferred concurrently (object stores; a local store copies one at a time)."""
+    """Files transferred concurrently (s3fs's `batch_size`; a local store copies one at a time)."""
     connections: int = Field(default=8, gt=0)
-    """Requests in flight in all: the files in flight share them, so one large file gets all
-    8 for its parts, four get 2 each."""
+    """Requests in flight in all for files of two parts or more: the files in flight share them
+    (s3fs's `max_concurrency` per file), so one large file gets all 8 for its parts, four get 2 each."""
     part_size_mib: int = Field(default=32, ge=5)
     """MiB per multipart-upload part and per ranged read (S3's minimum part is 5). A file
     under two parts goes in one request (and comes down as one stream): splitting it adds
     requests for little gain (BENCHMARKS.md, "S3 transfer"). s3fs buffers whole parts (and
     whole one-request uploads), so memory held is up to
     max(connections, 2 x files_at_once) parts: 256 MiB with the defaults."""
-    attempts: int = Field(default=8, gt=0)
-    """Tries of each file (and of the size listing and manifest write) before a transient error
-    (dropped connection, 5xx, SlowDown) is final. botocore's own few quick retries run inside
-    each try."""
-    first_wait_s: float = Field(default=1.0, gt=0)
-    max_wait_s: float = Field(default=30.0, gt=0)
-    """Waits between tries double from `first_wait_s` to `max_wait_s` (each jittered to
-    50-100 %, so files that failed together do not come back together): the defaults wait
-    45-90 s in all, plus botocore's retries inside each try, enough for an endpoint that restarts."""
+    attempts: int = Field(default=20, gt=0)
+    """Tries of each request (botocore's `total_max_attempts`, adaptive retry mode) before a
+    transient error (refused or dropped connection, timeout, 5xx, SlowDown) is final. botocore
+    waits a uniformly random 0 to min(2^i, 20) s before retry i: 20 tries wait ~150 s on average
+    and over 30 s with near certainty (an endpoint that restarts; tests/faults). botocore also
+    stops retrying once a client's retry quota is spent: 500 units, 5 a retry (10 after a
+    timeout), about 100 retries over all requests in flight, refilled by successes."""
 
     @property
     def part_size(self) -> int:
         """`part_size_mib` in bytes."""
         return self.part_size_mib << 20
-
-    def waits(self) -> Iterator[float]:
-        """The waits before tries 2..attempts."""
-        for i in range(self.attempts - 1):
-            yield min(self.first_wait_s * 2 ** i, self.max_wait_s) * random.uniform(0.5, 1.0)

@@ -46,7 +46,10 @@ from btx_core.data.shards import (
 from btx_core.data.sources import iter_documents
 from btx_core.errors import DataError
 
-CHUNK_BYTES = 256 * 2**20  # text per chunk: what one map over every core works on
+# Text per chunk: what one map over every core works on. Peak memory grows with it, not with
+# the corpus (BENCHMARKS.md, "Peak memory as the corpus grows": 256 MiB chunks cost ~200 MB more
+# than a 100 MB corpus in one chunk); each chunk's map starts its workers anew, a second or two.
+CHUNK_BYTES = 128 * 2**20
 SHARD_TOKENS = 2**25       # tokens per shard file (64 MB at uint16)
 ENCODE_BATCH = 1000        # documents per tokenizer call in a worker
 

@@ -136,10 +136,8 @@ def stage_prefix(location: str) -> str:
 
 def open_store(config: BTXConfig) -> Store:
     """The run's store; with the config's `store_transfer` if it sets one, else `Store.transfer`."""
-    store = Store(config.store)
-    if "store_transfer" in config.model_fields_set:
-        store.transfer = config.store_transfer
-    return store
+    return Store(config.store, transfer=config.store_transfer if "store_transfer" in config.model_fields_set
+                 else None)
 
 
 def cache_dir(config: BTXConfig) -> Path:

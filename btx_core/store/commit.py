@@ -24,7 +24,7 @@ from typing import Any
 from btx_core.errors import StoreError
 from btx_core.store.faults import if_present
 from btx_core.store.manifest import MANIFEST, FileEntry, Manifest, check_hash, sha256_of
-from btx_core.store.transfer import TransferPolicy, get_files, put_files, retrying
+from btx_core.store.transfer import TransferPolicy, get_files, put_files
 
 # A local write's temp dirs: `.<name>.tmp-<host>-<pid>-<hex>` (and `.old-`), so a writer can tell
 # a killed process's leftovers from a live writer's work in progress.
@@ -120,7 +120,7 @@ class Commit:
     manifest: bytes
 
     def upload(self, dest: str, *, local: bool, move: bool = False) -> None:
-        """Put the files (concurrently on object stores, each retried on transient errors),
+        """Put the files (concurrently on object stores; botocore retries transient errors),
         check their stored sizes, then write the manifest."""
         rels, policy = sorted(self.files), self.policy
         if local:  # LocalFileSystem.put_file does not create parents
@@ -131,13 +131,12 @@ class Commit:
                 shutil.move(self.files[r], f"{dest}/{r}")  # a rename on one filesystem, else a copy
         else:
             put_files(self.fs, [(str(self.files[r]), f"{dest}/{r}") for r in rels], policy)
-        sizes = retrying(lambda: stored_sizes(self.fs, dest), f"listing {self.location}", policy)
+        sizes = stored_sizes(self.fs, dest)
         for rel in rels:
             if sizes.get(rel) != self.entries[rel].size:
                 raise StoreError(f"upload to {self.location} incomplete: {rel} stored with "
                                  f"{sizes.get(rel)} bytes, expected {self.entries[rel].size}; retry")
-        retrying(lambda: self.fs.pipe_file(f"{dest}/{MANIFEST}", self.manifest),
-                 f"writing the manifest of {self.location}", policy)
+        self.fs.pipe_file(f"{dest}/{MANIFEST}", self.manifest)
         self.fs.invalidate_cache(dest)
 
     def to_local(self, path: str, *, move: bool = False) -> None:

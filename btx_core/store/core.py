@@ -40,7 +40,7 @@ from btx_core.store.commit import (
 )
 from btx_core.store.faults import if_present, store_errors
 from btx_core.store.manifest import MANIFEST, FileEntry, Manifest, check_hash, sha256_of
-from btx_core.store.transfer import TransferPolicy
+from btx_core.store.transfer import TransferPolicy, s3_options
 
 __all__ = ["MANIFEST", "FileEntry", "Manifest", "Store", "checkpoint_location"]
 
@@ -57,14 +57,20 @@ class Store:
 
     Local stores replace an output by building it beside the target and renaming it into place;
     object stores (no rename) delete the old manifest first and write the new one last.
-    `transfer` sets how files move (several at once, multipart, retries of transient errors;
-    transfer.py): the class default, or per instance.
+    `transfer` sets how files move (s3fs's batched transfers: files at once, part size, parts
+    in flight; botocore's retries of transient errors; transfer.py): the class default, or per
+    instance, given when the store is made (its retries configure the S3 client then).
     """
 
     transfer: TransferPolicy = TransferPolicy()
 
-    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
-        self.fs, root = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None,
+                 transfer: TransferPolicy | None = None):
+        self.transfer = transfer or type(self).transfer
+        options = dict(storage_options or {})
+        if fsspec.core.split_protocol(uri)[0] in ("s3", "s3a"):
+            options = s3_options(options, self.transfer)  # botocore's retries (transfer.py)
+        self.fs, root = fsspec.core.url_to_fs(uri, **options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.uri = self.fs.unstrip_protocol(self.root)

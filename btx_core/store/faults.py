@@ -24,10 +24,18 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from btx_core.errors import StoreError
-from btx_core.store.transfer import RetriesExhausted, cause_chain
 
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                "InvalidToken", "AllAccessDisabled", "403"}
+
+
+def cause_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc`, then what caused it, and so on (s3fs wraps botocore's errors)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def error_code(exc: BaseException) -> str | None:
@@ -70,7 +78,6 @@ def explain(exc: BaseException, where: str, *, bucket: str, local: bool,
         setting = "`cache_dir:`" if into else "`store:`"
         return (f"no space left on device ({where}): free space there or point {setting} "
                 "at a larger disk"), True
-    gave_up = next((f"; {e}" for e in chain if isinstance(e, RetriesExhausted)), "")
     if code == "NoSuchBucket":
         return f"bucket {bucket!r} does not exist ({where}): create it or fix `store:`", True
     if any(isinstance(e, (NoCredentialsError, PartialCredentialsError)) for e in chain):
@@ -89,7 +96,6 @@ def explain(exc: BaseException, where: str, *, bucket: str, local: bool,
                            if getattr(e, "kwargs", {}).get("endpoint_url")), None)
                      or os.environ.get("AWS_ENDPOINT_URL_S3", ""))
         host = f"{u.scheme}://{u.hostname}:{u.port}" if u.hostname else "(AWS default)"
-        return (f"cannot reach endpoint {host} ({where}{gave_up}): check AWS_ENDPOINT_URL_S3 "
+        return (f"cannot reach endpoint {host} ({where}): check AWS_ENDPOINT_URL_S3 "
                 "and that the server is up"), True  # host:port only: a URL may hold a password
-    last = next((e for e in chain if not isinstance(e, RetriesExhausted)), exc)
-    return f"{where} failed{gave_up}: {type(last).__name__}: {last}", True
+    return f"{where} failed: {type(exc).__name__}: {exc}", True

@@ -12,6 +12,7 @@ whatever the wrapping, written by rank 0.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -136,9 +137,20 @@ def batch_indices(n_blocks: int, step: int, micro: int, settings: TrainSettings,
     epochs, offsets = np.divmod(positions, n_blocks)
     out = np.empty_like(positions)
     for epoch in np.unique(epochs):
-        order = np.random.default_rng([settings.seed, int(epoch)]).permutation(n_blocks)
-        out[epochs == epoch] = order[offsets[epochs == epoch]]
+        out[epochs == epoch] = epoch_order(settings.seed, int(epoch), n_blocks)[offsets[epochs == epoch]]
     return out
+
+
+@functools.lru_cache(maxsize=8)  # per trainer in this process: the epoch in progress and the next
+def epoch_order(seed: int, epoch: int, n_blocks: int) -> np.ndarray:
+    """The blocks of one epoch in training order. Made once per epoch, not per micro-batch: a
+    permutation of n blocks costs O(n), milliseconds per step once a corpus has millions of
+    blocks (BENCHMARKS.md, "Training from lazy shards"). Stored in the smallest integer type
+    that holds n (4 bytes a block below 2^31) and read-only, since callers share it."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_blocks)
+    order = order.astype(np.min_scalar_type(max(n_blocks - 1, 0)))
+    order.flags.writeable = False
+    return order
 
 
 # --- the loop ----------------------------------------------------------------------------------

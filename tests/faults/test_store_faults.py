@@ -16,11 +16,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import fsspec
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
 from s3fs import S3FileSystem
 
+from btx_core.config.execution import TransferPolicy
 from btx_core.errors import IntegrityError, StoreError
 from btx_core.stages.common import open_store
 from btx_core.stages.expert import train_expert
@@ -28,7 +27,6 @@ from btx_core.stages.mix import mix_stage
 from btx_core.stages.seed import build_seed
 from btx_core.store import layout
 from btx_core.store.core import Store, checkpoint_location
-from btx_core.store.transfer import RetriesExhausted, TransferPolicy, retrying
 from tests.test_mix_stage import ci_config as mix_config
 from tests.test_stages_s3 import ci_config
 from tests.test_store import stored_path, write
@@ -41,22 +39,24 @@ def _observer(s3_root: str, s3_endpoint: str) -> Store:
     return Store(s3_root, storage_options={"endpoint_url": s3_endpoint, "skip_instance_cache": True})
 
 
-def _outage_during_upload_of(fs, marker: str, start_outage, monkeypatch) -> threading.Event:
+def _outage_during_upload_of(marker: str, start_outage, monkeypatch) -> threading.Event:
     """Start the outage as the second file whose store path holds `marker` starts uploading: the
     upload of that checkpoint is under way, its first file stored or in flight (stored, when files
-    go one at a time), the others to come. The wrapper passes every call through; the fault is
-    the server going away."""
-    real_put, fired, lock, seen = fs.put, threading.Event(), threading.Lock(), []
+    go one at a time), the others to come. The wrapper, on s3fs's per-file upload that its batched
+    `put` runs for every file of every S3 filesystem, passes every call through; the fault is the
+    server going away."""
+    real_put_file, fired, lock, seen = S3FileSystem._put_file, threading.Event(), threading.Lock(), []
 
-    def put(lpaths, rpaths, **kw):
+    async def put_file(self, lpath, rpath, **kw):
         with lock:
-            seen.extend(r for r in rpaths if marker in r)
+            if marker in rpath:
+                seen.append(rpath)
             if len(seen) >= 2 and not fired.is_set():
                 start_outage()
                 fired.set()
-        return real_put(lpaths, rpaths, **kw)
+        return await real_put_file(self, lpath, rpath, **kw)
 
-    monkeypatch.setattr(fs, "put", put)
+    monkeypatch.setattr(S3FileSystem, "_put_file", put_file)
     return fired
 
 
@@ -65,17 +65,13 @@ def _outage_during_upload_of(fs, marker: str, start_outage, monkeypatch) -> thre
 
 @pytest.mark.integration
 def test_checkpoint_upload_rides_out_a_30s_endpoint_outage(restartable_s3, s3_root, s3_endpoint,
-                                                           tmp_path, monkeypatch, caplog):
-    # Short waits between tries, so the upload resumes within seconds of the endpoint's return;
-    # the defaults wait longer (test_default_retries_outlast_the_outage).
-    monkeypatch.setattr(Store, "transfer", TransferPolicy(first_wait_s=0.5, max_wait_s=2, attempts=60))
+                                                           tmp_path, monkeypatch):
+    # The default retries: botocore's, in adaptive mode (test_default_retries_outlast_the_outage).
     config = ci_config(s3_root, tmp_path / "cache", steps=12, checkpoint_every=4, keep_checkpoints=3)
     build_seed(config)
     prefix = layout.expert_checkpoints(config, "math")
     step8 = checkpoint_location(prefix, 8)
-    fired = _outage_during_upload_of(fsspec.filesystem("s3"), "/step-00000008/",
-                                     lambda: restartable_s3.outage(OUTAGE_S), monkeypatch)
-    caplog.set_level("WARNING", logger="btx_core.store.transfer")
+    fired = _outage_during_upload_of("/step-00000008/", lambda: restartable_s3.outage(OUTAGE_S), monkeypatch)
     with ThreadPoolExecutor(1) as pool:
         branch = pool.submit(train_expert, config, "math")
         assert fired.wait(120), "the branch never uploaded checkpoint 8"
@@ -88,7 +84,6 @@ def test_checkpoint_upload_rides_out_a_30s_endpoint_outage(restartable_s3, s3_ro
         out = branch.result(timeout=120)
     assert restartable_s3.up_at - restartable_s3.down_at >= OUTAGE_S  # a real 30 s outage...
     assert time.monotonic() > restartable_s3.up_at                     # ...that the stage outlasted
-    assert "try 2 of 60" in caplog.text  # by retrying: botocore alone gives up after ~15 s
     store = open_store(config)
     assert [s for s, _ in store.list_checkpoints(prefix)] == [4, 8, 12]
     for _, location in store.list_checkpoints(prefix):
@@ -99,16 +94,14 @@ def test_checkpoint_upload_rides_out_a_30s_endpoint_outage(restartable_s3, s3_ro
 @pytest.mark.integration
 def test_outage_past_the_retries_fails_cleanly_and_the_next_run_resumes(restartable_s3, s3_root, s3_endpoint,
                                                                        tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # no botocore retries inside each try: fail fast
-    # One file at a time, so the checkpoint cut short holds exactly its first file.
-    monkeypatch.setattr(Store, "transfer", TransferPolicy(files_at_once=1, first_wait_s=0.1, max_wait_s=0.2,
-                                                          attempts=3))
+    # One file at a time, so the checkpoint cut short holds exactly its first file; few tries.
+    monkeypatch.setattr(Store, "transfer", TransferPolicy(files_at_once=1, attempts=2))
     config = ci_config(s3_root, tmp_path / "cache", steps=12, checkpoint_every=4, keep_checkpoints=3)
     build_seed(config)
     prefix = layout.expert_checkpoints(config, "math")
-    _outage_during_upload_of(fsspec.filesystem("s3"), "/step-00000008/", restartable_s3.stop, monkeypatch)
+    _outage_during_upload_of("/step-00000008/", restartable_s3.stop, monkeypatch)
     with pytest.raises(StoreError, match=rf"cannot reach endpoint {restartable_s3.endpoint} \(writing "
-                                         rf"{checkpoint_location(prefix, 8)}.*gave up after \d+ tries"):
+                                         rf"{checkpoint_location(prefix, 8)}"):
         train_expert(config, "math")
     observer = _observer(s3_root, s3_endpoint)
     partial = observer._stored_sizes(observer._path(checkpoint_location(prefix, 8)))
@@ -118,8 +111,10 @@ def test_outage_past_the_retries_fails_cleanly_and_the_next_run_resumes(restarta
     assert not observer.is_complete(layout.expert_model(config, "math"))
 
     restartable_s3.start()  # the next run, with the default retries and botocore settings
+    # The failed run could not release its writer lease (the endpoint was down). The next run is
+    # another process, for which the failed run's pid is gone; in this test it is the same one.
+    monkeypatch.setattr("btx_core.store.lease.pid_alive", lambda pid: pid != os.getpid())
     monkeypatch.setattr(Store, "transfer", TransferPolicy())
-    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
     S3FileSystem.clear_instance_cache()
     out = train_expert(config, "math")
     assert out.metrics["resumed_from_step"] == 4 and out.metrics["steps"] == 12
@@ -129,65 +124,43 @@ def test_outage_past_the_retries_fails_cleanly_and_the_next_run_resumes(restarta
 
 
 @pytest.mark.unit
-def test_only_transient_errors_are_retried():
-    policy = TransferPolicy(first_wait_s=0.01, max_wait_s=0.01, attempts=3)
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
-        return "stored"
-
-    assert retrying(flaky, "uploading x", policy) == "stored" and len(calls) == 3
-    calls.clear()
-
-    def down():
-        calls.append(1)
-        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
-
-    with pytest.raises(RetriesExhausted, match="gave up after 3 tries") as gave_up:
-        retrying(down, "uploading x", policy)
-    assert len(calls) == 3 and isinstance(gave_up.value.__cause__, EndpointConnectionError)
-    for code, translated in [("AccessDenied", PermissionError), ("InvalidAccessKeyId", PermissionError),
-                             ("SignatureDoesNotMatch", PermissionError), ("NoSuchBucket", FileNotFoundError)]:
-        for as_raised in (translated, None):  # as s3fs translates it, and botocore's own
-            calls.clear()
-            final = ClientError({"Error": {"Code": code}}, "PutObject")
-
-            def refused(final=final, as_raised=as_raised):
-                calls.append(1)
-                if as_raised is None:
-                    raise final
-                raise as_raised(code) from final
-
-            with pytest.raises(as_raised or ClientError):
-                retrying(refused, "uploading x", policy)
-            assert len(calls) == 1, code
-    calls.clear()
-
-    def slow_down():
-        calls.append(1)
-        raise ClientError({"Error": {"Code": "SlowDown"}}, "PutObject")
-
-    with pytest.raises(RetriesExhausted):
-        retrying(slow_down, "uploading x", policy)
-    assert len(calls) == 3  # "reduce your request rate" is worth waiting for
+def test_s3_stores_retry_through_botocore_in_adaptive_mode():
+    # Building the client makes no request: this checks the configuration botocore really got.
+    store = Store("s3://btx-retry-config/run", storage_options={"skip_instance_cache": True})
+    store.fs.connect()
+    assert store.fs.s3.meta.config.retries == {"mode": "adaptive", "total_max_attempts": Store.transfer.attempts}
+    few = Store("s3://btx-retry-config/run", transfer=TransferPolicy(attempts=2))
+    assert few.fs.config_kwargs["retries"]["total_max_attempts"] == 2 and few.transfer.attempts == 2
+    own = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 4}}}
+    assert Store("s3://btx-retry-config/run", storage_options=own).fs.config_kwargs == own["config_kwargs"]
 
 
 @pytest.mark.unit
 def test_default_retries_outlast_the_outage():
-    # Even with every wait jittered to its minimum, and before counting botocore's own retries.
-    policy = TransferPolicy()
-    minimum = sum(min(policy.first_wait_s * 2 ** i, policy.max_wait_s) * 0.5
-                  for i in range(policy.attempts - 1))
-    assert minimum > OUTAGE_S
-    assert minimum <= sum(policy.waits()) <= 2 * minimum
+    # botocore waits rand(0, 1) * min(2^i, 20) s before retry i. Even with every wait at its
+    # lower quartile, the default tries wait longer than the outage in all...
+    from botocore.retries.quota import RetryQuota
+    from botocore.retries.standard import ExponentialBackoff, RetryQuotaChecker
+
+    class Attempt:
+        def __init__(self, n):
+            self.attempt_number, self.request_context, self.caught_exception = n, {}, None
+            self.http_response = self.parsed_response = None
+
+        def get_error_code(self):
+            return None
+
+    policy, low = TransferPolicy(), ExponentialBackoff(random=lambda: 0.25)
+    waits = [low.delay_amount(Attempt(n)) for n in range(1, policy.attempts)]
+    assert sum(waits) > 2 * OUTAGE_S
+    # ...and the client's retry quota lets every file of a batch use all of its tries.
+    spent = policy.files_at_once * (policy.attempts - 1) * RetryQuotaChecker._RETRY_COST
+    assert spent <= RetryQuota.INITIAL_CAPACITY
 
 
 @pytest.mark.integration
 def test_missing_buckets_and_refused_credentials_are_not_retried(s3_root, tmp_path, monkeypatch, request):
-    monkeypatch.setattr(Store, "transfer", TransferPolicy(first_wait_s=5, attempts=8))
+    monkeypatch.setattr(Store, "transfer", TransferPolicy(attempts=8))
     for message in ("does not exist", "access denied"):
         if message == "access denied":
             request.getfixturevalue("s3_auth_enforced")
@@ -235,26 +208,46 @@ SHARDS = {f"model-0000{i}-of-00005.safetensors": bytes([i]) * 300_000 for i in r
 
 
 def _disk_full_at(store: Store, method: str, n: int, monkeypatch) -> list[str]:
-    """The store's filesystem layer fails the `n`th `put` (or `get`) with ENOSPC after writing
-    half of that file at its destination, as a filling disk does; the others go through.
-    Returns the destinations of every call."""
-    fs, real, calls, lock = store.fs, getattr(store.fs, method), [], threading.Lock()
+    """The store's filesystem layer fails the `n`th file it puts (or gets) with ENOSPC after
+    writing half of that file at its destination, as a filling disk does; the others go through.
+    Wraps the per-file method that the batched `put`/`get` call for each file (s3fs's async one
+    on S3). Returns the destinations of every file."""
+    fs, calls, lock = store.fs, [], threading.Lock()
 
-    def full(srcs, dsts, **kw):
+    def nth(dst: str) -> bool:
         with lock:
-            calls.extend(dsts)
-            nth = len(calls)
-        if nth != n:
-            return real(srcs, dsts, **kw)
-        if method == "put":
-            data = Path(srcs[0]).read_bytes()
-            fs.pipe_file(dsts[0], data[: len(data) // 2])
-        else:
-            data = fs.cat_file(srcs[0])
-            Path(dsts[0]).write_bytes(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", dsts[0])
+            calls.append(dst)
+            return len(calls) == n
 
-    monkeypatch.setattr(fs, method, full)
+    def full(dst: str):
+        return OSError(errno.ENOSPC, "No space left on device", dst)
+
+    if store.is_local:
+        real = getattr(fs, f"{method}_file")
+
+        def local(src, dst, **kw):
+            if not nth(dst):
+                return real(src, dst, **kw)
+            data = Path(src).read_bytes()
+            Path(dst).write_bytes(data[: len(data) // 2])
+            raise full(dst)
+
+        monkeypatch.setattr(fs, f"{method}_file", local)
+    else:
+        real_async = getattr(fs, f"_{method}_file")
+
+        async def remote(src, dst, **kw):
+            if not nth(dst):
+                return await real_async(src, dst, **kw)
+            if method == "put":
+                data = Path(src).read_bytes()
+                await fs._pipe_file(dst, data[: len(data) // 2])
+            else:
+                data = await fs._cat_file(src)
+                Path(dst).write_bytes(data[: len(data) // 2])
+            raise full(dst)
+
+        monkeypatch.setattr(fs, f"_{method}_file", remote)
     return calls
 
 
