@@ -48,6 +48,7 @@ def _set(raw, dotted, value):
 BAD = [
     # (case, mutation, field named in the message, words of the fix)
     ("unknown field", lambda r, t: _set(r, "expert_training.stepz", 3), "expert_training.stepz", "did you mean `steps`"),
+    ("removed field", lambda r, t: r.setdefault("store_transfer", {}).update(first_wait_s=2), "store_transfer.first_wait_s", "botocore's adaptive mode"),
     ("negative steps", lambda r, t: _set(r, "expert_training.steps", -5), "expert_training.steps", "greater than 0"),
     ("zero batch", lambda r, t: _set(r, "seed.pretrain.batch_size", 0), "seed.pretrain.batch_size", "greater than 0"),
     ("both budgets", lambda r, t: _set(r, "expert_training.tokens", 1000), "expert_training", "exactly one of `steps` and `tokens`"),

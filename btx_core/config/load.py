@@ -136,11 +136,22 @@ TYPE_FIXES = {
 }
 
 
+# Fields earlier versions had, and what replaced them: named in the error instead of a guess.
+REMOVED = {
+    "store_transfer.first_wait_s": "no longer used: S3 retries are botocore's adaptive mode now; "
+                                   "remove it (`store_transfer.attempts` sets the tries per request)",
+    "store_transfer.max_wait_s": "no longer used: S3 retries are botocore's adaptive mode now; "
+                                 "remove it (`store_transfer.attempts` sets the tries per request)",
+}
+
+
 def _explain(err: Mapping[str, Any]) -> str:
     field = _field_path(err["loc"])
     kind = err["type"]
     message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     if kind == "extra_forbidden":
+        if field in REMOVED:
+            return f"{field}: {REMOVED[field]}"
         name = str(err["loc"][-1])
         parent = _model_at(err["loc"][:-1])
         close = difflib.get_close_matches(name, list(parent.model_fields) if parent else [], n=1)
