@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import heapq
-import html
 import importlib.metadata
 import json
 import platform
@@ -50,6 +49,7 @@ from importlib import resources
 from itertools import islice
 from pathlib import Path
 
+from btx_core.data.builtin.markup import clean_html
 from btx_core.data.builtin.mathgen import MATHGEN_VERSION, iter_math_documents
 from btx_core.data.builtin.prose import PROSE_PACKAGE, prose_documents
 from btx_core.errors import DataError
@@ -152,18 +152,6 @@ def _code_documents() -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------------------
 # knowledge: the CIA World Factbook
-
-TAG = re.compile(r"<[^<>]*>")
-BREAK = re.compile(r"<br\s*/?>|</?p(\s[^<>]*)?>", re.IGNORECASE)
-
-
-def clean_html(text: str) -> str:
-    """Plain text from the Factbook's light HTML: breaks become newlines, tags go, entities are
-    decoded (after the tags are gone, so an escaped '&lt;' stays a literal '<')."""
-    text = html.unescape(TAG.sub("", BREAK.sub("\n", text))).replace("\xa0", " ")
-    lines = [" ".join(line.split()) for line in text.split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
 
 def factbook_files() -> list[resources.abc.Traversable]:
     """The package's country JSON files (one per country, under data/<region>/), sorted."""

