@@ -494,7 +494,7 @@ def test_unreachable_endpoint_is_a_store_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.unit
-def test_store_transfer_in_the_config_sets_the_policy_and_defaults_match(tmp_path):
+def test_store_transfer_in_the_config_sets_the_policy_and_defaults_match(tmp_path, monkeypatch):
     import yaml
 
     from btx_core.config.execution import TransferPolicy
@@ -512,3 +512,9 @@ def test_store_transfer_in_the_config_sets_the_policy_and_defaults_match(tmp_pat
     raw["store"] = "s3://btx-some-bucket/run"  # the tries configure the S3 client (no request made)
     assert open_store(BTXConfig.model_validate(raw)).fs.config_kwargs["retries"] == {
         "mode": "adaptive", "total_max_attempts": 3}
+    # botocore's own environment settings, when a user sets them, win over the config's
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    raw["store"] = "s3://btx-other-bucket/run"  # not the cached filesystem of the same options
+    assert open_store(BTXConfig.model_validate(raw)).fs.config_kwargs["retries"] == {
+        "mode": "standard", "total_max_attempts": 2}
