@@ -6,7 +6,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps demo test test-unit test-gpu bench
+.PHONY: setup system-deps demo test test-all test-unit test-gpu bench
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ demo: setup
 	$(BTX) run configs/demo.yaml
 
 test: setup system-deps
+	$(VENV)/bin/pytest -m "(unit or integration) and not slow" -q
+
+test-all: setup system-deps
 	$(VENV)/bin/pytest -m "unit or integration" -q
 
 test-unit: setup

@@ -104,6 +104,7 @@ def _manifest(path: Path) -> dict:
     return json.loads((path / "_manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_btx_run_on_the_real_seed_completes_every_stage(pipeline):
     work, config, stdout = pipeline
     assert "pipeline 'real' complete" in stdout, stdout

@@ -128,7 +128,8 @@ def _descendants(pid: int) -> dict[int, int]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGKILL],
+                         ids=["SIGTERM", "SIGKILL"])
 def test_killed_btx_run_leaves_no_process_behind(seeded, tmp_path, sig):
     """`btx run` (embedded Prefect) on two domains, each branch in a process of its own, killed
     mid-training: every process it started (branches, Prefect's temporary server) is gone within

@@ -242,6 +242,7 @@ def test_ddp_on_gloo_with_two_processes_matches_one_process_and_resumes(tmp_path
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_fsdp_on_gloo_matches_one_process_resumes_and_moves_between_process_counts(tmp_path, one_process):
     """FSDP2 (sharded weights, gradients and AdamW state) on 2 gloo processes: the loss curve of
     one process within float tolerance; a killed run resumes from its full-state checkpoint; with
@@ -317,6 +318,7 @@ def seeded_store(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_branch_relaunches_itself_under_torchrun_with_the_one_process_curve(seeded_store):
     pytest.importorskip("prefect")
     from btx_core.errors import BTXError

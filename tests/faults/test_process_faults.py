@@ -93,6 +93,7 @@ def _resumed_from(output: str) -> int | None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_expert_killed_three_times_resumes_each_time_and_ends_with_the_uninterrupted_weights(seeded):
     work, seeded_store, _ = seeded
     rng = random.Random(FAULT_SEED)
@@ -288,6 +289,7 @@ def _gone(pids: list[int]) -> bool:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_crashed_branch_is_retried_by_the_pipeline_itself(btx_deployed, btx_pipeline_run):
     """Two real faults on the branch of a running pipeline, and no human action: (1) SIGKILL to
     the branch's flow-run process (its worker reports it Crashed); (2) SIGKILL to the worker and
