@@ -115,6 +115,7 @@ def test_btx_run_on_the_real_seed_completes_every_stage(pipeline):
     assert _manifest(run / "mix" / "model")["metrics"]["experts"] == [*DOMAINS, "seed"]
 
 
+@pytest.mark.slow
 def test_held_out_losses_of_seed_experts_and_btx_are_finite_and_the_seed_is_pretrained(pipeline):
     work, _, _ = pipeline
     run = work / "store" / "real"
@@ -135,6 +136,7 @@ def test_held_out_losses_of_seed_experts_and_btx_are_finite_and_the_seed_is_pret
     assert losses["seed"]["average"] < 5.0, losses["seed"]
 
 
+@pytest.mark.slow
 def test_the_finetuned_and_mixed_models_load_with_transformers_and_generate(pipeline, real_seed):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
