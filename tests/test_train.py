@@ -127,7 +127,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights():
 @pytest.mark.unit
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "avx2-only"])
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, caplog, native):
-    """`auto` autocasts to bf16 only on a CPU with AMX/AVX512-BF16 (emulated bf16 was 6.5x slower
+    """`auto` autocasts to bf16 only on a CPU with AMX/AVX512-BF16 (emulated bf16 was 35x slower
     than fp32 per step of the demo model on an AVX2-only EPYC); an explicit bf16 there warns."""
     from btx_core.training import distributed
 
