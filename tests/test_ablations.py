@@ -88,3 +88,35 @@ def test_top_k_with_sample_top1_is_refused():
     raw["finetune"].update(routing="sample_top1", top_k=2)
     with pytest.raises(ConfigError, match="sample_top1. routes each token to one expert"):
         parse_config(raw)
+
+
+# --- `btx ablate`: each ablation is one real line of config ----------------------------------------
+
+def test_every_ablation_is_one_line_that_changes_the_config():
+    from btx_core.stages.ablate import ABLATIONS
+    from btx_core.stages.ablate import with_line as ablation_line
+
+    config = parse_config(yaml.safe_load(CI.read_text()))
+    for ablation in ABLATIONS:
+        changed = ablation_line(config, ablation.line, ablation.value)
+        section, key = ablation.line.split(".")
+        assert getattr(getattr(changed, section), key) == ablation.value != getattr(getattr(config, section), key)
+        assert changed.model_copy(update={section: getattr(config, section)}) == config  # nothing else
+    with pytest.raises(ConfigError, match="finetune.routing: \"switch\""):
+        ablation_line(config, "finetune.routing", "switch")
+    with pytest.raises(ConfigError, match="no such setting"):
+        ablation_line(config, "mix.capacity_factor", 1.0)
+
+
+def test_routing_summary_finds_each_domains_own_expert_and_the_least_used_one():
+    from btx_core.evaluation.report import routing_layers_markdown, routing_summary
+
+    routing = {"experts": ["math", "code", "generalist"], "top_k": 2,
+               "by_domain_top1": {"math": [[0.9, 0.1, 0.0], [0.2, 0.7, 0.1]],
+                                  "code": [[0.3, 0.6, 0.1], [0.1, 0.8, 0.1]]},
+               "load": [[0.5, 0.48, 0.02], [0.3, 0.4, 0.3]]}
+    summary = routing_summary(routing)
+    assert summary["own_top1"] == {"math": [0.9, 0.2], "code": [0.6, 0.8]}
+    assert summary["least_used"] == [("generalist", 0.02), ("math", 0.3)]
+    md = routing_layers_markdown(routing)
+    assert "| 0 | 90% | 60% | generalist 2.0% |" in md and "uniform router gives every expert 33%" in md

@@ -275,8 +275,40 @@ def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
     claims = {c["claim"] for c in report["claims"]}
     assert "expert math beats the seed on math" in claims
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"results.json", "results.md", "routing-btx-single-top1.png", "routing-btx-mixed-topk.csv"} <= files
+    assert {"results.json", "results.md", "routing-btx-seed1-single-top1.png", "routing-btx-mix-seed0-mixed-top1.png",
+            "routing-upcycle-flops-seed1-mixed-topk.csv"} <= files
     md = (tmp_path / "results.md").read_text()
     assert "| Model | math | code | Average | Mixed-domain |" in md and "| math segments | code segments |" in md
     assert "BTX beats the seed on code segments (mixed set)" in claims
     assert open_store(config).is_complete(layout.compare_results(config))
+
+
+@pytest.mark.integration
+def test_ablate_redoes_only_what_each_line_changes_and_keeps_the_reference(mixed, tmp_path):
+    from btx_core.stages.ablate import ablate
+
+    work, config = mixed
+    store = open_store(config)
+    reference_btx = finetune(config).manifest.hash
+    reference_mix = store.read_manifest(layout.mix_model(config)).hash
+    report = ablate(config, only=["seed-in-shared-mean", "no-load-balancing"], out_dir=tmp_path)
+    rows = report["rows"]
+    assert list(rows) == ["reference", "seed-in-shared-mean", "no-load-balancing"]
+    # The MiX line mixed anew elsewhere; the finetune line started from the reference MiX.
+    new_mix = store.read_manifest(layout.ablation_mix(config, "seed-in-shared-mean"))
+    assert new_mix.hash != reference_mix and "mix_only" in rows["seed-in-shared-mean"]
+    assert rows["seed-in-shared-mean"]["mix_only"]["average"] != rows["reference"]["mix_only"]["average"]
+    no_lb = store.read_manifest(layout.trained_model(config, "ablation-no-load-balancing"))
+    assert no_lb.inputs["model"] == reference_mix and "mix_only" not in rows["no-load-balancing"]
+    assert no_lb.metrics.get("final_load_balancing_loss") is None
+    assert rows["reference"]["final_load_balancing_loss"] > 0
+    # Nothing of the reference run was rewritten.
+    assert store.read_manifest(layout.mix_model(config)).hash == reference_mix
+    assert store.read_manifest(layout.trained_model(config, "btx")).hash == reference_btx
+    md = (tmp_path / "ablations.md").read_text()
+    assert "| no-load-balancing: `finetune.load_balancing: false` |" in md
+    assert "## no-load-balancing: routing per layer" in md and "math tokens -> expert math" in md
+    assert json.loads((tmp_path / "ablations.json").read_text())["rows"]["reference"]["routing"]
+    assert store.is_complete(layout.ablation_results(config))
+    with pytest.raises(BTXError, match="unknown ablation.*known: router-centroid"):
+        ablate(config, only=["switch"])

@@ -55,23 +55,43 @@ def eval_command(
         typer.echo(f"  written: {out}")
 
 
+def _stage_printer():
+    import time
+
+    started = time.perf_counter()
+
+    def stage(label: str) -> None:
+        typer.echo(f"[{time.perf_counter() - started:7.0f} s] {label}")
+    return stage
+
+
 @app.command("compare")
 def compare_command(
         config: Path = ConfigArg,
         out: Path = typer.Option(Path("results"), "--out", help="Local directory for the tables, JSON "
                                  "and heatmaps (also written to the store)")) -> None:
     """BTX vs the seed, each expert, BTM, sparse upcycling and a dense baseline (compute-matched
-    two ways), over `compare.seeds`; reuses every stage output already in the store."""
-    import time
-
+    three ways), over `compare.seeds`; reuses every stage output already in the store."""
     from btx_core.stages.compare import compare
 
-    cfg = load(config)
-    started = time.perf_counter()
-
-    def stage(label: str) -> None:
-        typer.echo(f"[{time.perf_counter() - started:7.0f} s] {label}")
-
-    report = compare(cfg, out_dir=out, stage=stage)
+    report = compare(load(config), out_dir=out, stage=_stage_printer())
     typer.echo((out / "results.md").read_text())
     typer.echo(f"compare: {report['wall_s']:.0f} s; results in {out}/ and {report['location']}")
+
+
+@app.command("ablate")
+def ablate_command(
+        config: Path = ConfigArg,
+        only: str = typer.Option(None, "--only", help="Comma-separated ablations (default: all): "
+                                 "router-centroid, no-load-balancing, transformers-load-balancing, "
+                                 "seed-in-shared-mean, top-1, soft-routing, sample-top-1"),
+        out: Path = typer.Option(Path("results"), "--out", help="Local directory for ablations.md and "
+                                 "ablations.json (also written to the store)")) -> None:
+    """The paper's ablations at the config's own random seed, each one config line: the same seed
+    and experts, MiX and MoE-finetune redone as the line changes them; reuses what the store has."""
+    from btx_core.stages.ablate import ablate
+
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    report = ablate(load(config), only=names, out_dir=out, stage=_stage_printer())
+    typer.echo((out / "ablations.md").read_text())
+    typer.echo(f"ablate: {report['wall_s']:.0f} s; results in {out}/")

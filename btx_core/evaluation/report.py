@@ -153,3 +153,32 @@ def routing_csv(routing: Mapping, key: str = "by_domain_top1") -> str:
         for layer, row in enumerate(shares):
             lines.append(f"{domain},{layer}," + ",".join(f"{x:.4f}" for x in row))
     return "\n".join(lines) + "\n"
+
+
+# --- routing per layer, summarised: specialisation and the least-used expert ------------------------
+
+def routing_summary(routing: Mapping) -> dict:
+    """Per layer of an MoE on one set: the share of each domain's tokens whose top-1 expert is that
+    domain's own expert (where the MoE has one by that name) and the least-used expert's share of
+    the routed slots (uniform: 1/experts; near 0: an expert the router has dropped)."""
+    experts, load = list(routing["experts"]), np.asarray(routing["load"], dtype=float)
+    own = {d: [float(layer[experts.index(d)]) for layer in shares]
+           for d, shares in routing["by_domain_top1"].items() if d in experts}
+    low = load.argmin(axis=1)
+    least = [(experts[i], float(load[layer, i])) for layer, i in enumerate(low)]
+    return {"own_top1": own, "least_used": least, "uniform": 1.0 / len(experts)}
+
+
+def routing_layers_markdown(routing: Mapping) -> str:
+    """One row per layer: each domain's tokens sent (top-1) to its own expert, and the least-used
+    expert with its share of the routed slots."""
+    summary = routing_summary(routing)
+    domains = list(summary["own_top1"])
+    head = "| Layer | " + " | ".join(f"{d} tokens -> expert {d}" for d in domains) + " | Least-used expert |"
+    lines = [head, "|---" * (len(domains) + 2) + "|"]
+    for layer, (name, share) in enumerate(summary["least_used"]):
+        own = " | ".join(f"{summary['own_top1'][d][layer]:.0%}" for d in domains)
+        lines.append(f"| {layer} | {own} | {name} {share:.1%} |")
+    return "\n".join(lines) + ("\n\nOwn expert: share of the domain's tokens whose top-1 expert it is. "
+                              "Least-used: that expert's share of all routed slots (top-k) in the layer; "
+                              f"a uniform router gives every expert {summary['uniform']:.0%}.\n")

@@ -34,6 +34,7 @@ from btx_core.evaluation.report import (
     markdown_table,
     mixed_table,
     routing_csv,
+    routing_layers_markdown,
 )
 from btx_core.evaluation.scores import EvalSets, ModelScores, btm_scores
 from btx_core.stages.common import cache_dir, open_store
@@ -232,23 +233,33 @@ def tables_markdown(report: dict) -> list[str]:
             "## The paper's claims, seed by seed\n", claims_markdown(report["claims"])]
 
 
+# The models whose routing is drawn for every seed (CSV: every MoE row, every seed).
+HEATMAPS = ("btx", "btx-mix")
+
+
 def write_report(report: dict, directory: Path) -> list[Path]:
-    seeds = report["seeds"]
+    """results.json, results.md and, for every seed, each MoE's routing per layer: CSVs of both
+    sets (top-1 and top-k shares) and heatmaps of BTX and MiX-only (top-1)."""
     files = [directory / "results.json"]
     files[0].write_text(json.dumps(report, indent=1, sort_keys=False, default=float))
-    md = [*tables_markdown(report), "## Routing\n"]
-    first = report["per_seed"][seeds[0]]
-    for name, routing in first["routing"].items():
-        for kind in ("single", "mixed"):
-            for key in ("by_domain_top1", "by_domain_topk"):
-                stem = f"routing-{name}-{kind}-{key.removeprefix('by_domain_')}"
-                png = routing_heatmap(routing[kind], directory / f"{stem}.png", key=key,
-                                      title=f"{name}, {kind}-domain set, seed {seeds[0]}: share of each "
-                                            f"domain's tokens per expert ({key.removeprefix('by_domain_')})")
-                csv = directory / f"{stem}.csv"
-                csv.write_text(routing_csv(routing[kind], key))
-                files += [png, csv]
-                if key == "by_domain_top1":
+    md = [*tables_markdown(report), "## Routing per layer, every seed\n"]
+    for seed in report["seeds"]:
+        if "btx" in (routing := report["per_seed"][seed]["routing"]):
+            md += [f"### Seed {seed}: BTX per layer, single-domain set\n",
+                   routing_layers_markdown(routing["btx"]["single"])]
+        for name, routing in report["per_seed"][seed]["routing"].items():
+            for kind in ("single", "mixed"):
+                for key in ("by_domain_top1", "by_domain_topk"):
+                    stem = f"routing-{name}-seed{seed}-{kind}-{key.removeprefix('by_domain_')}"
+                    csv = directory / f"{stem}.csv"
+                    csv.write_text(routing_csv(routing[kind], key))
+                    files.append(csv)
+                    if name not in HEATMAPS or key != "by_domain_top1":
+                        continue
+                    png = routing_heatmap(routing[kind], directory / f"{stem}.png", key=key,
+                                          title=f"{name}, {kind}-domain set, seed {seed}: share of each "
+                                                "domain's tokens per expert (top-1)")
+                    files.append(png)
                     md.append(f"![{stem}]({png.name})\n")
     (directory / "results.md").write_text("\n".join(md))
     files.append(directory / "results.md")

@@ -115,10 +115,12 @@ def prepared_sources(config: BTXConfig, store: Store, seed_location: str, seed: 
 # --- the stage -----------------------------------------------------------------------------------
 
 def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, name: str | None = None,
-             on_progress: ProgressCallback | None = None, stop_after: int | None = None) -> StageOutput:
+             on_progress: ProgressCallback | None = None, stop_after: int | None = None,
+             source: str | None = None) -> StageOutput:
     """Finetune the run's MiX output (`btx`), its upcycled seed (`upcycle`) or the seed itself
     (`dense`) on the mixture; `steps` overrides the budget (compute matching), `name` the output
-    (`<run>/trained/<name>/model`). Resumes from its checkpoints; skips when already done."""
+    (`<run>/trained/<name>/model`), `source` the model of that kind to start from (`btx ablate`).
+    Resumes from its checkpoints; skips when already done."""
     ft = settings_of(config)
     if kind not in SOURCES:
         raise BTXError(f"unknown finetune kind {kind!r}; known: {', '.join(SOURCES)}")
@@ -127,7 +129,7 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     name = name or kind
     store, cache = open_store(config), cache_dir(config)
     where, command = SOURCES[kind]
-    source = where(config)
+    source = source or where(config)
     source_manifest = complete_input(store, source, f"the {kind} source model", command)
     seed_location = layout.seed_model(config)
     seed = complete_input(store, seed_location, "the seed", "btx seed CONFIG")

@@ -31,9 +31,10 @@ def options_from_config(config: BTXConfig, *, upcycle: bool = False) -> MixOptio
                       shard_size=parse_bytes(m.shard_size))
 
 
-def mix_stage(config: BTXConfig, *, upcycle: bool = False) -> StageOutput:
+def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None = None) -> StageOutput:
     """BTX's MiX of the run's trained experts (plus the seed as a generalist when
-    `mix.include_seed`); with `upcycle`, sparse upcycling: as many copies of the seed instead."""
+    `mix.include_seed`); with `upcycle`, sparse upcycling: as many copies of the seed instead.
+    `location` overrides where it is written (`btx ablate`'s MiX lines)."""
     store, cache = open_store(config), cache_dir(config)
     seed_location = layout.seed_model(config)
     seed = complete_input(store, seed_location, "the seed", "btx seed CONFIG")
@@ -50,7 +51,7 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False) -> StageOutput:
             sources.append((GENERALIST, seed_location, seed))
         centroid_domains = [*domains, None]
     stage = "upcycle" if upcycle else "mix"
-    location = layout.upcycle_model(config) if upcycle else layout.mix_model(config)
+    location = location or (layout.upcycle_model(config) if upcycle else layout.mix_model(config))
     data = {d: _prepared(config, store, d, seed_location, seed) for d in domains}
     inputs = {**{f"expert:{name}": m.hash for name, _, m in sources},
               **{f"data:{d}": p.content_id for d, p in data.items()}}
