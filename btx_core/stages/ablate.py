@@ -140,7 +140,7 @@ def ablations_markdown(report: dict) -> str:
     lines = [f"# {report['run_name']}: ablations, random seed {report['seed']}\n",
              "| Ablation (one config line) | " + " | ".join(domains)
              + " | Average | vs BTX | Mixed-domain | MiX only (average) | Least-used expert, lowest layer |",
-             "|---" * (len(domains) + 7) + "|"]
+             "|---" * (len(domains) + 6) + "|"]
     for name, row in rows.items():
         label = "BTX (the config as is)" if name == "reference" else f"{name}: `{row['line']}`"
         low = routing_summary(row["routing"]["single"])["least_used"] if row.get("routing") else []
