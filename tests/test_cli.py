@@ -11,7 +11,7 @@ from btx_core.cli.main import app
 
 pytestmark = pytest.mark.unit
 COMMANDS = ["validate", "seed", "train-expert", "run", "status", "mix", "upcycle", "finetune", "eval",
-            "compare", "moe"]
+            "compare", "ablate", "moe"]
 
 
 def test_version_is_the_installed_package_version():
