@@ -244,10 +244,11 @@ def write_report(report: dict, directory: Path) -> list[Path]:
     files[0].write_text(json.dumps(report, indent=1, sort_keys=False, default=float))
     md = [*tables_markdown(report), "## Routing per layer, every seed\n"]
     for seed in report["seeds"]:
-        if "btx" in (routing := report["per_seed"][seed]["routing"]):
+        models = report["per_seed"][seed]["routing"]
+        if "btx" in models:
             md += [f"### Seed {seed}: BTX per layer, single-domain set\n",
-                   routing_layers_markdown(routing["btx"]["single"])]
-        for name, routing in report["per_seed"][seed]["routing"].items():
+                   routing_layers_markdown(models["btx"]["single"])]
+        for name, routing in models.items():
             for kind in ("single", "mixed"):
                 for key in ("by_domain_top1", "by_domain_topk"):
                     stem = f"routing-{name}-seed{seed}-{kind}-{key.removeprefix('by_domain_')}"
