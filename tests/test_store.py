@@ -440,6 +440,29 @@ def test_fetch_reuses_cache_and_repairs_it(s3_root, tmp_path, monkeypatch):
     assert (again / "model.safetensors").read_bytes() == FILES["model.safetensors"]
 
 
+@pytest.mark.integration
+def test_store_skips_botocores_crc32_unless_told_and_the_server_sees_which(s3_root, tmp_path, monkeypatch):
+    """The store sends no CRC32 of its uploads by default (its manifests carry sha256), which
+    S3-compatible stores that refuse the checksum headers need; `checksums: when_supported`
+    brings botocore's default back. Asked of the server itself, not of the client's config."""
+    import boto3
+
+    from btx_core.config.execution import TransferPolicy
+
+    def stored_crc32(store: Store, tag: str) -> str | None:
+        location = store.child(tag)
+        write(store, tmp_path, location)
+        bucket, _, key = stored_path(store, location, "model.safetensors").partition("/")
+        head = boto3.client("s3").head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        return head.get("ChecksumCRC32")
+
+    assert stored_crc32(Store(s3_root, {"skip_instance_cache": True}), "default") is None
+    crc = TransferPolicy(checksums="when_supported")
+    assert stored_crc32(Store(s3_root, {"skip_instance_cache": True}, transfer=crc), "crc")
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_SUPPORTED")  # the environment wins
+    assert stored_crc32(Store(s3_root, {"skip_instance_cache": True}), "env")
+
+
 # -- errors name the fix, never the secret ---------------------------------------------------------
 
 

@@ -105,6 +105,13 @@ class TransferPolicy(StrictModel):
     stops retrying once a client's retry quota is spent: 500 units, 5 a retry (10 after a
     timeout), about 100 retries over all requests in flight, refilled by successes."""
 
+    checksums: Literal["when_required", "when_supported"] = "when_required"
+    """botocore's `request_checksum_calculation`: `when_supported` (botocore's own default since
+    1.36) adds a CRC32 of every request body that S3 then checks; `when_required` only where an
+    operation demands one. btx's manifests hold every file's sha256 and every fetch checks it,
+    so the CRC adds only client CPU here, and several S3-compatible stores refuse the checksum
+    headers outright. An `AWS_REQUEST_CHECKSUM_CALCULATION` in the environment wins."""
+
     @property
     def part_size(self) -> int:
         """`part_size_mib` in bytes."""
