@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--server", choices=("moto", "s3rver", "rclone"), default="moto")
     parser.add_argument("--s3rver-bin", default="/tmp/s3rver/node_modules/.bin/s3rver")
     parser.add_argument("--rclone-bin", default=shutil.which("rclone") or str(Path(sys.executable).parent / "rclone"))
+    parser.add_argument("--part-size-mib", type=int, help="the store sides' part size (default: the store's)")
     parser.add_argument("--checksum", choices=("when_supported", "when_required"), default="when_supported",
                         help="botocore's request_checksum_calculation and response_checksum_validation, the "
                              "same for every side (default: botocore's own)")
@@ -148,7 +149,8 @@ def main() -> None:
                         "response_checksum_validation": args.checksum}
             single = S3FileSystem(skip_instance_cache=True, config_kwargs=checksum)  # otherwise s3fs defaults
             tuned = S3FileSystem(skip_instance_cache=True, config_kwargs={**ADAPTIVE, **checksum})
-            policy = TransferPolicy(upload_checksums=args.checksum, download_checksums=args.checksum)
+            policy = TransferPolicy(upload_checksums=args.checksum, download_checksums=args.checksum,
+                                    **({"part_size_mib": args.part_size_mib} if args.part_size_mib else {}))
             store = Store("s3://btx-bench/store", storage_options={"skip_instance_cache": True}, transfer=policy)
             src = Path(tmp, "src")
             src.mkdir()
@@ -220,7 +222,7 @@ def main() -> None:
             server.wait(timeout=30)
 
     med = {s: {d: statistics.median(v) for d, v in results[s].items()} for s in SIDES}
-    print(f"\n{args.server}, checksums {args.checksum}: {args.files} x {args.mb} MB, {args.rounds} rounds, "
+    print(f"\n{args.server}, checksums {args.checksum}, store parts {policy.part_size_mib} MiB: {args.files} x {args.mb} MB, {args.rounds} rounds, "
           f"{platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cores, load {load:.1f} at start")
     print(f"tuned s3fs settings (grid search): up {settings['up']}, down {settings['down']}\n")
