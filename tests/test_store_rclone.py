@@ -71,7 +71,8 @@ def rclone_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEY)
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        boto3.client("s3").create_bucket(Bucket="btx-rclone")
+        # A session of its own: boto3's default one keeps the credentials it first resolved.
+        boto3.session.Session().client("s3").create_bucket(Bucket="btx-rclone")
         yield "s3://btx-rclone"
     finally:
         server.terminate()

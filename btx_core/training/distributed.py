@@ -3,6 +3,7 @@ DDP's gradient sync, and FSDP2's sharded copy with the full (unsharded) state th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import logging
@@ -45,7 +46,16 @@ def init_distributed(device: str = "auto") -> Dist:
             torch.cuda.set_device(local_rank)  # before NCCL starts, or every rank uses GPU 0
         # The other ranks wait in a barrier while rank 0 uploads a checkpoint: give big models time.
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
+        atexit.register(_leave_process_group)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group at exit, before the interpreter tears down, as PyTorch asks:
+    left to the teardown, gloo's threads can abort a rank that has finished its work
+    ("terminate called without an active exception", seen once in tests/test_data_shards.py)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -132,7 +132,10 @@ def test_s3_stores_retry_through_botocore_in_adaptive_mode():
     few = Store("s3://btx-retry-config/run", transfer=TransferPolicy(attempts=2))
     assert few.fs.config_kwargs["retries"]["total_max_attempts"] == 2 and few.transfer.attempts == 2
     own = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 4}}}
-    assert Store("s3://btx-retry-config/run", storage_options=own).fs.config_kwargs == own["config_kwargs"]
+    assert Store("s3://btx-retry-config/run", storage_options=own).fs.config_kwargs == {
+        **own["config_kwargs"],  # the caller's retries kept; the store's checksum settings added
+        "request_checksum_calculation": "when_supported", "response_checksum_validation": "when_required"}
+    assert store.fs.s3.meta.config.response_checksum_validation == "when_required"
 
 
 @pytest.mark.unit
