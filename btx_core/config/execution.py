@@ -109,9 +109,10 @@ class TransferPolicy(StrictModel):
     """botocore's `request_checksum_calculation`. `when_supported` (botocore's default since 1.36)
     sends a CRC32 of every upload, which S3 checks before it stores the object, and over HTTPS
     spares the SHA-256 of the body that request signing would otherwise need. `when_required`
-    sends none: for S3-compatible stores that refuse the checksum headers, or store a multipart
-    upload's CRC in a form botocore's own check then rejects (`rclone serve s3`; BENCHMARKS.md,
-    "S3 transfer"). `AWS_REQUEST_CHECKSUM_CALCULATION` in the environment wins."""
+    sends none: for S3-compatible stores that refuse the checksum headers, or answer a ranged
+    read with the whole object's CRC, which botocore's own check then rejects in every reader
+    that keeps botocore's defaults (`rclone serve s3`; tests/test_store_rclone.py).
+    `AWS_REQUEST_CHECKSUM_CALCULATION` in the environment wins."""
     download_checksums: Literal["when_required", "when_supported"] = "when_required"
     """botocore's `response_checksum_validation`: `when_required` (btx's default) leaves the
     check of a download to the store, whose manifests hold every file's sha256 and whose every
