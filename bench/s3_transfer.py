@@ -27,7 +27,8 @@ object's CRC, which botocore's default check rejects (tests/test_store_rclone.py
 
 The sides run in alternating order within each round. Reports medians over rounds and ratios of
 the medians, and the CPU seconds of this process (the client) and of the server during each
-transfer: on a small machine their sum, against the cores there are, is what bounds a speed-up. Every download is checked byte for byte against its source.
+transfer: on a small machine their sum, against the cores there are, is what bounds a speed-up.
+Every download is checked byte for byte against its source.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", choices=("moto", "s3rver", "rclone"), default="moto")
     parser.add_argument("--s3rver-bin", default="/tmp/s3rver/node_modules/.bin/s3rver")
-    parser.add_argument("--rclone-bin", default=shutil.which("rclone") or str(Path(sys.executable).parent / "rclone"))
+    parser.add_argument("--rclone-bin",
+                        default=shutil.which("rclone") or str(Path(sys.executable).parent / "rclone"))
     parser.add_argument("--part-size-mib", type=int, help="the store sides' part size (default: the store's)")
     parser.add_argument("--checksum", choices=("when_supported", "when_required"), default="when_supported",
                         help="botocore's request_checksum_calculation and response_checksum_validation, the "
@@ -151,7 +153,8 @@ def main() -> None:
             tuned = S3FileSystem(skip_instance_cache=True, config_kwargs={**ADAPTIVE, **checksum})
             policy = TransferPolicy(upload_checksums=args.checksum, download_checksums=args.checksum,
                                     **({"part_size_mib": args.part_size_mib} if args.part_size_mib else {}))
-            store = Store("s3://btx-bench/store", storage_options={"skip_instance_cache": True}, transfer=policy)
+            store = Store("s3://btx-bench/store", storage_options={"skip_instance_cache": True},
+                          transfer=policy)
             src = Path(tmp, "src")
             src.mkdir()
             names = [f"model-{i + 1:05d}-of-{args.files:05d}.safetensors" for i in range(args.files)]
@@ -207,7 +210,7 @@ def main() -> None:
             print(f"tuned s3fs: up {settings['up']}, down {settings['down']}", file=sys.stderr)
 
             results: dict[str, dict[str, list[float]]] = {s: {"up": [], "down": []} for s in SIDES}
-            cpu: dict[str, dict[str, list[tuple[float, float]]]] = {s: {"up": [], "down": []} for s in SIDES}
+            cpu: dict[str, dict[str, list]] = {s: {"up": [], "down": []} for s in SIDES}  # (client, server)
             for r in range(args.rounds):
                 for side in SIDES if r % 2 == 0 else SIDES[::-1]:
                     up, down = run(side, str(r))
@@ -222,8 +225,8 @@ def main() -> None:
             server.wait(timeout=30)
 
     med = {s: {d: statistics.median(v) for d, v in results[s].items()} for s in SIDES}
-    print(f"\n{args.server}, checksums {args.checksum}, store parts {policy.part_size_mib} MiB: {args.files} x {args.mb} MB, {args.rounds} rounds, "
-          f"{platform.machine()}, "
+    print(f"\n{args.server}, checksums {args.checksum}, store parts {policy.part_size_mib} MiB: "
+          f"{args.files} x {args.mb} MB, {args.rounds} rounds, {platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cores, load {load:.1f} at start")
     print(f"tuned s3fs settings (grid search): up {settings['up']}, down {settings['down']}\n")
     print("| side | upload s | upload MB/s | download s | download MB/s | per-round up s | per-round down s |")
@@ -237,8 +240,8 @@ def main() -> None:
     print("|---|---:|---:|")
     for a, b in (("single", "s3fs"), ("single", "store"), ("s3fs", "store"), ("single", "store+hash")):
         print(f"| {a} / {b} | {med[a]['up'] / med[b]['up']:.2f}x | {med[a]['down'] / med[b]['down']:.2f}x |")
-    print(f"\n| CPU seconds (medians; {len(os.sched_getaffinity(0))} cores) | client up | server up | cores busy "
-          "up | client down | server down | cores busy down |")
+    print(f"\n| CPU seconds (medians; {len(os.sched_getaffinity(0))} cores) | client up | server up | "
+          "cores busy up | client down | server down | cores busy down |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for s in SIDES:
         row = []

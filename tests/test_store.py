@@ -452,7 +452,8 @@ def test_upload_checksums_reach_the_server_and_the_environment_wins(s3_root, tmp
         location = store.child(tag)
         write(store, tmp_path, location)
         bucket, _, key = stored_path(store, location, "model.safetensors").partition("/")
-        head = boto3.session.Session().client("s3").head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        client = boto3.session.Session().client("s3")  # not the default session's cached credentials
+        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         return head.get("ChecksumCRC32")
 
     options = {"skip_instance_cache": True}

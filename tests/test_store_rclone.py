@@ -100,8 +100,9 @@ def test_store_reads_large_files_whose_crc_botocores_own_check_rejects(rclone_s3
 
     # What the default protects from: botocore's own check of the same ranged reads.
     strict = TransferPolicy(**parts, download_checksums="when_supported")
-    with pytest.raises(StoreError, match="FlexibleChecksumError"):
+    with pytest.raises(StoreError, match="FlexibleChecksumError") as refused:
         Store(f"{rclone_s3}/run", options, transfer=strict).fetch(location, tmp_path / "strict")
+    assert "download_checksums: when_required" in str(refused.value)  # the message names the fix
     assert not (tmp_path / "strict" / manifest.hash).exists()  # nothing half-fetched left valid
 
     # The setting for such a store: no CRC stored, so botocore's check has nothing to reject.

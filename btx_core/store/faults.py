@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    FlexibleChecksumError,
     HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
@@ -90,6 +91,12 @@ def explain(exc: BaseException, where: str, *, bucket: str, local: bool,
         # so the original error stays out of tracebacks and logs.
         return (f"access denied ({where}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in "
                 "the environment and the bucket's permissions"), False
+    if any(isinstance(e, FlexibleChecksumError) for e in chain):
+        # S3-compatible servers answer botocore's checksums their own way (tests/test_store_rclone.py)
+        return (f"botocore's checksum check (FlexibleChecksumError) rejected a download ({where}): "
+                "if the server is S3-compatible rather than AWS, set store_transfer.download_checksums: "
+                "when_required (the default: every fetch checks sha256 against the manifest), and "
+                "upload_checksums: when_required for files that other tools will read"), True
     if down := [e for e in chain
                 if isinstance(e, (BotoConnectionError, HTTPClientError, ConnectionError))]:
         u = urlsplit(next((e.kwargs["endpoint_url"] for e in down
