@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sysconfig
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -362,7 +363,13 @@ def test_prepare_writes_shards_that_open_lazily(tokenizer, tmp_path: Path) -> No
     assert np.array_equal(np.asarray(loaded.train), np.asarray(splits.train))
     assert loaded.train[3].dtype == np.int32
     names = sorted(p.name for p in (tmp_path / "splits").iterdir())
-    assert names == ["heldout-00000.tokens", "index.json", "train-00000.tokens"]  # nothing to unpickle
+    assert names == ["heldout-00000.tokens", "heldout-00000.tokens.crc32", "index.json", "train-00000.tokens",
+                     "train-00000.tokens.crc32"]  # nothing to unpickle
+    checks = np.frombuffer((tmp_path / "splits" / "train-00000.tokens.crc32").read_bytes(), dtype="<u4")
+    dtype = np.dtype(json.loads((tmp_path / "splits" / "index.json").read_text())["dtype"])
+    stored = np.fromfile(tmp_path / "splits" / "train-00000.tokens", dtype=dtype).reshape(-1, 64)
+    assert len(checks) == len(splits.train)
+    assert all(int(checks[i]) == zlib.crc32(stored[i].tobytes()) for i in range(len(checks)))
 
 
 @unit

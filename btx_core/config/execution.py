@@ -119,6 +119,17 @@ class TransferPolicy(StrictModel):
     fetch checks it, and so reads objects whose stored CRC botocore would reject (above);
     `when_supported` adds botocore's CRC check. `AWS_RESPONSE_CHECKSUM_VALIDATION` wins."""
 
+    prepared_data: Literal["ranged", "download"] = "ranged"
+    """How training, MiX and evaluation read a prepared corpus (token shards) from an `s3://`
+    store. `ranged`: each process reads only the blocks it uses, a ranged GET per run of
+    consecutive blocks (`connections` in flight), the next micro-batch's while the current one
+    trains; each block's CRC-32 is checked against its shard's `.crc32` file (fetched once, its
+    sha256 checked against the manifest, kept in `cache_dir`: 4 bytes a block). Training starts at
+    once and the corpus takes no local disk. `download`: the whole corpus into `cache_dir` first,
+    every shard's sha256 checked, reused by later runs on that machine: for many epochs over a
+    corpus that fits the local disk, or a store far from the GPUs. A local store is read in place
+    either way."""
+
     @property
     def part_size(self) -> int:
         """`part_size_mib` in bytes."""

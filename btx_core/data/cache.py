@@ -18,6 +18,7 @@ from typing import NamedTuple
 from btx_core.config.schema import BTXConfig, DataSource, stable_hash
 from btx_core.data.packing import data_cache_key
 from btx_core.data.prepare import TokenizedSplits, prepare_domain_data
+from btx_core.data.ranged import open_ranged
 from btx_core.data.shards import ShardIndex
 from btx_core.model.dense import load_tokenizer
 from btx_core.model.families import TOKENIZER_FILES
@@ -52,7 +53,11 @@ class PreparedData(NamedTuple):
         return content_id(self.manifest)
 
     def load(self, store: Store, cache_dir: Path) -> TokenizedSplits:
-        """The splits, opened lazily from the local copy of the shards (nothing read yet)."""
+        """The splits, opened lazily (nothing read yet): from the store itself with ranged reads
+        (an object store, `store_transfer.prepared_data: ranged`), else from a verified local copy
+        (a local store's own directory, or a download into `cache_dir`)."""
+        if not store.is_local and store.transfer.prepared_data == "ranged":
+            return open_ranged(store, self.location, self.manifest, cache_dir)
         return TokenizedSplits.load(store.fetch(self.location, cache_dir))
 
 

@@ -22,8 +22,9 @@ from btx_core.data.sources import source_fingerprint
 from btx_core.errors import DataError
 
 # Bump when splitting or packing changes, so cached blocks are rebuilt.
-# 2: BOS before each document when the tokenizer's BOS != EOS; 3: token shards (data/shards.py).
-DATA_FORMAT_VERSION = 3
+# 2: BOS before each document when the tokenizer's BOS != EOS; 3: token shards (data/shards.py);
+# 4: each shard's per-block CRC-32s beside it (read back block by block from S3: data/ranged.py).
+DATA_FORMAT_VERSION = 4
 ENCODE_BATCH = 1000  # documents per tokenizer call: bounds the Python lists held at once
 
 

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import numpy as np
 from btx_core.config.schema import DataSource
 from btx_core.data.packing import DATA_FORMAT_VERSION, bos_eos, held_out_mask, plain_backend
 from btx_core.data.shards import (
+    INDEX_FILE,
     SPLIT_NAMES,
     Blocks,
     ShardIndex,
@@ -88,14 +89,19 @@ class TokenizedSplits:
         """The splits of prepared data in `directory`, opened lazily: nothing is read yet."""
         directory = Path(directory)
         index = ShardIndex.read(directory)
+        return cls.from_index(index, str(directory), lambda name: TokenBlocks.open(directory, name, index))
+
+    @classmethod
+    def from_index(cls, index: ShardIndex, where: str, open_split: Callable[[str], Blocks]) -> TokenizedSplits:
+        """The splits `index` describes (prepared data at `where`), each opened by `open_split`."""
         if index.format_version != DATA_FORMAT_VERSION or set(index.splits) != set(SPLIT_NAMES):
-            raise DataError(f"{directory} holds prepared data of format {index.format_version} (this btx "
+            raise DataError(f"{where} holds prepared data of format {index.format_version} (this btx "
                             f"reads {DATA_FORMAT_VERSION}): delete it and prepare the data again")
-        blocks = {name: TokenBlocks.open(directory, name, index) for name in SPLIT_NAMES}
+        blocks = {name: open_split(name) for name in SPLIT_NAMES}
         for name, split in index.splits.items():
             if len(blocks[name]) != split.blocks:
-                raise DataError(f"{name} blocks in {directory} do not match {directory / 'index.json'}: "
-                                "delete the directory and prepare the data again")
+                raise DataError(f"{name} blocks in {where} do not match its {INDEX_FILE}: "
+                                "delete it and prepare the data again")
         stats = {n: SplitStats(s.documents, s.tokens, s.blocks) for n, s in index.splits.items()}
         return cls(blocks["train"], blocks["heldout"], stats["train"], stats["heldout"])
 

@@ -11,7 +11,10 @@ costs one system call per block, nothing next to a training step.
 
 The files are raw little-endian integers (uint16 when the vocabulary fits, else int32): nothing a
 loader has to execute, and a block is a plain byte range. The index says, per split, each shard's
-name, shape, dtype and sha256; the store's manifest hashes the files again when they move.
+name, shape, dtype and sha256; the store's manifest hashes the files again when they move. Beside
+each shard, `<shard>.crc32` holds every block's CRC-32 (uint32, 4 bytes a block): a reader that
+takes single blocks from an object store with ranged reads (btx_core/data/ranged.py) checks each
+one without reading its whole shard.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +34,15 @@ from btx_core.errors import DataError
 
 INDEX_FILE = "index.json"
 SPLIT_NAMES = ("train", "heldout")
+CHECKS_SUFFIX = ".crc32"
+"""`<shard><CHECKS_SUFFIX>`: the shard's per-block CRC-32s, little-endian uint32."""
+CHECKS_DTYPE = np.dtype("<u4")
+
+
+def block_checks(rows: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's stored bytes (rows [n, seq_len] in the stored dtype)."""
+    rows = np.ascontiguousarray(rows)
+    return np.fromiter((zlib.crc32(row) for row in rows), dtype=CHECKS_DTYPE, count=len(rows))
 
 
 class Blocks(Protocol):
@@ -96,15 +109,20 @@ class ShardIndex:
         if not path.is_file():
             raise DataError(f"{directory} is not prepared token data: {INDEX_FILE} is missing; "
                             "prepare the data again")
+        return cls.from_json(path.read_bytes(), str(path))
+
+    @classmethod
+    def from_json(cls, text: str | bytes, path: str) -> ShardIndex:
+        """The index in `text`, read from `path` (named in errors)."""
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(text)
             splits = {name: SplitIndex(documents=s["documents"], tokens=s["tokens"], blocks=s["blocks"],
                                        shards=[Shard(h["name"], h["blocks"], h["sha256"]) for h in s["shards"]])
                       for name, s in raw["splits"].items()}
             index = cls(raw["format_version"], raw["seq_len"], raw["dtype"], raw["tokenizer"], splits)
             np.dtype(index.dtype)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path} is unreadable ({exc}); delete the directory and prepare the data "
+            raise DataError(f"{path} is unreadable ({exc}); delete the prepared data and prepare it "
                             "again") from exc
         return index
 
@@ -123,6 +141,7 @@ class ShardWriter:
         self._tail = np.zeros(0, dtype=self.dtype)  # tokens short of a full block
         self._file = None
         self._hash = None
+        self._checks: list[np.ndarray] = []
         self._in_shard = 0
 
     def add(self, tokens: np.ndarray, documents: int) -> None:
@@ -137,9 +156,11 @@ class ShardWriter:
             if self._file is None:
                 self._open()
             take = min(len(rows), self.shard_blocks - self._in_shard)
-            data = np.ascontiguousarray(rows[:take]).tobytes()
+            chunk = np.ascontiguousarray(rows[:take])
+            data = chunk.tobytes()
             self._file.write(data)
             self._hash.update(data)
+            self._checks.append(block_checks(chunk))
             self._in_shard += take
             rows = rows[take:]
             if self._in_shard == self.shard_blocks:
@@ -156,11 +177,15 @@ class ShardWriter:
         name = f"{self.split}-{len(self.index.shards):05d}.tokens"
         self._file = open(self.directory / name, "xb")
         self._hash = hashlib.sha256()
+        self._checks = []
         self._in_shard = 0
         self.index.shards.append(Shard(name, 0, ""))
 
     def _close_shard(self) -> None:
         self._file.close()
+        checks = np.concatenate(self._checks) if self._checks else np.zeros(0, CHECKS_DTYPE)
+        (self.directory / (self.index.shards[-1].name + CHECKS_SUFFIX)).write_bytes(checks.tobytes())
+        self._checks = []
         shard = self.index.shards[-1]
         shard.blocks, shard.sha256 = self._in_shard, self._hash.hexdigest()
         self.index.blocks += self._in_shard

@@ -14,11 +14,12 @@ backend errors (faults.py), checkpoint listing and pruning (checkpoints.py) and 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,28 @@ class Store:
             return cache / manifest.hash
         with self._errors(location, "downloading", into=cache):
             return download(self.fs, self.transfer, manifest, location, self._path(location), cache)
+
+    def read_file(self, location: str, rel: str, manifest: Manifest) -> bytes:
+        """One small file of the output at `location`, whole, its sha256 checked against `manifest`."""
+        entry = manifest.files.get(rel)
+        if entry is None:
+            raise IntegrityError(f"{location} has no {rel} in its manifest: delete the output and rerun "
+                                 "its stage")
+        with self._errors(location, "reading"):
+            data = self.fs.cat_file(f"{self._path(location)}/{rel}")
+        check_hash(location, rel, entry.sha256, hashlib.sha256(data).hexdigest())
+        return data
+
+    def read_ranges(self, location: str, ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        """Byte ranges `(file, start, end)` (end exclusive) of files of the output at `location`,
+        read concurrently, up to `transfer.connections` requests in flight (ranged GETs on S3,
+        each retried by botocore). Nothing is hashed: the caller checks what it reads."""
+        path = self._path(location)
+        with self._errors(location, "reading"):
+            out = self.fs.cat_ranges([f"{path}/{rel}" for rel, _, _ in ranges], [s for _, s, _ in ranges],
+                                     [e for _, _, e in ranges], on_error="raise",
+                                     **({"batch_size": self.transfer.connections} if self.fs.async_impl else {}))
+        return [bytes(b) for b in out]
 
     def _step_children(self, prefix: str) -> list[tuple[int, str]]:
         """(step, location) of every `step-NNNNNNNN` child of `prefix`, complete or not."""

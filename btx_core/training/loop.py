@@ -44,6 +44,7 @@ from btx_core.training.distributed import (
     shard,
     wrap_ddp,
 )
+from btx_core.training.read_ahead import ReadAhead
 from btx_core.training.state import (
     TrainState,
     load_model_weights,
@@ -210,11 +211,12 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
     started = window_start = time.perf_counter()
     window_steps, extra_losses = 0, []
     last_stop = total_steps if stop_after is None else min(total_steps, resumed_from + stop_after)
-    with stop_on_sigterm():
+    order = functools.partial(batch_indices, len(blocks), settings=settings, ranks=ranks)
+    with stop_on_sigterm(), ReadAhead(blocks, order, settings.grad_accum, last_stop) as reader:
         while state.step < last_stop:
             if objective is not None:
                 objective.at_step(state.step, total_steps)
-            loss, extra = _step(wrapped, blocks, state.step, settings, ranks, device, autocast, optimizer,
+            loss, extra = _step(wrapped, reader, state.step, settings, ranks, device, autocast, optimizer,
                                 objective)
             if extra is not None:
                 extra_losses.append(extra)
@@ -274,7 +276,7 @@ def _stopping(ranks: Dist, device: torch.device) -> bool:
     return stop
 
 
-def _step(model, data: Blocks, step: int, settings: TrainSettings, ranks: Dist,
+def _step(model, reader: ReadAhead, step: int, settings: TrainSettings, ranks: Dist,
           device: torch.device, autocast, optimizer, objective: Objective | None = None
           ) -> tuple[float, float | None]:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all ranks
@@ -282,7 +284,7 @@ def _step(model, data: Blocks, step: int, settings: TrainSettings, ranks: Dist,
     total = torch.zeros((), device=device)
     extra_total = None
     for micro in range(settings.grad_accum):
-        rows = np.asarray(data[batch_indices(len(data), step, micro, settings, ranks)])
+        rows = reader.rows(step, micro)
         ids = torch.from_numpy(rows).to(device, non_blocking=True).long()
         # DDP and FSDP reduce gradients on every backward; only the last micro-batch needs it.
         sync = micro == settings.grad_accum - 1

@@ -1,0 +1,274 @@
+"""Prepared corpora read from the store block by block (`store_transfer.prepared_data: ranged`):
+the same rows as the local shards, one ranged read per run of consecutive rows, each block
+checked against its CRC-32, only a rank's own slice read, the same trained weights as a
+download, and clear errors for a damaged shard or an endpoint that went away."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from btx_core.config.execution import TransferPolicy
+from btx_core.config.schema import DataSource, TrainSettings
+from btx_core.data.cache import PreparedData
+from btx_core.data.prepare import TokenizedSplits, prepare_domain_data
+from btx_core.data.ranged import RangedTokenBlocks, open_ranged
+from btx_core.data.shards import TokenBlocks
+from btx_core.errors import IntegrityError, StoreError
+from btx_core.store.core import Store
+from btx_core.training.distributed import Dist
+from btx_core.training.loop import batch_indices, train
+from btx_core.training.read_ahead import ReadAhead
+from tests.test_data_shards import _free_port, pico, tokenizer  # noqa: F401 (a fixture)
+from tests.test_train import DirSink, weights
+
+SEQ_LEN = 16
+SHARD_BLOCKS = 64  # several shards, so that reads cross their boundaries
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    directory = tmp_path_factory.mktemp("prepared") / "data"
+    prepare_domain_data(DataSource(builtin="general", max_documents=600), tokenizer, SEQ_LEN, 0.1, "s",
+                        directory, shard_tokens=SHARD_BLOCKS * SEQ_LEN)
+    return directory
+
+
+def stored(store: Store, prepared_dir: Path) -> PreparedData:
+    location = store.child("_data", "corpus")
+    return PreparedData(location, store.write_dir(prepared_dir, location, stage="data", config_hash="k"))
+
+
+@pytest.fixture
+def local(prepared_dir: Path, tmp_path: Path) -> tuple[Store, PreparedData]:
+    store = Store(str(tmp_path / "store"))
+    return store, stored(store, prepared_dir)
+
+
+def ranged(store: Store, data: PreparedData, cache: Path) -> TokenizedSplits:
+    return open_ranged(store, data.location, data.manifest, cache)
+
+
+@pytest.mark.unit
+def test_ranged_reads_return_what_the_local_shards_hold(local, prepared_dir, tmp_path) -> None:
+    store, data = local
+    splits = ranged(store, data, tmp_path / "cache")
+    here = TokenizedSplits.load(prepared_dir)
+    blocks, truth = splits.train, here.train
+    assert isinstance(blocks, RangedTokenBlocks) and blocks.shape == truth.shape and len(blocks) > 3 * SHARD_BLOCKS
+    assert splits.stats() == here.stats() and blocks.rows_read == 0 and blocks.requests == 0
+    n = len(truth)
+    mask = np.zeros(n, dtype=bool)
+    mask[[0, 7, n - 1]] = True
+    for key in (3, -1, slice(2, 9), slice(1, 200, 7), np.array([9, 2, 2, 150, n - 1]), mask,
+                (np.array([1, 2]), slice(0, 4)), (5, 3)):
+        assert np.array_equal(blocks[key], truth[key]), key
+        assert blocks[key].dtype == np.int32
+    assert np.array_equal(np.asarray(splits.heldout), np.asarray(here.heldout))
+    with pytest.raises(IndexError):
+        blocks[n]
+
+
+@pytest.mark.unit
+def test_one_read_per_run_of_consecutive_rows_and_only_those_rows(local, tmp_path) -> None:
+    store, data = local
+    blocks = ranged(store, data, tmp_path / "cache").train
+    sizes = []
+    real = store.read_ranges
+    store.read_ranges = lambda location, ranges: sizes.extend(e - s for _, s, e in ranges) or real(location, ranges)
+    blocks[np.array([20, 5, 6, 7, 5])]  # rows 5-7 in one read, 20 in another; 5 twice is read once
+    assert blocks.requests == 2 and blocks.rows_read == 4 and sorted(sizes) == [32, 96]
+    blocks[SHARD_BLOCKS - 1:SHARD_BLOCKS + 1]  # across a shard boundary: a read in each shard
+    assert blocks.requests == 4 and blocks.rows_read == 6
+    # Nothing of the corpus on local disk: only the checks of the two shards touched.
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert cached == ["train-00000.tokens.crc32", "train-00001.tokens.crc32"]
+
+
+@pytest.mark.unit
+def test_a_damaged_block_is_read_again_then_refused(local, tmp_path) -> None:
+    store, data = local
+    blocks = ranged(store, data, tmp_path / "cache").train
+    good = blocks[np.array([3, 4])]
+    real, calls = store.read_ranges, []
+
+    def once_damaged(location, ranges):
+        out = real(location, ranges)
+        calls.append(len(ranges))
+        if len(calls) == 1:
+            out[0] = bytes([out[0][0] ^ 1]) + out[0][1:]
+        return out
+
+    store.read_ranges = once_damaged
+    assert np.array_equal(blocks[np.array([3, 4])], good) and calls == [1, 1]  # read again, then fine
+    store.read_ranges = real
+    shard = Path(store.root) / "_data" / "corpus" / "train-00000.tokens"
+    raw = bytearray(shard.read_bytes())
+    raw[4 * SEQ_LEN * 2] ^= 0xFF  # a bit flip in block 4, at rest
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match=r"train-00000.tokens: blocks 3..4 do not match .*read twice.*"
+                                             r"prepare the data again"):
+        blocks[np.array([3, 4])]
+    assert np.array_equal(blocks[5], TokenizedSplits.load(shard.parent).train[5])  # the rest still reads
+
+
+@pytest.mark.unit
+def test_damaged_checks_are_refused_by_their_sha256(local, tmp_path) -> None:
+    store, data = local
+    checks = Path(store.root) / "_data" / "corpus" / "train-00001.tokens.crc32"
+    checks.write_bytes(b"\0" * checks.stat().st_size)
+    blocks = ranged(store, data, tmp_path / "cache").train
+    blocks[3]  # shard 0 is fine
+    with pytest.raises(IntegrityError, match=r"train-00001.tokens.crc32 is corrupt: sha256"):
+        blocks[SHARD_BLOCKS + 3]
+    assert not (tmp_path / "cache" / f"{data.manifest.hash}-checks" / checks.name).exists()
+
+
+@pytest.mark.unit
+def test_read_ahead_reads_the_next_micro_batch_in_order_and_raises_where_asked() -> None:
+    asked = []
+
+    class Recording:
+        shape = (100, 4)
+
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, rows):
+            asked.append(int(rows[0]))
+            if int(rows[0]) == 99:
+                raise StoreError("endpoint gone")
+            return np.tile(rows[:, None], (1, 4))
+
+    order = lambda step, micro: np.array([step * 10 + micro])  # noqa: E731
+    with ReadAhead(Recording(), order, grad_accum=2, last_step=3) as reader:
+        for step in range(3):
+            for micro in range(2):
+                assert reader.rows(step, micro)[0, 0] == step * 10 + micro
+    assert asked == [0, 1, 10, 11, 20, 21]  # each once, in order, none past the last step
+    with ReadAhead(Recording(), lambda s, m: np.array([99 if s == 1 else 0]), 1, 5) as reader:
+        reader.rows(0, 0)
+        with pytest.raises(StoreError, match="endpoint gone"):
+            reader.rows(1, 0)
+
+
+def pico_settings(**over) -> TrainSettings:
+    return TrainSettings(**{"steps": 4, "lr": 1e-3, "warmup_steps": 1, "seq_len": SEQ_LEN, "batch_size": 4,
+                            "grad_accum": 2, "precision": "fp32", "device": "cpu", "log_every": 100, "seed": 3,
+                            **over})
+
+
+@pytest.mark.integration
+def test_training_from_s3_reads_ranged_and_matches_a_download(s3_root, prepared_dir, tmp_path) -> None:
+    """The default on an s3:// store: the same weights as training on a downloaded copy, nothing
+    of the corpus on local disk, and an interrupted run resumes to bit-identical weights."""
+    data = stored(Store(s3_root), prepared_dir)
+    lazy = data.load(Store(s3_root), tmp_path / "lazy")
+    copy = data.load(Store(s3_root, transfer=TransferPolicy(prepared_data="download")), tmp_path / "copy")
+    assert isinstance(lazy.train, RangedTokenBlocks) and isinstance(copy.train, TokenBlocks)
+    torch.set_num_threads(1)
+    from_s3, from_copy = pico(), pico()
+    train(from_s3, lazy.train, pico_settings())
+    train(from_copy, copy.train, pico_settings())
+    assert all(torch.equal(a, b) for a, b in zip(weights(from_s3).values(), weights(from_copy).values(), strict=True))
+    assert lazy.train.rows_read <= 4 * 4 * 2
+    assert not list((tmp_path / "lazy").rglob("*.tokens"))
+    assert list((tmp_path / "copy").rglob("*.tokens"))
+
+    resumed, sink = pico(), DirSink(tmp_path / "ckpt")
+    train(resumed, lazy.train, pico_settings(checkpoint_every=1), checkpoints=sink, stop_after=2)
+    train(resumed, data.load(Store(s3_root), tmp_path / "lazy").train, pico_settings(checkpoint_every=1),
+          checkpoints=sink)
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed).values(), weights(from_s3).values(), strict=True))
+
+
+RANK_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, {root!r})
+from tests.test_data_shards import pico
+from btx_core.config.schema import TrainSettings
+from btx_core.data.cache import PreparedData
+from btx_core.data.ranged import RangedTokenBlocks
+from btx_core.store.core import Store
+from btx_core.training.loop import train
+
+class Recording(RangedTokenBlocks):
+    seen = []
+    def __getitem__(self, key):
+        self.seen.append(np.asarray(key).tolist())
+        return super().__getitem__(key)
+
+torch.set_num_threads(1)
+store = Store({store!r})
+blocks = PreparedData({location!r}, store.read_manifest({location!r})).load(store, Path({cache!r})).train
+blocks.__class__ = Recording
+sizes = []
+read = store.read_ranges
+store.read_ranges = lambda loc, ranges: sizes.extend(e - s for _, s, e in ranges) or read(loc, ranges)
+settings = TrainSettings(steps=3, lr=1e-3, warmup_steps=1, seq_len=16, batch_size=4, grad_accum=2,
+                         precision="fp32", device="cpu", log_every=100, seed=3, nproc_per_node=2)
+train(pico(), blocks, settings)
+with open({out!r} + os.environ["RANK"], "w") as f:
+    json.dump({{"seen": Recording.seen, "rows_read": blocks.rows_read, "bytes": sum(sizes)}}, f)
+"""
+
+
+@pytest.mark.integration
+def test_each_rank_reads_only_its_slice_from_s3(s3_root, prepared_dir, tmp_path) -> None:
+    """Two gloo ranks train from the S3 store with ranged reads: each fetches exactly the bytes of
+    its share of every global micro-batch, and together they read the global batch."""
+    data = stored(Store(s3_root), prepared_dir)
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(root=str(Path(__file__).parents[1]), store=s3_root, location=data.location,
+                                         cache=str(tmp_path / "cache"), out=str(tmp_path / "r")))
+    for _ in range(2):  # a port taken between probe and bind: one more try
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=180)
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"r{r}").read_text()) for r in (0, 1)]
+    n = len(TokenizedSplits.load(prepared_dir).train)
+    per_rank = TrainSettings(steps=3, seq_len=SEQ_LEN, batch_size=2, grad_accum=2, seed=3)
+    for r, got in enumerate(ranks):
+        expected = [batch_indices(n, step, micro, per_rank, Dist(rank=r, world_size=2)).tolist()
+                    for step in range(3) for micro in range(2)]
+        unique = sum(len(set(rows)) for rows in expected)
+        assert got["seen"] == expected and got["rows_read"] == unique
+        assert got["bytes"] == unique * SEQ_LEN * 2  # uint16 ids: its rows' bytes, nothing more
+    whole = TrainSettings(steps=3, seq_len=SEQ_LEN, batch_size=4, grad_accum=2, seed=3)
+    for i, (step, micro) in enumerate((s, m) for s in range(3) for m in range(2)):
+        assert ranks[0]["seen"][i] + ranks[1]["seen"][i] == batch_indices(n, step, micro, whole, Dist()).tolist()
+
+
+@pytest.mark.integration
+def test_an_endpoint_lost_during_training_is_a_store_error_naming_it(prepared_dir, tmp_path, monkeypatch) -> None:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in (("AWS_ENDPOINT_URL_S3", f"http://{host}:{port}"), ("AWS_ACCESS_KEY_ID", "k"),
+                        ("AWS_SECRET_ACCESS_KEY", "s"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    try:
+        store = Store("s3://lost-endpoint/run", transfer=TransferPolicy(attempts=2))
+        store.fs.mkdir("lost-endpoint")
+        data = stored(store, prepared_dir)
+        blocks = data.load(store, tmp_path / "cache").train
+        blocks[0]
+    finally:
+        server.stop()
+    with pytest.raises(StoreError, match=rf"cannot reach endpoint http://{host}:{port} \(reading .*corpus\)"):
+        train(pico(), blocks, pico_settings())
