@@ -21,7 +21,7 @@ from btx_core.data.cache import PreparedData
 from btx_core.data.prepare import TokenizedSplits, prepare_domain_data
 from btx_core.data.ranged import RangedTokenBlocks, open_ranged
 from btx_core.data.shards import TokenBlocks
-from btx_core.errors import IntegrityError, StoreError
+from btx_core.errors import DataError, IntegrityError, StoreError
 from btx_core.store.core import Store
 from btx_core.training.distributed import Dist
 from btx_core.training.loop import batch_indices, train
@@ -129,6 +129,16 @@ def test_damaged_checks_are_refused_by_their_sha256(local, tmp_path) -> None:
     with pytest.raises(IntegrityError, match=r"train-00001.tokens.crc32 is corrupt: sha256"):
         blocks[SHARD_BLOCKS + 3]
     assert not (tmp_path / "cache" / f"{data.manifest.hash}-checks" / checks.name).exists()
+
+
+@pytest.mark.unit
+def test_a_cache_dir_that_cannot_hold_the_checks_says_so(local, tmp_path) -> None:
+    store, data = local
+    (tmp_path / "cache").write_text("a file where the cache directory should be")
+    blocks = ranged(store, data, tmp_path / "cache").train
+    with pytest.raises(DataError, match=r"cannot keep the block checks .* point cache_dir at a writable"):
+        blocks[0]
+    assert (tmp_path / "cache").read_text().startswith("a file")
 
 
 @pytest.mark.unit

@@ -17,6 +17,7 @@ flight), then it is an error that names the shard and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -70,10 +71,17 @@ class ShardChecks:
                                  "(it is prepared again, with its checks)")
         if not (path.is_file() and path.stat().st_size == entry.size):
             data = self.store.read_file(self.location, rel, self.manifest)
-            self.directory.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{rel}.{os.getpid()}-{threading.get_ident()}")
-            partial.write_bytes(data)
-            os.replace(partial, path)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                partial.write_bytes(data)
+                os.replace(partial, path)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    partial.unlink()
+                raise DataError(f"cannot keep the block checks of {self.location} in {self.directory} "
+                                f"({exc.strerror or exc}): point cache_dir at a writable local disk with room "
+                                "(4 bytes a block)") from exc
         return path
 
     def close(self) -> None:
