@@ -1,6 +1,6 @@
 """S3 transfer speed: single-stream s3fs, s3fs tuned by hand, and the store's transfers; same files, one run.
 
-    PYTHONPATH=. .venv/bin/python bench/s3_transfer.py [--server moto|s3rver|rclone] [--files 4]
+    PYTHONPATH=. .venv/bin/python bench/s3_transfer.py [--server moto|s3rver|rclone] [--server-args ARGS] [--files 4]
         [--mb 64] [--rounds 5] [--json FILE]
 
 Starts an S3 server on 127.0.0.1 (`moto`: `python -m moto.server`, one Python process;
@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import statistics
@@ -63,7 +64,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, port: int, binary: str, data_dir: Path) -> subprocess.Popen:
+def start_server(kind: str, port: int, binary: str, data_dir: Path, extra: list[str] = ()) -> subprocess.Popen:
     probe = f"http://127.0.0.1:{port}/"
     if kind == "moto":
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
@@ -76,7 +77,7 @@ def start_server(kind: str, port: int, binary: str, data_dir: Path) -> subproces
         data_dir.mkdir()
         cmd = [binary, "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}",
                "--auth-key", "S3RVER,S3RVER", "--config", "/dev/null", "--log-level", "ERROR"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--s3rver-bin", default="/tmp/s3rver/node_modules/.bin/s3rver")
     parser.add_argument("--rclone-bin",
                         default=shutil.which("rclone") or str(Path(sys.executable).parent / "rclone"))
+    parser.add_argument("--server-args", default="",
+                        help="more arguments for the server, e.g. rclone's \"--etag-hash= --no-checksum\"")
     parser.add_argument("--part-size-mib", type=int, help="the store sides' part size (default: the store's)")
     parser.add_argument("--checksum", choices=("when_supported", "when_required"), default="when_supported",
                         help="botocore's request_checksum_calculation and response_checksum_validation, the "
@@ -143,7 +146,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="btx-s3bench-") as tmp:
         binary = args.s3rver_bin if args.server == "s3rver" else args.rclone_bin
-        server = start_server(args.server, port, binary, Path(tmp, "server"))
+        server = start_server(args.server, port, binary, Path(tmp, "server"), shlex.split(args.server_args))
         SERVER_PID.append(server.pid)
         try:
             boto3.client("s3").create_bucket(Bucket="btx-bench")
@@ -225,7 +228,7 @@ def main() -> None:
             server.wait(timeout=30)
 
     med = {s: {d: statistics.median(v) for d, v in results[s].items()} for s in SIDES}
-    print(f"\n{args.server}, checksums {args.checksum}, store parts {policy.part_size_mib} MiB: "
+    print(f"\n{args.server} {args.server_args}, checksums {args.checksum}, store parts {policy.part_size_mib} MiB: "
           f"{args.files} x {args.mb} MB, {args.rounds} rounds, {platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cores, load {load:.1f} at start")
     print(f"tuned s3fs settings (grid search): up {settings['up']}, down {settings['down']}\n")

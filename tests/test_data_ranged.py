@@ -5,10 +5,6 @@ download, and clear errors for a damaged shard or an endpoint that went away."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +19,9 @@ from btx_core.data.ranged import RangedTokenBlocks, open_ranged
 from btx_core.data.shards import TokenBlocks
 from btx_core.errors import DataError, IntegrityError, StoreError
 from btx_core.store.core import Store
-from btx_core.training.distributed import Dist
-from btx_core.training.loop import batch_indices, train
+from btx_core.training.loop import train
 from btx_core.training.read_ahead import ReadAhead
-from tests.test_data_shards import _free_port, pico, tokenizer  # noqa: F401 (a fixture)
+from tests.test_data_shards import check_rank_slices, pico, tokenizer, train_on_two_ranks  # noqa: F401
 from tests.test_train import DirSink, weights
 
 SEQ_LEN = 16
@@ -199,67 +194,26 @@ def test_training_from_s3_reads_ranged_and_matches_a_download(s3_root, prepared_
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed).values(), weights(from_s3).values(), strict=True))
 
 
-RANK_SCRIPT = r"""
-import json, os, sys
-from pathlib import Path
-import numpy as np, torch
-sys.path.insert(0, {root!r})
-from tests.test_data_shards import pico
-from btx_core.config.schema import TrainSettings
-from btx_core.data.cache import PreparedData
-from btx_core.data.ranged import RangedTokenBlocks
-from btx_core.store.core import Store
-from btx_core.training.loop import train
-
-class Recording(RangedTokenBlocks):
-    seen = []
-    def __getitem__(self, key):
-        self.seen.append(np.asarray(key).tolist())
-        return super().__getitem__(key)
-
-torch.set_num_threads(1)
-store = Store({store!r})
-blocks = PreparedData({location!r}, store.read_manifest({location!r})).load(store, Path({cache!r})).train
-blocks.__class__ = Recording
-sizes = []
-read = store.read_ranges
-store.read_ranges = lambda loc, ranges: sizes.extend(e - s for _, s, e in ranges) or read(loc, ranges)
-settings = TrainSettings(steps=3, lr=1e-3, warmup_steps=1, seq_len=16, batch_size=4, grad_accum=2,
-                         precision="fp32", device="cpu", log_every=100, seed=3, nproc_per_node=2)
-train(pico(), blocks, settings)
-with open({out!r} + os.environ["RANK"], "w") as f:
-    json.dump({{"seen": Recording.seen, "rows_read": blocks.rows_read, "bytes": sum(sizes)}}, f)
-"""
-
-
 @pytest.mark.integration
 def test_each_rank_reads_only_its_slice_from_s3(s3_root, prepared_dir, tmp_path) -> None:
     """Two gloo ranks train from the S3 store with ranged reads: each fetches exactly the bytes of
     its share of every global micro-batch, and together they read the global batch."""
     data = stored(Store(s3_root), prepared_dir)
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(root=str(Path(__file__).parents[1]), store=s3_root, location=data.location,
-                                         cache=str(tmp_path / "cache"), out=str(tmp_path / "r")))
-    for _ in range(2):  # a port taken between probe and bind: one more try
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)],
-                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                              timeout=180)
-        if proc.returncode == 0:
-            break
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"r{r}").read_text()) for r in (0, 1)]
-    n = len(TokenizedSplits.load(prepared_dir).train)
-    per_rank = TrainSettings(steps=3, seq_len=SEQ_LEN, batch_size=2, grad_accum=2, seed=3)
-    for r, got in enumerate(ranks):
-        expected = [batch_indices(n, step, micro, per_rank, Dist(rank=r, world_size=2)).tolist()
-                    for step in range(3) for micro in range(2)]
-        unique = sum(len(set(rows)) for rows in expected)
-        assert got["seen"] == expected and got["rows_read"] == unique
+    ranks = train_on_two_ranks(tmp_path, f"""
+from btx_core.data.cache import PreparedData
+from btx_core.store.core import Store
+store = Store({s3_root!r})
+blocks = PreparedData({data.location!r}, store.read_manifest({data.location!r})).load(store, Path({str(tmp_path / "cache")!r})).train
+sizes = []
+read = store.read_ranges
+store.read_ranges = lambda loc, ranges: sizes.extend(e - s for _, s, e in ranges) or read(loc, ranges)
+extra = lambda: {{"bytes": sum(sizes)}}
+""")
+    expected = check_rank_slices(ranks, len(TokenizedSplits.load(prepared_dir).train))
+    for got, mine in zip(ranks, expected, strict=True):
+        unique = sum(len(set(rows)) for rows in mine)
+        assert got["rows_read"] == unique
         assert got["bytes"] == unique * SEQ_LEN * 2  # uint16 ids: its rows' bytes, nothing more
-    whole = TrainSettings(steps=3, seq_len=SEQ_LEN, batch_size=4, grad_accum=2, seed=3)
-    for i, (step, micro) in enumerate((s, m) for s in range(3) for m in range(2)):
-        assert ranks[0]["seen"][i] + ranks[1]["seen"][i] == batch_indices(n, step, micro, whole, Dist()).tolist()
 
 
 @pytest.mark.integration

@@ -158,28 +158,27 @@ def test_block_mixture_reads_from_its_sources_on_demand(prepared) -> None:
 
 RANK_SCRIPT = r"""
 import json, os, sys
+from pathlib import Path
 import numpy as np, torch
 sys.path.insert(0, {root!r})
 from tests.test_data_shards import pico
 from btx_core.config.schema import TrainSettings
-from btx_core.data.prepare import TokenizedSplits
-from btx_core.data.shards import TokenBlocks
 from btx_core.training.loop import train
+{open_blocks}
 
-class Recording(TokenBlocks):
+class Recording(type(blocks)):
     seen = []
     def __getitem__(self, key):
         self.seen.append(np.asarray(key).tolist())
         return super().__getitem__(key)
 
 torch.set_num_threads(1)
-blocks = TokenizedSplits.load({data!r}).train
 blocks.__class__ = Recording
 settings = TrainSettings(steps=3, lr=1e-3, warmup_steps=1, seq_len=16, batch_size=4, grad_accum=2,
                          precision="fp32", device="cpu", log_every=100, seed=3, nproc_per_node=2)
 train(pico(), blocks, settings)
 with open({out!r} + os.environ["RANK"], "w") as f:
-    json.dump({{"seen": Recording.seen, "rows_read": blocks.rows_read, "fds": sorted(blocks._fds)}}, f)
+    json.dump({{"seen": Recording.seen, "rows_read": blocks.rows_read, **extra()}}, f)
 """
 
 
@@ -189,14 +188,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.integration
-def test_each_rank_reads_only_its_slice(prepared, tmp_path) -> None:
-    """Two gloo processes train on the same shards: each reads exactly its share of every global
-    micro-batch (batch_indices of its rank), nothing else; together they read the global batch."""
-    data = str(Path(prepared.train._paths[0]).parent)
+def train_on_two_ranks(tmp_path: Path, open_blocks: str) -> list[dict]:
+    """Three steps (batch 4 = 2 per rank, grad_accum 2, seq_len 16) on two gloo processes, whose
+    blocks the Python code `open_blocks` opens (it defines `blocks`, and `extra()`: more to
+    report); per rank, the keys it indexed the blocks with, its rows_read and extra()."""
     script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(root=str(Path(__file__).parents[1]), data=data, out=str(tmp_path / "r")))
-    for attempt in range(2):  # a port taken between probe and bind: one more try
+    script.write_text(RANK_SCRIPT.format(root=str(Path(__file__).parents[1]), open_blocks=open_blocks,
+                                         out=str(tmp_path / "r")))
+    for _ in range(2):  # a port taken between probe and bind: one more try
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)],
                               env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
@@ -204,16 +203,32 @@ def test_each_rank_reads_only_its_slice(prepared, tmp_path) -> None:
         if proc.returncode == 0:
             break
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"r{r}").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"r{r}").read_text()) for r in (0, 1)]
+
+
+def check_rank_slices(ranks: list[dict], n_blocks: int) -> list[list[list[int]]]:
+    """Each rank indexed exactly its share of every global micro-batch, in order, and together
+    they indexed the global batch; returns each rank's micro-batches."""
     per_process = TrainSettings(steps=3, seq_len=16, batch_size=2, grad_accum=2, seed=3)
-    for r, got in enumerate(ranks):
-        expected = [batch_indices(len(prepared.train), step, micro, per_process, Dist(rank=r, world_size=2)).tolist()
-                    for step in range(3) for micro in range(2)]
-        assert got["seen"] == expected and got["rows_read"] == 12
+    expected = [[batch_indices(n_blocks, step, micro, per_process, Dist(rank=r, world_size=2)).tolist()
+                 for step in range(3) for micro in range(2)] for r in (0, 1)]
+    assert [got["seen"] for got in ranks] == expected
     one = TrainSettings(steps=3, seq_len=16, batch_size=4, grad_accum=2, seed=3)
     for i, (step, micro) in enumerate((s, m) for s in range(3) for m in range(2)):
-        assert ranks[0]["seen"][i] + ranks[1]["seen"][i] == batch_indices(len(prepared.train), step, micro, one,
-                                                                           Dist()).tolist()
+        assert expected[0][i] + expected[1][i] == batch_indices(n_blocks, step, micro, one, Dist()).tolist()
+    return expected
+
+
+@pytest.mark.integration
+def test_each_rank_reads_only_its_slice(prepared, tmp_path) -> None:
+    """Two gloo processes train on the same shards: each reads exactly its share of every global
+    micro-batch (batch_indices of its rank), nothing else; together they read the global batch."""
+    data = str(Path(prepared.train._paths[0]).parent)
+    ranks = train_on_two_ranks(tmp_path, "from btx_core.data.prepare import TokenizedSplits\n"
+                                         f"blocks = TokenizedSplits.load({data!r}).train\n"
+                                         "extra = lambda: {}")
+    check_rank_slices(ranks, len(prepared.train))
+    assert all(got["rows_read"] == 12 for got in ranks)
 
 
 # --- caps and streaming ---------------------------------------------------------------------------------

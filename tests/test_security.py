@@ -140,6 +140,15 @@ def load_safely(path: Path) -> str:
         tokens = np.fromfile(path, dtype=np.dtype(index["dtype"]))
         assert tokens.size * tokens.itemsize == path.stat().st_size, path
         return "raw tokens"
+    if suffix == ".crc32":  # a token shard's per-block CRC-32s: raw little-endian uint32, one a block
+        import numpy as np
+
+        index = json.loads((path.parent / "index.json").read_text())
+        shard = path.with_suffix("")
+        checks = np.fromfile(path, dtype="<u4")
+        assert checks.size * 4 == path.stat().st_size, path
+        assert checks.size * index["seq_len"] * np.dtype(index["dtype"]).itemsize == shard.stat().st_size, path
+        return "raw tokens"
     if suffix in TEXT_SUFFIXES:
         path.read_bytes()
         return "text"
