@@ -90,6 +90,12 @@ class ShardChecks:
                 os.close(fd)
             self._fds.clear()
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError, TypeError):  # interpreter shutdown
+            pass
+
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
 

@@ -177,7 +177,6 @@ class ShardWriter:
         name = f"{self.split}-{len(self.index.shards):05d}.tokens"
         self._file = open(self.directory / name, "xb")
         self._hash = hashlib.sha256()
-        self._checks = []
         self._in_shard = 0
         self.index.shards.append(Shard(name, 0, ""))
 

@@ -245,10 +245,9 @@ class Store:
         each retried by botocore). Nothing is hashed: the caller checks what it reads."""
         path = self._path(location)
         with self._errors(location, "reading"):
-            out = self.fs.cat_ranges([f"{path}/{rel}" for rel, _, _ in ranges], [s for _, s, _ in ranges],
-                                     [e for _, _, e in ranges], on_error="raise",
-                                     **({"batch_size": self.transfer.connections} if self.fs.async_impl else {}))
-        return [bytes(b) for b in out]
+            return self.fs.cat_ranges([f"{path}/{rel}" for rel, _, _ in ranges], [s for _, s, _ in ranges],
+                                      [e for _, _, e in ranges], on_error="raise",
+                                      **({"batch_size": self.transfer.connections} if self.fs.async_impl else {}))
 
     def _step_children(self, prefix: str) -> list[tuple[int, str]]:
         """(step, location) of every `step-NNNNNNNN` child of `prefix`, complete or not."""
