@@ -25,7 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from btx_core.data.prepare import TokenizedSplits
-from btx_core.data.shards import CHECKS_DTYPE, CHECKS_SUFFIX, INDEX_FILE, RowIndexed, ShardIndex, block_checks
+from btx_core.data.shards import (
+    CHECKS_DTYPE,
+    CHECKS_SUFFIX,
+    INDEX_FILE,
+    OpenFiles,
+    RowIndexed,
+    ShardIndex,
+    block_checks,
+)
 from btx_core.errors import DataError, IntegrityError
 from btx_core.store.core import Manifest, Store
 
@@ -39,7 +47,7 @@ def open_ranged(store: Store, location: str, manifest: Manifest, cache_dir: Path
         index, location, lambda split: RangedTokenBlocks.open(store, location, manifest, split, index, checks))
 
 
-class ShardChecks:
+class ShardChecks(OpenFiles):
     """The per-block CRC-32s of a prepared corpus's shards, fetched on first use into `directory`
     (shared by the processes of a machine: each file is written whole, then renamed)."""
 
@@ -86,21 +94,13 @@ class ShardChecks:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except (OSError, AttributeError, TypeError):  # interpreter shutdown
-            pass
+            super().close()
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
+        return {k: v for k, v in super().__getstate__().items() if k != "_lock"}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _fds={}, _lock=threading.Lock())
+        self.__dict__.update(state, _lock=threading.Lock())
 
 
 class RangedTokenBlocks(RowIndexed):

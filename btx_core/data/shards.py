@@ -248,7 +248,28 @@ class RowIndexed:
         raise NotImplementedError
 
 
-class TokenBlocks(RowIndexed):
+class OpenFiles:
+    """File descriptors opened on first use (`_fds`), closed by `close()` or when the object is
+    dropped, and left out when it is pickled (descriptors do not cross processes)."""
+
+    _fds: dict
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError, TypeError):  # interpreter shutdown
+            pass
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": {}}
+
+
+class TokenBlocks(OpenFiles, RowIndexed):
     """A split's blocks [n, seq_len] in shard files, read on demand.
 
     Indexing with an int, a slice, an integer array or a boolean mask reads just those rows and
@@ -308,19 +329,6 @@ class TokenBlocks(RowIndexed):
             fd = self._fds[shard] = os.open(self._paths[shard], os.O_RDONLY)
         return fd
 
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except (OSError, AttributeError, TypeError):  # interpreter shutdown
-            pass
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fds": {}}  # descriptors do not cross processes
 
 
 class BlockMixture(RowIndexed):
