@@ -16,25 +16,25 @@ from btx_core.moe.edit import drop_expert
 from btx_core.moe.mix import Expert, MixOptions, mix
 from btx_core.moe.routing import RoutingPlan, configure, freeze_experts, moe_blocks
 from tests.pico import ROPE, branch, dense, save
+from tests.support.equivalence import load_float64, logit_gap
 
 pytestmark = pytest.mark.unit
 FAMILIES = sorted(DENSE_FAMILIES)
 LENGTH = 300  # > max_position_embeddings (128): dynamic and longrope RoPE change regime inside it
+# Weights 10x transformers' default init: attention sharp enough that positions matter (logits ~5,
+# as a trained model's), so a RoPE fault moves the logits by ~0.2-2 instead of ~1e-5.
+SHARP = {"initializer_range": 0.2}
 
 
 def ids(length=LENGTH, seed=0):
     return torch.randint(0, 101, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-def max_diff(a, b, tokens) -> float:
-    with torch.no_grad():
-        return (a(tokens).logits - b(tokens).logits).abs().max().item()
-
-
 def mixed(experts, out, **options):
+    """The MoE that `mix` writes, loaded in float64 (tests/support/equivalence.py says why)."""
     out.mkdir()
     mix(experts, MixOptions(**options), out)
-    return AutoModelForCausalLM.from_pretrained(out).eval()
+    return load_float64(out)
 
 
 @pytest.mark.parametrize("rope", list(ROPE))
@@ -42,30 +42,58 @@ def mixed(experts, out, **options):
 @pytest.mark.parametrize("fmt", ["t4", "t5"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_upcycled_seed_reproduces_the_dense_logits(tmp_path, family, fmt, tie, rope):
-    model = dense(family, tie=tie, rope=rope)
+    model = dense(family, tie=tie, rope=rope, **SHARP)
     source = save(model, tmp_path / "dense", fmt=fmt)
     moe = mixed([Expert(f"c{i}", source) for i in range(3)], tmp_path / "moe")
     assert type(moe).__name__ == DENSE_FAMILIES[family].moe.architecture
     assert moe.config.rope_parameters == {k: v for k, v in model.config.rope_parameters.items() if k != "type"}
-    diff = max_diff(moe, model, ids())
-    print(f"\nLOGIT-DIFF {family} {fmt} {'tied' if tie else 'untied'} {rope} {diff:.2e}")
-    assert diff <= 1e-4
+    gap = logit_gap(moe, model, ids())
+    print(f"\nLOGIT-DIFF {family} {fmt} {'tied' if tie else 'untied'} {rope} {gap.diff:.2e} (bound {gap.bound:.1e})")
+    assert gap.same, gap
 
 
 def test_transformers4_config_keeps_the_seeds_rope_theta(tmp_path):
     """The original bug: a config.json written by transformers 4 (rope_theta 100000 at the top level)
     copied as a raw dict gave Mixtral its default theta 1e6 and logits off by whole units."""
-    model = dense("llama", theta=100_000.0, tie=True)
+    model = dense("llama", theta=100_000.0, tie=True, **SHARP)
     source = save(model, tmp_path / "dense", fmt="t4")
     assert "rope_parameters" not in json.loads((source / "config.json").read_text())
     moe = mixed([Expert(f"c{i}", source) for i in range(2)], tmp_path / "moe")
     assert moe.config.rope_parameters["rope_theta"] == 100_000.0
-    ours = max_diff(moe, model, ids())
-    assert ours < 1e-5
-    wrong = MixtralForCausalLM.from_pretrained(tmp_path / "moe", rope_parameters={
-        "rope_type": "default", "rope_theta": 1e6}).eval()  # what the raw-dict config produced
-    # A random pico model's logits are small (~0.1); a 135M Llama's differed by up to 17.
-    assert max_diff(wrong, model, ids()) > max(1e-4, 1000 * ours)
+    ours = logit_gap(moe, model, ids())
+    assert ours.same, ours
+    wrong = load_float64(tmp_path / "moe", rope_parameters={
+        "rope_type": "default", "rope_theta": 1e6})  # what the raw-dict config produced
+    assert type(wrong) is MixtralForCausalLM
+    # theta 1e6 for 1e5: a 135M Llama's logits differed by up to 17.
+    assert logit_gap(wrong, model, ids()).diff > 100 * ours.bound
+
+
+@pytest.mark.parametrize("fault", ["theta+10%", "rope_scaling dropped", "tensor missing"])
+def test_the_float64_bound_catches_what_the_equivalence_tests_exist_for(tmp_path, fault):
+    """Each fault a mix could commit, on the sharp pico model (logits ~5): the bound (~4e-5 here)
+    must flag it by orders of magnitude, or the equivalence tests above prove nothing. (The real
+    seed's theta + 10 % is checked in tests/test_real_seed.py.)"""
+    model = dense("llama", rope="llama3", theta=100_000.0, **SHARP)
+    source = save(model, tmp_path / "dense", fmt="t4")
+    moe_dir = tmp_path / "moe"
+    assert logit_gap(mixed([Expert(f"c{i}", source) for i in range(3)], moe_dir), model, ids()).same
+    config = json.loads((moe_dir / "config.json").read_text())
+    if fault == "theta+10%":
+        config["rope_parameters"]["rope_theta"] *= 1.1
+    elif fault == "rope_scaling dropped":  # llama3 scaling lost, theta kept
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_parameters"]["rope_theta"]}
+    else:  # a norm never written: transformers loads anyway, with ones (a missing expert tensor it refuses)
+        from safetensors.torch import load_file, save_file
+
+        shard = moe_dir / "model.safetensors"
+        tensors = load_file(shard)
+        del tensors["model.layers.1.post_attention_layernorm.weight"]
+        save_file(tensors, shard, metadata={"format": "pt"})
+    (moe_dir / "config.json").write_text(json.dumps(config))
+    gap = logit_gap(load_float64(moe_dir), model, ids())
+    print(f"\n{fault}: {gap}")
+    assert gap.diff > 1000 * gap.bound, gap
 
 
 @pytest.mark.parametrize("family", FAMILIES)

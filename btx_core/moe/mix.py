@@ -1,7 +1,7 @@
 """MiX (BTX section 2.3): N dense experts branched from one seed become one Mixture-of-Experts.
 
 In every layer expert i's FFN becomes expert i of the MoE layer; every other tensor (attention,
-embeddings, norms, lm_head) is merged across experts (mean accumulated in fp32 by default,
+embeddings, norms, lm_head) is merged across experts (mean accumulated in fp64 by default,
 written in the experts' dtype); each layer gets a new router. The output is the MoE
 architecture's standard checkpoint (a transformers Mixtral for Llama/Mistral experts), written
 the way `save_pretrained` writes it. Sparse upcycling is the same call on N copies of the seed.
@@ -44,7 +44,7 @@ from btx_core.store.manifest import MANIFEST, FileEntry, Manifest
 
 log = logging.getLogger(__name__)
 SHARED_POLICIES = ("mean", "weighted", "copy")
-MERGE_CHUNK = 1 << 22  # elements (16 MB in fp32)
+MERGE_CHUNK = 1 << 21  # elements (16 MB in fp64)
 
 
 class MixInputError(BTXError):
@@ -336,8 +336,10 @@ def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: Laye
 
 
 def _merge(plan: _Plan, name: str) -> torch.Tensor:
-    """The (weighted) mean over experts, accumulated in fp32, a chunk at a time: memory holds the
-    output tensor and two fp32 chunks, not an fp32 copy per expert (embeddings are large)."""
+    """The (weighted) mean over experts, accumulated in fp64, a chunk at a time: memory holds the
+    output tensor and two fp64 chunks, not a copy per expert (embeddings are large). fp64 because
+    then the mean of identical fp32 tensors is exactly that tensor (in fp32, (a + a + a) / 3 can be
+    off by an ulp): shared weights that every branch kept frozen stay the seed's, bit for bit."""
     sources = [(r.get(name), w) for r, w in zip(plan.readers, plan.shared_weights) if w > 0]
     if len(sources) == 1:
         return sources[0][0].to(plan.dtype)
@@ -346,12 +348,12 @@ def _merge(plan: _Plan, name: str) -> torch.Tensor:
     flat, views = out.view(-1), [(t.reshape(-1), w) for t, w in sources]  # views of the files' mappings
     for start in range(0, flat.numel(), MERGE_CHUNK):
         end = start + MERGE_CHUNK
-        total = views[0][0][start:end].to(torch.float32, copy=True)
+        total = views[0][0][start:end].to(torch.float64, copy=True)
         if not equal:
             total.mul_(views[0][1])
         for t, w in views[1:]:
-            total.add_(t[start:end].float(), alpha=1.0 if equal else w)
-        if equal:  # the plain mean: one division of the fp32 sum
+            total.add_(t[start:end].double(), alpha=1.0 if equal else w)
+        if equal:  # the plain mean: one division of the fp64 sum
             total.div_(len(views))
         flat[start:end] = total
     return out
