@@ -110,9 +110,9 @@ def test_btx_experts_are_exact_and_shared_tensors_the_mean(tmp_path, family):
                 assert torch.equal(moe.get(fam.moe.expert_name(role, layer, i)), r.get(fam.ffn_name(role, layer)))
     shared = fam.shared_names(2, False, readers[0].meta and json.loads((paths[0] / "config.json").read_text()))
     assert len(shared) >= 12
-    for name in shared:
-        torch.testing.assert_close(moe.get(name), torch.stack([r.get(name) for r in readers]).mean(0),
-                                   rtol=0, atol=1e-7)
+    for name in shared:  # the exact mean, rounded once (MiX accumulates in fp64)
+        exact = torch.stack([r.get(name).double() for r in readers]).mean(0)
+        assert torch.equal(moe.get(name), exact.to(moe.get(name).dtype)), name
     model = AutoModelForCausalLM.from_pretrained(out)  # every tensor placed: nothing newly initialised
     loaded = model.state_dict()
     assert all(torch.isfinite(t).all() for t in loaded.values())
