@@ -1,50 +1,70 @@
-"""The Prefect automation that marks a lost node's runs Crashed (Prefect's "Detect zombie flows"
-recipe), limited to btx's runs. A flow run whose process dies with its worker (a lost node, an
-evicted pod) stops reporting and would stay Running forever; with heartbeats on
-(`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, at least 30 s, in every worker's environment) this
-automation marks a run Crashed once its heartbeats stop without a final or waiting state, and the
-pipeline reschedules that branch in place (flows/remote.py), resuming from its newest checkpoint.
+"""btx's two Prefect automations, scoped to this install's deployments (those of
+infra/prefect.yaml, looked up on the server by name; other teams' runs, and other btx installs
+on the same server, are not touched):
 
-Scope: only runs tagged `btx` (every deployment of infra/prefect.yaml carries the tag, and a
-deployment's runs inherit its tags), or of the given deployments: other teams' runs on the same
-server are not touched. A run that stops heartbeating because it is waiting (AwaitingRetry,
-Scheduled, Late, Pending, Paused, AwaitingConcurrencySlot) is not crashed either. After the
-deploy step (infra/work-pools.sh runs it, and it can be rerun at any time):
+1. "crash zombie flow runs" (Prefect's "Detect zombie flows" recipe): a flow run whose process
+   dies with its node or pod stops reporting and would stay Running forever; with heartbeats on
+   (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, at least 30 s, in every worker's environment) it is
+   marked Crashed once its heartbeats stop without a final or waiting state. A waiting run
+   (AwaitingRetry, Scheduled, Late, Pending, Paused, AwaitingConcurrencySlot) is left alone.
+2. "reschedule crashed pipeline runs": a `btx-pipeline` run that ends Crashed (its control pod
+   lost, drained or evicted, or crashed by 1.) is scheduled again at once, in place. Its new
+   attempt re-attaches to the children its earlier one launched (their idempotency keys hold its
+   flow run id: flows/remote.py), waits on the running ones, and reuses finished stages. The
+   pipeline itself fails instead of running once it has crashed more than
+   `orchestration.retries` times (flows/pipeline.py), so a run that always crashes stops.
+
+A crashed branch or stage is rescheduled by its parent, not by an automation (flows/remote.py).
+Run after every `prefect deploy` (infra/work-pools.sh, compose's deploy service, docs/deploy.md):
 
     .venv/bin/python -m flows.automations --within 300   # on the server PREFECT_API_URL names
 
-It creates the automation, or updates it in place when its settings changed.
+It creates the automations or updates them in place, and exits non-zero, saying why, when it
+cannot (no server, deployments not deployed yet).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import sys
 from datetime import timedelta
+from pathlib import Path
 
-NAME = "btx: crash zombie flow runs"
-TAG = "btx"
+ZOMBIES = "btx: crash zombie flow runs"
+RESTART = "btx: reschedule crashed pipeline runs"
+NAME = ZOMBIES  # the name earlier versions used for the only automation
+PIPELINE_FLOW = "btx-pipeline"
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+PREFECT_FILE = Path(__file__).resolve().parents[1] / "infra" / "prefect.yaml"
 # States a live run may sit in without heartbeats: its process has not started (again) yet.
 WAITING = ("Scheduled", "AwaitingRetry", "Late", "Pending", "Paused", "Suspended", "AwaitingConcurrencySlot",
            "Cancelling")
 FINAL = ("Completed", "Failed", "Cancelled", "Crashed")
 
 
-def zombie_automation(within_s: float, *, deployment_ids=None, tag: str = TAG, name: str = NAME):
-    """Runs tagged `tag` (or of `deployment_ids`) whose heartbeats stop for `within_s` without a
-    final or waiting state are set Crashed. `within_s` should be a few heartbeat periods."""
+class AutomationSetupError(RuntimeError):
+    """The automations cannot be created: the message says what to do."""
+
+
+def _of_deployments(deployment_ids):
+    from prefect.events.schemas.events import ResourceSpecification
+
+    if not deployment_ids:
+        raise ValueError("an automation of btx is scoped to deployments: give at least one id")
+    return ResourceSpecification({"prefect.resource.id": [f"prefect.deployment.{d}" for d in deployment_ids],
+                                  "prefect.resource.role": "deployment"})
+
+
+def zombie_automation(within_s: float, *, deployment_ids, name: str = ZOMBIES):
+    """Runs of `deployment_ids` whose heartbeats stop for `within_s` without a final or waiting
+    state are set Crashed. `within_s` should be a few heartbeat periods."""
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
-    if deployment_ids:
-        related = ResourceSpecification({"prefect.resource.id": [f"prefect.deployment.{d}" for d in deployment_ids],
-                                         "prefect.resource.role": "deployment"})
-    else:
-        related = ResourceSpecification({"prefect.resource.id": f"prefect.tag.{tag}",
-                                         "prefect.resource.role": "tag"})
     return AutomationCore(
         name=name,
         description=f"flows/automations.py: crash btx runs silent for {within_s:g} s (lost node or pod)",
@@ -52,11 +72,31 @@ def zombie_automation(within_s: float, *, deployment_ids=None, tag: str = TAG, n
             after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in (*FINAL, *WAITING))},
             match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
-            match_related=related,
+            match_related=_of_deployments(deployment_ids),
             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
             within=timedelta(seconds=within_s)),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
                                     message=f"no heartbeat for {within_s:g} s: its process is gone")])
+
+
+def restart_automation(*, deployment_ids, name: str = RESTART):
+    """A run of the pipeline deployments `deployment_ids` that turns Crashed is set AwaitingRetry."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return AutomationCore(
+        name=name,
+        description="flows/automations.py: a crashed btx pipeline run is scheduled again in place; it "
+                    "re-attaches to its running children",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            match_related=_of_deployments(deployment_ids),
+            posture=Posture.Reactive, threshold=1),
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True,
+                                    message="crashed; rescheduled by the btx automation to re-attach to its children")])
 
 
 def _definition(automation) -> dict:
@@ -74,25 +114,68 @@ def _definition(automation) -> dict:
                                                                  "actions"}))
 
 
-def ensure(within_s: float) -> str:
-    """Create the automation on the current Prefect API, or update it to these settings."""
+def install_deployments(prefect_file: Path = PREFECT_FILE) -> list[str]:
+    """`flow/deployment` of every deployment in infra/prefect.yaml (the flow's name from its entrypoint)."""
+    import yaml
+
+    names = []
+    for d in yaml.safe_load(prefect_file.read_text())["deployments"]:
+        path, function = d["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        names.append(f"{getattr(module, function).name}/{d['name']}")
+    return names
+
+
+def ensure(within_s: float, deployments: list[str] | None = None) -> list[str]:
+    """Create both automations on the current Prefect API, or update them to these settings."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
-    wanted = zombie_automation(within_s)
+    deployments = deployments or install_deployments()
     with get_client(sync_client=True) as client:
-        existing = client.read_automations_by_name(NAME)
-        for extra in existing[1:]:  # one is enough: two would crash each run twice
-            client.delete_automation(extra.id)
-        if not existing:
-            return f"{NAME}: created ({client.create_automation(wanted)})"
-        if _definition(existing[0]) == _definition(wanted):
-            return f"{NAME}: up to date ({existing[0].id})"
-        client.update_automation(existing[0].id, wanted)
-        return f"{NAME}: updated ({existing[0].id})"
+        ids, missing = {}, []
+        for name in deployments:
+            try:
+                ids[name] = client.read_deployment_by_name(name).id
+            except ObjectNotFound:
+                missing.append(name)
+        if missing:
+            raise AutomationSetupError(f"deployment(s) {', '.join(missing)} not found on the server: run "
+                                       "`prefect deploy --all --prefect-file infra/prefect.yaml` first")
+        pipelines = [i for n, i in ids.items() if n.split("/")[0] == PIPELINE_FLOW]
+        wanted = [zombie_automation(within_s, deployment_ids=list(ids.values()))]
+        if pipelines:
+            wanted.append(restart_automation(deployment_ids=pipelines))
+        return [_put(client, automation) for automation in wanted]
 
 
-if __name__ == "__main__":
+def _put(client, wanted) -> str:
+    existing = client.read_automations_by_name(wanted.name)
+    for extra in existing[1:]:  # one is enough: two would act on each run twice
+        client.delete_automation(extra.id)
+    if not existing:
+        return f"{wanted.name}: created ({client.create_automation(wanted)})"
+    if _definition(existing[0]) == _definition(wanted):
+        return f"{wanted.name}: up to date ({existing[0].id})"
+    client.update_automation(existing[0].id, wanted)
+    return f"{wanted.name}: updated ({existing[0].id})"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--within", type=float, default=300.0,
                         help=f"seconds without a heartbeat before a run is crashed (a few x {HEARTBEAT_ENV})")
-    print(ensure(parser.parse_args().within))
+    parser.add_argument("--deployment", action="append", metavar="FLOW/NAME",
+                        help="scope to these deployments (default: every deployment of infra/prefect.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        for line in ensure(args.within, args.deployment):
+            print(line)
+    except Exception as exc:  # noqa: BLE001 - a CLI: one line that says what failed, and a non-zero exit
+        print(f"error: could not set up btx's automations: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

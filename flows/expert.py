@@ -17,7 +17,7 @@ from prefect.cache_policies import DEFAULT
 from btx_core.config.schema import BTXConfig
 from btx_core.stages.branch import processes_for, train_expert_torchrun
 from btx_core.store import layout
-from flows.options import STAGE_TASK, retry_policy
+from flows.options import STAGE_TASK, retry_policy, crash_for_reschedule
 from flows.progress import StageProgress, artifact_key, forward_library_logs, run_name
 from flows.tasks import expert_task_for
 
@@ -28,7 +28,8 @@ def expert_torchrun_task(config: BTXConfig, domain: str, nproc: int) -> str:
     resuming from its newest checkpoint; `nproc` is how it runs, not what it makes."""
     forward_library_logs()
     progress = StageProgress(artifact_key(config.run_name, "expert", domain, "progress"), f"expert[{domain}]")
-    return progress.report(train_expert_torchrun(config, domain, nproc, on_progress=progress))
+    with crash_for_reschedule():
+        return progress.report(train_expert_torchrun(config, domain, nproc, on_progress=progress))
 
 
 @flow(name="train-expert", flow_run_name=run_name("expert", "domain"))

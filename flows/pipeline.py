@@ -13,9 +13,10 @@ Stages hand each other store locations; every stage finds its own finished outpu
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.client.orchestration import get_client
 from prefect.exceptions import TerminationSignal
 from prefect.futures import wait
@@ -29,12 +30,13 @@ from btx_core.stages.expert import expert_config_hash
 from btx_core.store import layout
 from btx_core.training.stop import request_stop
 from flows.local import branch_processes
-from flows.options import cores
+from flows.options import cores, waiting_retry_policy
 from flows.progress import artifact_key, forward_library_logs, run_name
 from flows.remote import run_child
+from flows.run_slot import RunSlot
 from flows.tasks import STAGE_TASKS, expert_task_for, report_task
 
-OVERLAP_PROBE_S = 2.0  # how long a new run tries for its run name's slot before it queues or cancels
+OVERLAP_POLL_S = 5.0  # how often a run waiting for its run name's slot tries again
 
 
 class BranchesFailed(BTXError):
@@ -46,6 +48,7 @@ def btx_pipeline(config: BTXConfig) -> dict[str, str]:
     """Branch-Train-MiX: seed -> experts (in parallel) -> mix -> (finetune -> evaluate, with a
     `finetune` section) -> report. Returns stage -> store location."""
     forward_library_logs()
+    give_up_after_crashes(config)
     try:
         with one_run_per_name(config) as admitted:
             if not admitted:
@@ -57,6 +60,27 @@ def btx_pipeline(config: BTXConfig) -> dict[str, str]:
         raise
 
 
+def give_up_after_crashes(config: BTXConfig) -> None:
+    """A pipeline run rescheduled after crashing (flows/automations.py) runs again at most
+    `orchestration.retries` times: one that always crashes (a bad node image, an OOM of the
+    parent itself) then fails, which nothing reschedules."""
+    if runtime.flow_run.run_count <= 1 or runtime.flow_run.id is None:
+        return
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        history = sorted(client.read_flow_run_states(runtime.flow_run.id), key=lambda s: s.timestamp)
+    since = max((i for i, s in enumerate(history) if s.type == StateType.FAILED), default=-1)  # a retry by hand
+    crashes = sum(s.type == StateType.CRASHED for s in history[since + 1:])
+    if crashes > config.orchestration.retries:
+        raise BTXError(f"this pipeline run crashed {crashes} times (orchestration.retries = "
+                       f"{config.orchestration.retries}): not running it again. See the logs of its attempts; "
+                       "retry it from the UI once the cause is fixed (that starts a new count)")
+    if crashes:
+        get_run_logger().warning("attempt %d of this pipeline run, after %d crash(es): re-attaching to the "
+                                 "children of its earlier attempts", runtime.flow_run.run_count, crashes)
+
+
 def run_limit_name(run: str) -> str:
     """The global concurrency limit of a run name (`prefect gcl inspect btx-run-<run>`)."""
     return "btx-run-" + artifact_key(run)
@@ -64,13 +88,12 @@ def run_limit_name(run: str) -> str:
 
 @contextlib.contextmanager
 def one_run_per_name(config: BTXConfig) -> Iterator[bool]:
-    """Hold the global concurrency limit `btx-run-<run_name>` (limit 1, made on first use) for
-    the whole run: two runs of one name would train the same stages into the same prefixes
-    (the store's writer leases would refuse the second's branches one by one). A second run
-    waits for the first (`on_overlap: queue`), or yields False at once (`cancel`). The slot is a
-    lease the server frees if its holder dies without releasing it. Only against a Prefect server."""
+    """Hold the run name's slot (flows/run_slot.py) for the whole run: two runs of one name would
+    train the same stages into the same prefixes. A second run waits for the first
+    (`on_overlap: queue`), or yields False (`cancel`). A lost lease or an API outage never ends
+    this run, and a slot left behind by a run that died never blocks the next. Only against a
+    Prefect server."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
@@ -80,6 +103,7 @@ def one_run_per_name(config: BTXConfig) -> Iterator[bool]:
         # writer leases keep two `btx run`s of one config apart.
         yield True
         return
+    o, logger = config.orchestration, get_run_logger()
     name = run_limit_name(config.run_name)
     with get_client(sync_client=True) as client:
         try:
@@ -87,24 +111,25 @@ def one_run_per_name(config: BTXConfig) -> Iterator[bool]:
         except ObjectNotFound:
             with contextlib.suppress(ObjectAlreadyExists):  # two runs starting at once both try
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    logger, entered = get_run_logger(), False
+    slot = RunSlot(name, artifact_key(config.run_name), runtime.flow_run.id, lease_s=o.run_slot_lease_s,
+                   outage_s=o.api_outage_s, logger=logger)
+    slot.mark_started()
+    said = None
+    while not slot.take():
+        why = slot.wait_reason()
+        if o.on_overlap == "cancel" and slot.orphan_since is None:
+            logger.warning("%s is taken (%s): cancelling this run (orchestration.on_overlap: cancel)", name, why)
+            yield False
+            return
+        if why != said:
+            logger.warning("%s is taken (%s): waiting for it (orchestration.on_overlap: %s)", name, why, o.on_overlap)
+            said = why
+        time.sleep(OVERLAP_POLL_S)
+    slot.keep()
     try:
-        with concurrency(name, occupy=1, timeout_seconds=OVERLAP_PROBE_S, strict=True):
-            entered = True
-            yield True
-        return
-    except TimeoutError:  # prefect's AcquireConcurrencySlotTimeoutError, unless the run raised it
-        if entered:
-            raise
-    if config.orchestration.on_overlap == "cancel":
-        logger.warning("another run of %r holds %s: cancelling this one (orchestration.on_overlap: cancel)",
-                       config.run_name, name)
-        yield False
-        return
-    logger.warning("another run of %r holds %s: waiting for it to end (orchestration.on_overlap: queue)",
-                   config.run_name, name)
-    with concurrency(name, occupy=1, strict=True):
         yield True
+    finally:
+        slot.release()
 
 
 def _pipeline(config: BTXConfig) -> dict[str, str]:
@@ -130,7 +155,8 @@ def run_stage(config: BTXConfig, stage: str, wait_for=()):
     run when `orchestration.<stage>_pool` names a pool. Returns the future of its location."""
     if config.orchestration.stage_pool(stage) is None:
         return STAGE_TASKS[stage].submit(config, wait_for=list(wait_for))
-    return stage_on_pool_task.submit(config, stage, wait_for=list(wait_for))
+    waiting = stage_on_pool_task.with_options(**waiting_retry_policy(config.orchestration))
+    return waiting.submit(config, stage, wait_for=list(wait_for))
 
 
 def local_branches(config: BTXConfig, seed) -> dict:
@@ -168,7 +194,7 @@ def expert_branch_task(config: BTXConfig, domain: str, seed_location: str) -> st
     """Run one expert branch as a `train-expert/<pool>` deployment run; return its location."""
     pool = config.orchestration.domain_pools.get(domain, config.orchestration.expert_pool)
     run_child(f"train-expert/{pool}", {"config": config.model_dump(mode="json"), "domain": domain}, domain,
-              config.orchestration)
+              config.orchestration, progress_key=artifact_key(config.run_name, "expert", domain, "progress"))
     return _stored(config, layout.expert_model(config, domain), f"expert[{domain}]")
 
 
@@ -184,7 +210,7 @@ def stage_on_pool_task(config: BTXConfig, stage: str) -> str:
     pool = config.orchestration.stage_pool(stage)
     # The idempotency key's name cannot be a domain's (a domain name has no ':').
     run_child(f"btx-stage/{pool}", {"config": config.model_dump(mode="json"), "stage": stage}, f"stage:{stage}",
-              config.orchestration)
+              config.orchestration, progress_key=artifact_key(config.run_name, stage, "progress"))
     return _stored(config, STAGE_OUTPUTS[stage](config), stage)
 
 
@@ -199,7 +225,8 @@ def _stored(config: BTXConfig, location: str, stage: str) -> str:
 
 def remote_branches(config: BTXConfig, seed) -> dict:
     """Every domain's expert as a run of its work pool's deployment, all at once."""
-    futures = {d.name: expert_branch_task.submit(config, d.name, seed) for d in config.domains}
+    waiting = expert_branch_task.with_options(**waiting_retry_policy(config.orchestration))
+    futures = {d.name: waiting.submit(config, d.name, seed) for d in config.domains}
     return _all_or_raise(futures)
 
 

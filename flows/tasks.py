@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import DEFAULT
 
 from btx_core.config.schema import BTXConfig
-from flows.options import STAGE_TASK, cores, retry_policy, torch_threads
+from flows.options import STAGE_TASK, cores, retry_policy, crash_for_reschedule, torch_threads
 from flows.progress import StageProgress, artifact_key, forward_library_logs
 
 
@@ -19,7 +19,7 @@ def seed_task(config: BTXConfig) -> str:
     from btx_core.stages.seed import build_seed
 
     progress = StageProgress(artifact_key(config.run_name, "seed", "progress"), "seed")
-    with torch_threads(config.seed.pretrain and config.seed.pretrain.threads or cores()):
+    with torch_threads(config.seed.pretrain and config.seed.pretrain.threads or cores()), crash_for_reschedule():
         return progress.report(build_seed(config, on_progress=progress))
 
 
@@ -33,7 +33,7 @@ def expert_task(config: BTXConfig, domain: str, seed_location: str, threads: int
 
     forward_library_logs()  # in a branch's own process too
     progress = StageProgress(artifact_key(config.run_name, "expert", domain, "progress"), f"expert[{domain}]")
-    with torch_threads(config.expert_training.threads or threads):
+    with torch_threads(config.expert_training.threads or threads), crash_for_reschedule():
         # Under torchrun when `expert_training.nproc_per_node` gives the branch several processes.
         return progress.report(train_expert_branch(config, domain, seed_location=seed_location,
                                                    on_progress=progress))
@@ -50,7 +50,7 @@ def mix_task(config: BTXConfig) -> str:
     from btx_core.stages.mix import mix_stage
 
     progress = StageProgress(artifact_key(config.run_name, "mix", "progress"), "mix")
-    with torch_threads(cores()):
+    with torch_threads(cores()), crash_for_reschedule():
         return progress.report(mix_stage(config))
 
 
@@ -61,7 +61,7 @@ def finetune_task(config: BTXConfig) -> str:
     from btx_core.stages.finetune import finetune
 
     progress = StageProgress(artifact_key(config.run_name, "finetune", "progress"), "finetune")
-    with torch_threads(config.finetune.training.threads or cores()):
+    with torch_threads(config.finetune.training.threads or cores()), crash_for_reschedule():
         return progress.report(finetune(config, "btx", on_progress=progress))
 
 
@@ -72,7 +72,7 @@ def evaluate_task(config: BTXConfig) -> str:
     from btx_core.stages.evaluate import evaluate_run
 
     progress = StageProgress(artifact_key(config.run_name, "evaluate", "progress"), "evaluate")
-    with torch_threads(cores()):
+    with torch_threads(cores()), crash_for_reschedule():
         return progress.report(evaluate_run(config))
 
 

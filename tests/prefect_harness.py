@@ -204,7 +204,23 @@ class Postgres:
             raise RuntimeError(f"{Path(argv[0]).name} failed ({result.returncode}):\n"
                                f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
 
-    def start(self) -> None:
+    def start(self, initialise: bool = True) -> None:
+        if initialise:
+            self._initdb()
+        # A test database: durability off, loopback only, its socket in its own directory.
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                   "-c max_connections=200")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                  "-o", options, "-w", "-t", "60", "start")
+        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        if initialise:
+            env = {**os.environ, "PGPASSWORD": self.password}
+            subprocess.run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+                            "-U", self.user, self.database], env=env, check=True, timeout=60,
+                           capture_output=True)
+
+    def _initdb(self) -> None:
         pwfile = self.root / "pw"
         pwfile.write_text(self.password + "\n")
         pwfile.chmod(0o600)
@@ -215,17 +231,6 @@ class Postgres:
                       f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
         finally:
             pwfile.unlink()
-        # A test database: durability off, loopback only, its socket in its own directory.
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                   "-c max_connections=200")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                  "-o", options, "-w", "-t", "60", "start")
-        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
-        env = {**os.environ, "PGPASSWORD": self.password}
-        subprocess.run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
-                        "-U", self.user, self.database], env=env, check=True, timeout=60,
-                       capture_output=True)
 
     @property
     def url(self) -> str:
@@ -233,7 +238,7 @@ class Postgres:
         return (f"postgresql+asyncpg://{self.user}:{self.password}@127.0.0.1:{self.port}/"
                 f"{self.database}")
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
         if self.pid is not None:
             # SIGINT is PostgreSQL's "fast" shutdown; SIGQUIT its immediate one.
             for sig, wait_s in ((signal.SIGINT, 20.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
@@ -244,7 +249,8 @@ class Postgres:
                 with contextlib.suppress(TimeoutError):
                     wait_for(lambda: not _alive(self.pid), wait_s, "postgres to stop", 0.2)
             self.pid = None
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +270,7 @@ class Cluster:
     credentials: dict[str, str] = field(default_factory=dict)
     """Every credential the cluster's processes hold, by name: none may show in a log, artifact
     or stored file."""
+    postgres: Postgres | None = None
 
     @property
     def ui_url(self) -> str:
@@ -346,6 +353,24 @@ class Cluster:
 
         return wait_for(final, timeout, f"flow run {flow_run_id}", 1.0, self.death)
 
+    def restart_server(self, down_s: float = 10.0) -> float:
+        """Stop `prefect server start` (as a rolled server pod is), keep it down `down_s`, start it
+        again on the same port and database; returns the seconds the API was unreachable."""
+        stopped = time.monotonic()
+        stop_groups({"prefect-server": self.services.pop("prefect-server").proc})
+        time.sleep(down_s)
+        self.services["prefect-server"] = _start_prefect_server(self, self.postgres.url)
+        return time.monotonic() - stopped
+
+    def restart_postgres(self, down_s: float = 10.0) -> float:
+        """Stop PostgreSQL under the running server (fast shutdown: connections cut), keep it down
+        `down_s`, start it again; returns the seconds it was down."""
+        stopped = time.monotonic()
+        self.postgres.stop(keep_data=True)
+        time.sleep(down_s)
+        self.postgres.start(initialise=False)
+        return time.monotonic() - stopped
+
     def death(self) -> str | None:
         """Why a service of the cluster is gone, if one is."""
         return next((why for s in self.services.values() if (why := s.died())), None)
@@ -408,7 +433,7 @@ def prefect_cluster() -> Iterator[Cluster]:
     for sub in ("logs", "tmp", "prefect-home"):
         (root / sub).mkdir()
     cluster = Cluster(root=root, api_url=f"http://127.0.0.1:{free_port()}/api", s3_endpoint="")
-    postgres = Postgres()
+    postgres = cluster.postgres = Postgres()
     cluster.credentials.update({"AWS_SECRET_ACCESS_KEY": S3_SECRET, "PREFECT_API_KEY": PREFECT_API_KEY,
                                 "the PostgreSQL password": postgres.password})
     try:
@@ -448,16 +473,17 @@ class Deployed:
     deployments: dict[str, Any]
     """Deployment objects by `flow/deployment` name."""
 
-    def add_expert_pool(self, pool: str) -> Any:
-        """A process pool `pool` like `btx-experts`, and `train-expert/<pool>` on it (a copy of
-        `train-expert/btx-experts`): for tests that kill its worker without touching the others.
-        Returns the deployment; start a worker with `cluster.start_worker(pool)`."""
+    def add_expert_pool(self, pool: str, *, limit: int | None = None, job_variables: dict | None = None) -> Any:
+        """A process pool `pool` like `btx-experts` (with concurrency `limit`), and
+        `train-expert/<pool>` on it (a copy of `train-expert/btx-experts`, with `job_variables`):
+        for tests that kill its worker without touching the others. Returns the deployment; start
+        a worker with `cluster.start_worker(pool)`."""
         from prefect.client.schemas.actions import WorkPoolCreate
 
         template = self.deployments[f"train-expert/{EXPERT_POOLS[0]}"]
         with self.cluster.client() as client:
             client.create_work_pool(WorkPoolCreate(
-                name=pool, type="process",
+                name=pool, type="process", concurrency_limit=limit,
                 base_job_template=client.read_work_pool(EXPERT_POOLS[0]).base_job_template),
                 overwrite=True)
             deployment_id = client.create_deployment(
@@ -465,7 +491,7 @@ class Deployed:
                 entrypoint=template.entrypoint, pull_steps=template.pull_steps,
                 parameter_openapi_schema=template.parameter_openapi_schema,
                 enforce_parameter_schema=template.enforce_parameter_schema,
-                tags=[*template.tags, "test"])
+                job_variables=job_variables or {}, tags=[*template.tags, "test"])
             deployment = client.read_deployment(deployment_id)
         self.deployments[f"train-expert/{pool}"] = deployment
         return deployment
@@ -483,6 +509,10 @@ def btx_deployed(prefect_cluster: Cluster) -> Iterator[Deployed]:
     if result.returncode:
         raise RuntimeError(f"infra/work-pools.sh failed:\n{result.stdout}\n{result.stderr}")
     cluster.prefect("--no-prompt", "deploy", "--all", "--prefect-file", PREFECT_FILE, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "flows.automations", "--within", "300"], cwd=REPO,
+                          env=cluster.env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise RuntimeError(f"python -m flows.automations failed:\n{done.stdout}\n{done.stderr}")
     cluster.timings["pools and deployments"] = time.monotonic() - started
     fault_marker = cluster.root / "fault-injected"
     workers: list[Service] = []

@@ -9,6 +9,7 @@ The crashed branch retried by the pipeline itself (failure 2) is in tests/faults
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -65,35 +66,41 @@ def test_branch_on_a_pool_without_worker_fails_the_parent_within_the_deadline(bt
 
 
 @pytest.mark.integration
-def test_zombie_automation_is_scoped_waits_for_waiting_runs_and_follows_its_settings(btx_deployed) -> None:
-    """flows/automations.py: only btx's runs (tag `btx`), never a run waiting in AwaitingRetry or
-    Pending, and `ensure` updates the automation when its settings change (issue 14, failure 9)."""
+def test_automations_are_scoped_to_this_install_and_follow_their_settings(btx_deployed) -> None:
+    """flows/automations.py: the zombie automation covers only the deployments of infra/prefect.yaml
+    (not every `btx`-tagged run on the server), never a run waiting in AwaitingRetry or Pending;
+    the restart automation only the pipeline's; `ensure` updates them when their settings change,
+    and fails loudly (non-zero, saying why) when it cannot work (failure 7)."""
     import subprocess
     import sys
 
-    from flows.automations import NAME
+    from flows.automations import RESTART, ZOMBIES, install_deployments
     from tests.prefect_harness import REPO
 
     cluster = btx_deployed.cluster
 
-    def ensure(within: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "flows.automations", "--within", within], cwd=REPO,
+    def ensure(*args: str, ok: bool = True) -> str:
+        done = subprocess.run([sys.executable, "-m", "flows.automations", *args], cwd=REPO,
                               env=cluster.env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr
+        return done.stdout + done.stderr
 
-    ensure("300")  # infra/work-pools.sh may have made it already
-    assert "up to date" in ensure("300")
-    assert "updated" in ensure("240")
+    assert "up to date" in ensure("--within", "300")  # the harness made them after `prefect deploy`
+    assert f"{ZOMBIES}: updated" in ensure("--within", "240")
+    ids = {n: btx_deployed.deployments[n].id for n in install_deployments()}
     with cluster.client() as client:
-        (automation,) = client.read_automations_by_name(NAME)
-    trigger = automation.trigger
-    assert trigger.within.total_seconds() == 240
-    related = trigger.match_related.model_dump() if hasattr(trigger.match_related, "model_dump") else trigger.match_related
-    assert related == {"prefect.resource.id": "prefect.tag.btx", "prefect.resource.role": "tag"}, related
-    assert {"prefect.flow-run.AwaitingRetry", "prefect.flow-run.Pending", "prefect.flow-run.Completed"} <= trigger.expect
-    # Every deployment of infra/prefect.yaml carries the tag its runs inherit.
-    assert all("btx" in d.tags for d in btx_deployed.deployments.values()), btx_deployed.deployments
+        (zombies,) = client.read_automations_by_name(ZOMBIES)
+        (restart,) = client.read_automations_by_name(RESTART)
+    assert zombies.trigger.within.total_seconds() == 240
+    related = zombies.trigger.match_related.model_dump()
+    assert sorted(related["prefect.resource.id"]) == sorted(f"prefect.deployment.{i}" for i in ids.values()), related
+    assert {"prefect.flow-run.AwaitingRetry", "prefect.flow-run.Pending", "prefect.flow-run.Completed"} <= zombies.trigger.expect
+    assert restart.trigger.match_related.model_dump()["prefect.resource.id"] == [
+        f"prefect.deployment.{ids['btx-pipeline/btx']}"]
+    assert restart.actions[0].state.value == "SCHEDULED" and restart.actions[0].name == "AwaitingRetry"
+    said = ensure("--deployment", "btx-pipeline/not-deployed", ok=False)
+    assert "btx-pipeline/not-deployed not found on the server" in said and "prefect deploy" in said, said
+    ensure("--within", "300")
 
 
 def _logs(cluster, flow_run_id) -> str:
@@ -105,50 +112,61 @@ def _logs(cluster, flow_run_id) -> str:
 
 
 @pytest.mark.integration
-def test_one_pipeline_run_per_run_name(btx_deployed, btx_pipeline_run):
-    """While another holder has the run name's one slot (here: the test, through the API), a new
-    pipeline run is cancelled (`on_overlap: cancel`) or waits (`queue`) without launching
-    anything; once the slot is free it completes, reusing every finished stage (failure 3)."""
+def test_one_pipeline_run_per_run_name_and_a_dead_holder_blocks_it_one_lease_at_most(btx_deployed, btx_pipeline_run):
+    """While a live run of the name holds its slot (here a flow run made by the test, tagged and
+    holding a lease as a pipeline run does), a new pipeline run is cancelled (`on_overlap:
+    cancel`) or waits (`queue`) without launching anything. The holder then dies without
+    releasing the slot (Crashed, its lease left to expire): the waiting run starts within about
+    one lease (`run_slot_lease_s`) and completes, reusing every finished stage (failure 3)."""
+    from prefect import flow
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists
+    from prefect.states import Crashed, Running
 
     from flows.pipeline import run_limit_name
+    from flows.progress import artifact_key
+    from flows.run_slot import LEASE_TAG, slot_tags
     from tests.prefect_harness import wait_for
 
-    cluster = btx_deployed.cluster
+    @flow(name="another-pipeline-run")
+    def holder_flow():
+        pass
+
+    cluster, lease_s = btx_deployed.cluster, 60
     config = copy.deepcopy(btx_pipeline_run.config)
+    config["orchestration"]["run_slot_lease_s"] = lease_s
     name = run_limit_name(config["run_name"])
     with cluster.client() as client:
-        try:
+        with contextlib.suppress(ObjectAlreadyExists):  # the shared run made it
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:  # the shared run made it
-            pass
         lease = client.increment_concurrency_slots_with_lease(names=[name], slots=1, mode="concurrency",
-                                                              lease_duration=600).json()["lease_id"]
-    released = False
-    try:
-        config["orchestration"]["on_overlap"] = "cancel"
-        cancelled = cluster.wait_flow_run(_pipeline_run(cluster, config).id, 180)
-        assert cancelled.state.is_cancelled(), cancelled.state
-        assert "another run of" in (cancelled.state.message or ""), cancelled.state
+                                                              lease_duration=lease_s).json()["lease_id"]
+        holder = client.create_flow_run(holder_flow, state=Running(), tags=[
+            *slot_tags(artifact_key(config["run_name"])), f"{LEASE_TAG}{lease}"])
+    config["orchestration"]["on_overlap"] = "cancel"
+    cancelled = cluster.wait_flow_run(_pipeline_run(cluster, config).id, 180)
+    assert cancelled.state.is_cancelled(), cancelled.state
+    assert "another run of" in (cancelled.state.message or ""), cancelled.state
 
-        config["orchestration"]["on_overlap"] = "queue"
-        queued = _pipeline_run(cluster, config)
-        wait_for(lambda: "waiting for it to end" in _logs(cluster, queued.id), 180, "the run to queue", 1.0,
-                 cluster.death)
-        time.sleep(5)
-        with cluster.client() as client:
-            assert client.read_flow_run(queued.id).state.is_running()
-            assert not _children(cluster, queued.id, branches_only=False), "a queued run launched stages"
-            client.release_concurrency_slots_with_lease(lease)
-            released = True
-        final = cluster.wait_flow_run(queued.id, 400)
-        assert final.state.is_completed(), (final.state, cluster.diagnostics())
-        assert len(_children(cluster, queued.id)) == len(config["domains"])
-    finally:
-        if not released:
-            with cluster.client() as client:
-                client.release_concurrency_slots_with_lease(lease)
+    config["orchestration"]["on_overlap"] = "queue"
+    queued = _pipeline_run(cluster, config)
+    wait_for(lambda: f"flow run {holder.id} of this run name holds it" in _logs(cluster, queued.id), 180,
+             "the run to queue", 1.0, cluster.death)
+    time.sleep(5)
+    with cluster.client() as client:
+        assert client.read_flow_run(queued.id).state.is_running()
+        assert not _children(cluster, queued.id, branches_only=False), "a queued run launched stages"
+        client.set_flow_run_state(holder.id, Crashed(message="SIGKILLed by the test"), force=True)
+    died = time.monotonic()
+    wait_for(lambda: _children(cluster, queued.id, branches_only=False), lease_s + 90, "the queued run to start",
+             1.0, cluster.death)
+    waited = time.monotonic() - died
+    final = cluster.wait_flow_run(queued.id, 400)
+    assert final.state.is_completed(), (final.state, cluster.diagnostics())
+    assert len(_children(cluster, queued.id)) == len(config["domains"])
+    assert waited <= lease_s + 60, waited  # one lease, the server's expiry loop, a poll
+    with cluster.client() as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
 
 
 @pytest.mark.integration

@@ -53,6 +53,21 @@ class Orchestration(StrictModel):
     stay Scheduled, Late or Pending (no worker polls its pool, an unschedulable GPU pod, an image
     that cannot be pulled) before the parent cancels it and fails with the reason; null waits
     forever. Counted again each time the parent reschedules a crashed child."""
+    queue_timeout_s: float | None = Field(default=86400.0, gt=0)
+    """The absolute cap on a child's wait to start, its start deadline included: time its work
+    pool spends at its concurrency limit with other runs (the child is queued, not stuck) does
+    not count against `start_timeout_s`, but counts against this; null waits while queued."""
+    api_outage_s: float = Field(default=900.0, gt=0)
+    """Seconds the pipeline rides out a Prefect API outage (a restarted server or database) while
+    it waits on children or holds its run name's slot, retrying with backoff, before failing.
+    The children train on meanwhile."""
+    stall_timeout_s: float | None = Field(default=1800.0, gt=0)
+    """A child that reports training steps (its progress artifact) but reports no new one for
+    this long (a hung collective, a dead data loader) is cancelled, so its infrastructure is torn
+    down, and rescheduled in place like a crashed one; null: never. Counted from its first step."""
+    run_slot_lease_s: float = Field(default=120.0, ge=60)
+    """The lease on the run name's slot (`on_overlap`), renewed every quarter of it: a run that
+    dies without releasing the slot blocks the next run for at most about this long."""
     state_log_every_s: float = Field(default=60.0, gt=0)
     """While the parent waits for a child run to start, a line with its state this often."""
     on_overlap: Literal["queue", "cancel"] = "queue"

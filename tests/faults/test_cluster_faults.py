@@ -1,0 +1,189 @@
+"""A real cluster's everyday failures, each reproduced on the deployed cluster of
+tests/prefect_harness.py (PostgreSQL-backed Prefect server, process pools and workers, S3 on
+127.0.0.1), and each recovered with no human action:
+
+- a child stuck in Pending on a work pool at its concurrency limit (its own slot is the one the
+  pool counts): the start deadline fires, naming the pool and the state;
+- the kubelet's SIGTERM to a branch mid-training (no cancel): the branch checkpoints at the step
+  reached, ends Crashed, is rescheduled by its pipeline and resumes from that step; then the
+  pipeline's own process is killed: the automation reschedules it and its new attempt waits on
+  the running branch instead of launching another; the other branch runs exactly once;
+- the Prefect server, then PostgreSQL, restarted mid-run: the pipeline finishes, no branch is
+  trained twice, the run name's slot is not leaked, and the next run of the name starts.
+
+The rules behind each recovery, in isolation: tests/test_recovery_logic.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import signal
+import time
+
+import pytest
+import yaml
+
+from tests.prefect_harness import EXPERT_POOLS, REPO, descendants, stop_groups, wait_for
+from tests.test_orchestration import _children, _logs, _pipeline_run
+
+pytestmark = pytest.mark.integration
+
+
+def _config(run, name: str, domains: dict[str, str], steps: int = 120, **orchestration) -> dict:
+    """The shared run's config under a run name of its own, `domains` (name -> pool), no finetune;
+    branches long enough to be interrupted, a checkpoint every 10 steps, one thread."""
+    from btx_core.config.schema import BTXConfig
+
+    config = copy.deepcopy(run.config)
+    ci = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
+    config["run_name"] = f"{config['run_name']}-{name}"
+    config["domains"] = [d for d in ci["domains"] if d["name"] in domains]
+    config["finetune"] = None
+    config["expert_training"].update(steps=steps, checkpoint_every=10, threads=1)
+    config["orchestration"].update(domain_pools=domains, retries=3, retry_delay_s=2.0, **orchestration)
+    return BTXConfig.model_validate(config).model_dump(mode="json")
+
+
+def _store(cluster, config):
+    from btx_core.config.schema import BTXConfig
+    from btx_core.store.core import Store
+    from tests.prefect_harness import S3_KEY_ID, S3_SECRET
+
+    cfg = BTXConfig.model_validate(config)
+    return cfg, Store(cfg.store, {"key": S3_KEY_ID, "secret": S3_SECRET,
+                                  "client_kwargs": {"endpoint_url": cluster.s3_endpoint}})
+
+
+def _child(cluster, parent_id, domain: str):
+    found = [c for c in _children(cluster, parent_id) if c.parameters.get("domain") == domain]
+    assert len(found) <= 1, f"{len(found)} child runs for {domain}: a rescheduled parent launched another"
+    return found[0] if found else None
+
+
+def _history(cluster, flow_run_id) -> list[str]:
+    with cluster.client() as client:
+        return [s.name for s in sorted(client.read_flow_run_states(flow_run_id), key=lambda s: s.timestamp)]
+
+
+def _slot_count(cluster, run_name: str) -> int:
+    from flows.pipeline import run_limit_name
+
+    with cluster.client() as client:
+        return client.read_global_concurrency_limit_by_name(run_limit_name(run_name)).active_slots
+
+
+def test_a_pending_child_on_a_pool_at_its_limit_meets_its_deadline(btx_deployed, btx_pipeline_run):
+    """A pool of limit 1 whose runs never leave Pending (their command never starts Prefect's
+    engine: as an image that cannot be pulled). The pool is full, but only with the child itself:
+    the old rule restarted the deadline forever."""
+    cluster, pool = btx_deployed.cluster, "btx-stuck"
+    btx_deployed.add_expert_pool(pool, limit=1, job_variables={"command": "sleep 600"})
+    worker = cluster.start_worker(pool)
+    try:
+        config = _config(btx_pipeline_run, "stuck", {"math": pool}, start_timeout_s=20)
+        run = _pipeline_run(cluster, config)
+        final = cluster.wait_flow_run(run.id, 300)
+        message = final.state.message or ""
+        assert final.state.is_failed(), (final.state, cluster.diagnostics())
+        assert f"stuck in Pending on the work pool '{pool}'" in message, message
+        assert "start_timeout_s = 20" in message, message
+        child = _child(cluster, run.id, "math")
+        history = _history(cluster, child.id)
+        assert history[-1] == "Cancelled" and "Running" not in history, history
+        with cluster.client() as client:
+            assert client.read_work_pool(pool).concurrency_limit == 1
+    finally:
+        stop_groups({worker.name: worker.proc})
+        cluster.services.pop(worker.name, None)
+
+
+def _engine_pid(worker, timeout: float = 60) -> int:
+    """The flow-run process a process worker runs (the engine: what a pod's kubelet signals)."""
+    return wait_for(lambda: next(iter(descendants(worker.proc.pid)), None), timeout, "the flow-run process")
+
+
+def test_sigterm_to_a_branch_and_a_killed_pipeline_recover_by_themselves(btx_deployed, btx_pipeline_run):
+    """Two branches on two pools. The math branch gets a SIGTERM with no cancel, as a drained or
+    preempted pod does: it checkpoints at the step reached, ends Crashed, and its pipeline
+    reschedules it; it resumes from that step. Then the pipeline's own process is SIGKILLed (its
+    control pod lost): the automation of flows/automations.py reschedules the pipeline run, whose
+    new attempt waits on the math branch it launched before. The code branch runs once."""
+    cluster, pool = btx_deployed.cluster, "btx-sigterm"
+    btx_deployed.add_expert_pool(pool)
+    workers = [cluster.start_worker(pool)]
+    try:
+        config = _config(btx_pipeline_run, "sigterm", {"math": pool, "code": EXPERT_POOLS[1]}, steps=160)
+        cfg, store = _store(cluster, config)
+        from btx_core.store import layout
+
+        newest = lambda: (store.latest_checkpoint(layout.expert_checkpoints(cfg, "math")) or (0, None))[0]  # noqa: E731
+        parent = _pipeline_run(cluster, config)
+        wait_for(lambda: (c := _child(cluster, parent.id, "math")) and c.state.is_running() and newest() >= 10,
+                 400, "the math branch past its first checkpoint", 0.5, cluster.death)
+        os.kill(_engine_pid(workers[0]), signal.SIGTERM)
+        child = wait_for(lambda: (c := _child(cluster, parent.id, "math")).state.is_crashed() and c, 120,
+                         "the branch to end Crashed", 0.5, cluster.death)
+        stopped = [int(s) for s in re.findall(r"training stopped at step (\d+)", _logs(cluster, child.id))]
+        assert stopped and newest() == stopped[-1] > 10, (stopped, newest())  # the step reached, not the last periodic
+
+        wait_for(lambda: _child(cluster, parent.id, "math").run_count >= 2 and newest() > stopped[-1], 300,
+                 "the branch training again", 0.5, cluster.death)
+        control = next(w for name, w in cluster.services.items() if name == "worker-btx-control")
+        pipeline_pids = descendants(control.proc.pid)
+        for pid in pipeline_pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "Crashed" in _history(cluster, parent.id), 120, "the pipeline run to be Crashed", 1.0)
+
+        final = cluster.wait_flow_run(parent.id, 600)
+        assert final.state.is_completed(), (final.state, _history(cluster, parent.id), cluster.diagnostics())
+        pipeline = _history(cluster, parent.id)
+        assert pipeline.count("Crashed") == 1 and "AwaitingRetry" in pipeline, pipeline
+        said = _logs(cluster, parent.id)
+        assert "re-attaching to the children of its earlier attempts" in said, said[-3000:]
+        assert "is Running: waiting on it again" in said or "reusing completed run" in said, said[-3000:]
+        math, code = _child(cluster, parent.id, "math"), _child(cluster, parent.id, "code")
+        history = _history(cluster, math.id)
+        assert history.count("Crashed") == 1 and history[-1] == "Completed", history
+        assert f"resuming from step {stopped[-1]} " in _logs(cluster, math.id), _logs(cluster, math.id)[-3000:]
+        assert store.verify(layout.expert_model(cfg, "math")).metrics["resumed_from_step"] == stopped[-1]
+        assert code.run_count == 1 and _history(cluster, code.id).count("Running") == 1, _history(cluster, code.id)
+        assert _slot_count(cluster, config["run_name"]) == 0
+        wait_for(lambda: not any(map(_alive_pid, pipeline_pids)), 30, "the killed processes to be gone")
+    finally:
+        stop_groups({w.name: w.proc for w in workers})
+        for w in workers:
+            cluster.services.pop(w.name, None)
+
+
+def _alive_pid(pid: int) -> bool:
+    from tests.prefect_harness import _alive
+
+    return _alive(pid)
+
+
+def test_restarted_server_and_database_neither_stop_the_pipeline_nor_leak_its_slot(btx_deployed, btx_pipeline_run):
+    """Mid-run, the Prefect server is stopped and started again (a rolled server pod; Prefect's
+    default in-memory lease storage forgets the run name's lease), then PostgreSQL. The pipeline
+    rides both out and completes; no branch runs twice; the slot's count is back to 0; and the
+    next run of the same name starts (and reuses every stage) instead of being cancelled."""
+    cluster = btx_deployed.cluster
+    config = _config(btx_pipeline_run, "restart", {"knowledge": EXPERT_POOLS[0]}, steps=200,
+                     on_overlap="cancel")
+    parent = _pipeline_run(cluster, config)
+    wait_for(lambda: (c := _child(cluster, parent.id, "knowledge")) and c.state.is_running(), 400,
+             "the branch to run", 1.0, cluster.death)
+    down = {"server": cluster.restart_server(down_s=15)}
+    time.sleep(5)
+    down["postgres"] = cluster.restart_postgres(down_s=10)
+    final = cluster.wait_flow_run(parent.id, 600)
+    print("down for", down)
+    assert final.state.is_completed(), (final.state, _history(cluster, parent.id), cluster.diagnostics())
+    child = _child(cluster, parent.id, "knowledge")
+    assert child.run_count == 1 and _history(cluster, child.id).count("Running") == 1, _history(cluster, child.id)
+    assert _history(cluster, parent.id).count("Running") == 1, _history(cluster, parent.id)
+    assert _slot_count(cluster, config["run_name"]) == 0
+    nxt = cluster.wait_flow_run(_pipeline_run(cluster, config).id, 300)
+    assert nxt.state.is_completed(), (nxt.state, _logs(cluster, nxt.id)[-3000:])
+    assert "already complete" in _logs(cluster, nxt.id) or not _children(cluster, nxt.id), _logs(cluster, nxt.id)[-2000:]
