@@ -1,10 +1,14 @@
-"""infra/ checked without Docker or Kubernetes (issue 14, failures 4, 5, 6, 10): the image's
-build context holds no secret, the compose file's images are pinned, the pull step reads the code
-directory when a run starts, the schedule is shipped paused, the Kubernetes job templates take
-imagePullSecrets, the worker's RBAC, and the bucket step. What needs a real Docker or cluster
-(pulling the quay.io images, a pod pulling from a private registry) cannot run here: the tags
-are ones MinIO published (quay.io, 2025-08/09) and the manifests are checked by rendering them
-with prefect-kubernetes itself."""
+"""infra/ checked without Docker or Kubernetes (issue 14, failures 4, 5, 6, 10; issue 23, parts
+1, 3, 6, 7): the image's build context holds no secret, the compose file's images are pinned, the
+pull step reads the code directory when a run starts, the schedule's state is read at deploy
+time, the Kubernetes job templates take imagePullSecrets, the worker's RBAC, and the bucket step;
+docs/deploy.md's Kubernetes walk-through in one namespace, the secrets it must create, cache_dir
+on a volume, the Prefect Cloud API key kept out of Jobs, the grace period and preStop hook, and
+the server's concurrency leases on a volume. What needs a real Docker or cluster (pulling the
+quay.io images, a pod pulling from a private registry, a pod failing on a missing Secret) cannot
+run here: the tags are ones MinIO published (quay.io, 2025-08/09) and the manifests are checked
+by rendering them with prefect-kubernetes itself, down to the body its worker sends to the
+Kubernetes API."""
 
 from __future__ import annotations
 
@@ -445,6 +449,32 @@ def test_termination_grace_covers_one_checkpoint_write_of_a_7b_expert(tmp_path):
         assert f"{grace} s" in (REPO / "docs" / "deploy.md").read_text()
         longer = _render(template, {"termination_grace_seconds": 3600})
         assert longer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 3600
+
+
+@pytest.mark.parametrize("name", sorted(set(DEFAULT_POOLS.values())))
+def test_the_pod_stops_only_after_a_checkpoint_being_written_reached_the_store(tmp_path, name):
+    """The job's preStop hook (run by the kubelet before its SIGTERM, within the grace period)
+    returns at once when no training checkpoint is being written, and waits while one is: while
+    the staging directory the training loop writes it in (TMPDIR/btx-ckpt-*) exists."""
+    import time
+
+    (prefix,) = re.findall(r'TemporaryDirectory\(prefix="(btx-ckpt-)"\)',
+                           (REPO / "btx_core" / "training" / "loop.py").read_text())
+    template = json.loads((KUBE / name).read_text())
+    (container,) = _render(template, {})["spec"]["template"]["spec"]["containers"]
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    subprocess.run(hook, env=env, timeout=10, check=True)  # nothing being written: no wait
+    staging = tmp_path / f"{prefix}x1y2"
+    staging.mkdir()
+    waiting = subprocess.Popen(hook, env=env)
+    try:
+        time.sleep(3)
+        assert waiting.poll() is None  # still waiting for the upload
+        staging.rmdir()  # the checkpoint is in the store
+        assert waiting.wait(timeout=10) == 0
+    finally:
+        waiting.kill()
 
 
 def test_the_server_keeps_concurrency_leases_on_a_volume(tmp_path):
