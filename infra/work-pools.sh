@@ -71,11 +71,16 @@ if claim:  # the cache on a claim: the node's disk holds only the scratch volume
     (cache,) = [v for v in pod["volumes"] if v["name"] == "cache"]
     cache.clear()
     cache.update(name="cache", persistentVolumeClaim={"claimName": "{{ cache_claim }}"})
-    del properties["cache_size"]
+    cache_size = properties.pop("cache_size")["default"]
     properties["cache_claim"] = {
         "title": "Cache Claim", "type": "string", "default": claim,
         "description": "The PersistentVolumeClaim mounted at /cache, the config's cache_dir (BTX_CACHE_DIR)."}
-    properties["ephemeral_storage_request"]["default"] = properties["scratch_size"]["default"]
+    # A request that reserved node disk for the cache too no longer does.
+    request, scratch = properties["ephemeral_storage_request"], properties["scratch_size"]["default"]
+    gib = lambda quantity: int(quantity[:-2]) if quantity and quantity.endswith("Gi") else None
+    sizes = [gib(q) for q in (request["default"], scratch, cache_size)]
+    if None not in sizes and sizes[0] == sizes[1] + sizes[2]:
+        request["default"] = scratch
 json.dump(data, open(out, "w"), indent=2)
 PY
   echo "$out"
