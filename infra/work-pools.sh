@@ -10,6 +10,10 @@
 #
 # BTX_POOL_CONCURRENCY=N: flow runs at once per expert pool (process pools: default 1, one GPU).
 # BTX_IMAGE=registry/btx-worker:tag sets the Kubernetes jobs' image (default btx-worker:latest).
+# BTX_NAMESPACE=btx (the default) is the Kubernetes namespace of the jobs: the one that holds the
+# store Secret, the pull secret and the worker's Role (docs/deploy.md, section 4).
+# BTX_CACHE_CLAIM=btx-cache mounts that PersistentVolumeClaim (ReadWriteMany when a pool runs
+# several jobs at once) at the jobs' /cache, the config's cache_dir, instead of an emptyDir.
 # BTX_POOL_PREFIX=staging names the pools staging-control, staging-experts, ... (default btx),
 # to keep several installs apart on one server; prefect.yaml names the default ones.
 # BTX_EXPERT_POOLS="btx-h100 btx-a100" names the expert pools instead (one per GPU node class;
@@ -44,20 +48,39 @@ fi
 gpus=${BTX_GPUS:-}
 [[ -z $gpus || $gpus =~ ^[1-9][0-9]*$ ]] || { echo "BTX_GPUS must be a whole number >= 1, got '$gpus'" >&2; exit 2; }
 
-# A copy of a job template with the image (and GPUs per job) filled in (the JSON in git keeps
-# the defaults).
-with_image() {
+namespace=${BTX_NAMESPACE:-btx}
+[[ $namespace =~ ^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$ ]] || { echo "BTX_NAMESPACE must be a Kubernetes namespace name, got '$namespace'" >&2; exit 2; }
+
+# A copy of a job template with this install's settings filled in (the JSON in git keeps the
+# defaults): the namespace, the image, GPUs per job, and the cache volume.
+with_settings() {
   local out
   out=$(mktemp --suffix .json)
-  "$python" - "$1" "${BTX_IMAGE:-}" "$gpus" "$out" <<'PY'
+  "$python" - "$1" "$namespace" "${BTX_IMAGE:-}" "$gpus" "${BTX_CACHE_CLAIM:-}" "$out" <<'PY'
 import json, sys
-template, image, gpus, out = sys.argv[1:]
+template, namespace, image, gpus, claim, out = sys.argv[1:]
 data = json.load(open(template))
 properties = data["variables"]["properties"]
+properties["namespace"]["default"] = namespace
 if image:
     properties["image"]["default"] = image
 if gpus and "gpu_count" in properties:
     properties["gpu_count"]["default"] = int(gpus)
+if claim:  # the cache on a claim: the node's disk holds only the scratch volume
+    pod = data["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    (cache,) = [v for v in pod["volumes"] if v["name"] == "cache"]
+    cache.clear()
+    cache.update(name="cache", persistentVolumeClaim={"claimName": "{{ cache_claim }}"})
+    cache_size = properties.pop("cache_size")["default"]
+    properties["cache_claim"] = {
+        "title": "Cache Claim", "type": "string", "default": claim,
+        "description": "The PersistentVolumeClaim mounted at /cache, the config's cache_dir (BTX_CACHE_DIR)."}
+    # A request that reserved node disk for the cache too no longer does.
+    request, scratch = properties["ephemeral_storage_request"], properties["scratch_size"]["default"]
+    gib = lambda quantity: int(quantity[:-2]) if quantity and quantity.endswith("Gi") else None
+    sizes = [gib(q) for q in (request["default"], scratch, cache_size)]
+    if None not in sizes and sizes[0] == sizes[1] + sizes[2]:
+        request["default"] = scratch
 json.dump(data, open(out, "w"), indent=2)
 PY
   echo "$out"
@@ -80,8 +103,8 @@ case $kind in
     for pool in "${expert_pools[@]}"; do limit "$pool" "${slots:-1}"; done
     ;;
   kubernetes)
-    cpu=$(with_image "$here/kubernetes/control-job-template.json")
-    gpu=$(with_image "$here/kubernetes/gpu-job-template.json")
+    cpu=$(with_settings "$here/kubernetes/control-job-template.json")
+    gpu=$(with_settings "$here/kubernetes/gpu-job-template.json")
     trap 'rm -f "$cpu" "$gpu"' EXIT
     for pool in "${control_pools[@]}"; do create "$pool" kubernetes "$cpu"; done
     for pool in "${expert_pools[@]}"; do create "$pool" kubernetes "$gpu"; limit "$pool" "$slots"; done

@@ -195,23 +195,6 @@ def test_other_branches_ran_exactly_once(completed: PipelineRun) -> None:
         assert task_run.run_count == 1, (task_run.name, task_run.run_count)
 
 
-def _render_kubernetes_job(template: dict, job_variables: dict) -> dict:
-    """The Job a Kubernetes worker would submit for a flow run with these job variables."""
-    import asyncio
-    from uuid import uuid4
-
-    from prefect.client.schemas.objects import FlowRun
-    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
-
-    async def render() -> dict:
-        config = await KubernetesWorkerJobConfiguration.from_template_and_values(
-            template, job_variables, client=object())  # no block or variable references to resolve
-        config.prepare_for_flow_run(FlowRun(id=uuid4(), name="a-run", flow_id=uuid4()))
-        return config.job_manifest
-
-    return asyncio.run(render())
-
-
 @pytest.mark.integration
 def test_kubernetes_pools_render_gpu_jobs(prefect_cluster) -> None:
     """`infra/work-pools.sh kubernetes`: the server accepts the job templates (it checks that every
@@ -227,6 +210,7 @@ def test_kubernetes_pools_render_gpu_jobs(prefect_cluster) -> None:
     from prefect_kubernetes.worker import KubernetesWorker
 
     from tests.prefect_harness import REPO
+    from tests.support.kubernetes import render_job
 
     cluster = prefect_cluster
     image = "registry.example.com/btx-worker:1.2.3"
@@ -247,14 +231,15 @@ def test_kubernetes_pools_render_gpu_jobs(prefect_cluster) -> None:
         assert pool.type == "kubernetes"
         assert set(upstream["variables"]["properties"]) <= set(template["variables"]["properties"])
         assert set(upstream["job_configuration"]) == set(template["job_configuration"])
-        job = _render_kubernetes_job(template, {"env": {"EXTRA": "1"}})
+        job = render_job(template, {"env": {"EXTRA": "1"}})
         assert "{{" not in json.dumps(job), job  # every placeholder filled in or dropped
         pod = job["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["image"] == image
+        assert job["metadata"]["namespace"] == "btx"  # BTX_NAMESPACE's default
         assert container["args"] == ["prefect", "flow-run", "execute"]
         assert {"name": "EXTRA", "value": "1"} in container["env"]
-        assert container["envFrom"] == [{"secretRef": {"name": "btx-store", "optional": True}}]
+        assert container["envFrom"] == [{"secretRef": {"name": "btx-store", "optional": False}}]
         assert {"name": "scratch", "mountPath": "/scratch"} in container["volumeMounts"]
         gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
         if name == "k8s-check-control":
@@ -263,7 +248,7 @@ def test_kubernetes_pools_render_gpu_jobs(prefect_cluster) -> None:
         assert gpus == 1 and container["resources"]["requests"]["nvidia.com/gpu"] == 1
         assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
         assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
-        big = _render_kubernetes_job(template, {"gpu_count": 8, "node_selector": {"gpu": "h100"}})
+        big = render_job(template, {"gpu_count": 8, "node_selector": {"gpu": "h100"}})
         big_pod = big["spec"]["template"]["spec"]
         assert big_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
         assert big_pod["nodeSelector"] == {"gpu": "h100"}

@@ -1,10 +1,14 @@
-"""infra/ checked without Docker or Kubernetes (issue 14, failures 4, 5, 6, 10): the image's
-build context holds no secret, the compose file's images are pinned, the pull step reads the code
-directory when a run starts, the schedule is shipped paused, the Kubernetes job templates take
-imagePullSecrets, the worker's RBAC, and the bucket step. What needs a real Docker or cluster
-(pulling the quay.io images, a pod pulling from a private registry) cannot run here: the tags
-are ones MinIO published (quay.io, 2025-08/09) and the manifests are checked by rendering them
-with prefect-kubernetes itself."""
+"""infra/ checked without Docker or Kubernetes (issue 14, failures 4, 5, 6, 10; issue 23, parts
+1, 3, 6, 7): the image's build context holds no secret, the compose file's images are pinned, the
+pull step reads the code directory when a run starts, the schedule's state is read at deploy
+time, the Kubernetes job templates take imagePullSecrets, the worker's RBAC, and the bucket step;
+docs/deploy.md's Kubernetes walk-through in one namespace, the secrets it must create, cache_dir
+on a volume, the Prefect Cloud API key kept out of Jobs, the grace period and preStop hook, and
+the server's concurrency leases on a volume. What needs a real Docker or cluster (pulling the
+quay.io images, a pod pulling from a private registry, a pod failing on a missing Secret) cannot
+run here: the tags are ones MinIO published (quay.io, 2025-08/09) and the manifests are checked
+by rendering them with prefect-kubernetes itself, down to the body its worker sends to the
+Kubernetes API."""
 
 from __future__ import annotations
 
@@ -103,11 +107,35 @@ def test_compose_pins_an_s3_server_that_exists_and_makes_the_bucket():
         assert not image.endswith(":latest") or image == "btx-worker:local", (name, image)
 
 
-def test_schedules_ship_paused_and_pull_steps_resolve_at_run_time():
+def test_schedules_ship_paused_and_pull_steps_resolve_at_run_time(tmp_path):
+    """A schedule's `active` is what its deployment's build step reads from the server at deploy
+    time (a first deploy: `false`; tests/test_schedules.py deploys twice for real), and that step
+    runs the checkout's .venv python, else the image's python3."""
+    import shlex
+
     data = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
-    for deployment in data["deployments"]:
-        for schedule in deployment.get("schedules") or []:
-            assert schedule["active"] is False, (deployment["name"], schedule)
+    scheduled = [d for d in data["deployments"] if d.get("schedules")]
+    assert scheduled
+    for deployment in scheduled:
+        steps = {s["id"]: s for step in deployment["build"]
+                 for s in [step["prefect.deployments.steps.run_shell_script"]]}
+        for schedule in deployment["schedules"]:
+            (step_id,) = re.fullmatch(r"\{\{ (\w+)\.stdout \}\}", schedule["active"]).groups()
+            argv = shlex.split(steps[step_id]["script"])
+            call = shlex.split(argv[-1])[-3:]  # sh -c '... exec "$py" SCRIPT DEPLOYMENT SLUG'
+            assert call == ["infra/schedule_state.py", "btx-pipeline/" + deployment["name"], schedule["slug"]]
+            # The interpreter: stand-ins that print which one ran.
+            for where in (tmp_path / ".venv" / "bin", tmp_path / "bin"):
+                where.mkdir(parents=True, exist_ok=True)
+                name = "python" if ".venv" in str(where) else "python3"
+                (where / name).write_text(f"#!/bin/sh\necho {where.parent.name} \"$@\"\n")
+                (where / name).chmod(0o755)
+            env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+            ran = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True).stdout
+            assert ran.split() == [".venv", *call], ran
+            (tmp_path / ".venv" / "bin" / "python").unlink()
+            ran = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True).stdout
+            assert ran.split() == [tmp_path.name, *call], ran
     text = json.dumps(data["pull"])
     assert "$BTX_CODE_DIR" not in text.replace("${BTX_CODE_DIR", "")  # no deploy-time placeholder
     (shell, workdir) = data["pull"]
@@ -115,8 +143,6 @@ def test_schedules_ship_paused_and_pull_steps_resolve_at_run_time():
     assert workdir["prefect.deployments.steps.set_working_directory"]["directory"] == \
         "{{ " + step["id"] + ".stdout }}"
     # The script prints the worker's BTX_CODE_DIR, or the image's /opt/btx.
-    import shlex
-
     out = subprocess.run(shlex.split(step["script"]), capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "BTX_CODE_DIR": "/somewhere"})
     assert out.stdout.strip() == "/somewhere"
@@ -125,9 +151,9 @@ def test_schedules_ship_paused_and_pull_steps_resolve_at_run_time():
 
 
 def _render(template: dict, values: dict) -> dict:
-    from tests.test_flows_distributed import _render_kubernetes_job
+    from tests.support.kubernetes import render_job
 
-    return _render_kubernetes_job(template, values)
+    return render_job(template, values)
 
 
 @pytest.mark.parametrize("name", ["gpu-job-template.json", "control-job-template.json"])
@@ -185,3 +211,319 @@ def test_control_pool_only_orchestrates_the_nightly_run():
     for deployment in data["deployments"]:
         if deployment is not pipeline:
             assert deployment["name"] == deployment["work_pool"]["name"], deployment["name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes as docs/deploy.md section 4 sets it up (issue 23, part 6)
+
+KUBE = REPO / "infra" / "kubernetes"
+DEFAULT_POOLS = {"btx-control": "control-job-template.json", "btx-experts": "gpu-job-template.json",
+                 "btx-experts-2": "gpu-job-template.json"}
+
+
+def _pools_from_script(tmp_path: Path, **env: str) -> dict[str, dict]:
+    """`infra/work-pools.sh kubernetes` with stand-ins for the `prefect` CLI and the automation
+    (`python -m flows.automations`): the base job template of every pool it creates, by name. The
+    script's own editing of the templates runs for real."""
+    import sys
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "pools"
+    out.mkdir()
+    prefect = tmp_path / "prefect"
+    prefect.write_text(f"""#!{sys.executable}
+import shutil, sys
+args = sys.argv[1:]
+if args[1:3] == ["work-pool", "create"] and "--base-job-template" in args:
+    shutil.copy(args[args.index("--base-job-template") + 1], {str(out)!r} + "/" + args[3] + ".json")
+""")
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+[ "$1 $2" = "-m flows.automations" ] && exec echo automation "$@"
+exec {sys.executable} "$@"
+""")
+    for stand_in in (prefect, python):
+        stand_in.chmod(0o755)
+    done = subprocess.run(["bash", "infra/work-pools.sh", "kubernetes"], cwd=REPO, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PREFECT": str(prefect), "PYTHON": str(python),
+                               "PREFECT_API_URL": "http://127.0.0.1:9/api", **env}, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "automation -m flows.automations --within 300" in done.stdout  # the lost-node automation
+    from prefect.server.schemas.actions import validate_base_job_template
+
+    pools = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    for template in pools.values():  # what the server checks: every placeholder a declared variable
+        validate_base_job_template(template)
+    return pools
+
+
+def _kubernetes_section() -> str:
+    text = (REPO / "docs" / "deploy.md").read_text()
+    return text[text.index("## 4. Kubernetes"):text.index("## What you see in the UI")]
+
+
+def _shell_commands(markdown: str) -> list[str]:
+    """Every command of the ```-blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", markdown, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).strip()
+            if line:
+                commands.append(line)
+    return commands
+
+
+def _manifests(name: str, **placeholders: str) -> list[dict]:
+    """The documents of infra/kubernetes/<name>, with its @PLACEHOLDER@s filled in as the docs' sed does."""
+    text = (KUBE / name).read_text()
+    for key, value in placeholders.items():
+        text = text.replace(f"@{key}@", value)
+    assert not re.search(r"@[A-Z]+@", text), name
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def test_one_namespace_from_the_docs_to_the_jobs(tmp_path):
+    """Every kubectl command of deploy.md section 4 works in $BTX_NAMESPACE, the manifests they
+    apply name no namespace of their own, and the pools infra/work-pools.sh makes with that
+    variable (as the section exports it) start their Jobs there."""
+    section = _kubernetes_section()
+    (namespace,) = set(re.findall(r"export BTX_NAMESPACE=(\S+)", section))
+    kubectl = [part.strip() for cmd in _shell_commands(section)
+               for part in re.split(r"&&|\||;|\bdo\b", cmd) if part.strip().startswith("kubectl")]
+    assert any(c.startswith('kubectl create namespace "$BTX_NAMESPACE"') for c in kubectl), kubectl
+    for command in kubectl:
+        assert '-n "$BTX_NAMESPACE"' in command or command.startswith("kubectl create namespace"), command
+    for name in ("worker-rbac.yaml", "worker.yaml", "prefect-server.yaml", "store-secret.example.yaml"):
+        for doc in _manifests(name, POOL="p", IMAGE="i"):
+            assert "namespace" not in doc["metadata"], (name, doc["metadata"])
+
+    pools = _pools_from_script(tmp_path / "documented", BTX_NAMESPACE=namespace)
+    assert set(pools) == set(DEFAULT_POOLS)
+    for template in pools.values():
+        assert _render(template, {})["metadata"]["namespace"] == namespace
+    assert namespace == "btx"  # and the script's default, used when the variable is not set
+    other = _pools_from_script(tmp_path / "other", BTX_NAMESPACE="btx-staging")
+    assert {_render(t, {})["metadata"]["namespace"] for t in other.values()} == {"btx-staging"}
+
+
+def test_secrets_the_pods_need_are_required_and_created_by_the_docs():
+    """The store Secret is not optional (a pod without it fails to start, CreateContainerConfigError,
+    instead of at its first S3 call), and every Secret a manifest or template reads is one that
+    section 4 creates under that name."""
+    created = {m.group(1) for cmd in _shell_commands(_kubernetes_section())
+               for m in [re.search(r"create secret (?:generic|docker-registry) (\S+)", cmd)] if m}
+    for name in set(DEFAULT_POOLS.values()):
+        template = json.loads((KUBE / name).read_text())
+        (env_from,) = _render(template, {})["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        assert env_from == {"secretRef": {"name": "btx-store", "optional": False}}
+    assert {"btx-store", "prefect-api", "prefect-db", "regcred"} <= created, created
+    (example,) = _manifests("store-secret.example.yaml")
+    assert example["metadata"]["name"] == "btx-store"
+    refs = {(ref["name"], ref.get("optional", False)) for name in ("worker.yaml", "prefect-server.yaml")
+            for doc in _manifests(name, POOL="p", IMAGE="i") if doc["kind"] == "Deployment"
+            for env in doc["spec"]["template"]["spec"]["containers"][0]["env"]
+            for ref in [env.get("valueFrom", {}).get("secretKeyRef")] if ref}
+    assert {name for name, optional in refs if not optional} <= created, refs
+
+
+def _quantity_gi(value: str) -> int:
+    assert value.endswith("Gi"), value
+    return int(value[:-2])
+
+
+@pytest.mark.parametrize("claim", [None, "btx-cache"])
+def test_cache_dir_is_on_a_volume(tmp_path, claim):
+    """cache_dir (fetched checkpoints, tokenized data) lives on the `cache` volume, not in the
+    container's writable layer: BTX_CACHE_DIR names its mount, and the config's default cache_dir
+    of the image's user is the same volume (until btx_core reads BTX_CACHE_DIR); a deployment's
+    own `env` keeps it. By default an emptyDir with a sizeLimit, the node disk reserved for both
+    emptyDirs (on the expert pools); with BTX_CACHE_CLAIM, that PersistentVolumeClaim, writable
+    by the image's user."""
+    from btx_core.config.schema import BTXConfig
+
+    dockerfile = (REPO / "infra" / "Dockerfile").read_text()
+    (uid,) = re.findall(r"useradd --create-home --uid (\d+) btx", dockerfile)
+    default_cache = BTXConfig.model_fields["cache_dir"].default.replace("~", "/home/btx", 1)
+    pools = _pools_from_script(tmp_path, **({"BTX_CACHE_CLAIM": claim} if claim else {}))
+    for pool, template in pools.items():
+        job = _render(template, {"env": {"EXTRA": "1"}})
+        assert "{{" not in json.dumps(job), pool
+        pod = job["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["EXTRA"] == "1"
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts[env["BTX_CACHE_DIR"]] == "cache" and mounts[default_cache] == "cache", mounts
+        for path in (env["BTX_CACHE_DIR"], default_cache, "/scratch"):  # mount points the image's user owns
+            assert path in dockerfile, path
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        request = _quantity_gi(container["resources"]["requests"]["ephemeral-storage"])
+        scratch = _quantity_gi(volumes["scratch"]["emptyDir"]["sizeLimit"])
+        local = scratch  # what the pod may write to the node's disk
+        if claim:
+            assert volumes["cache"] == {"name": "cache", "persistentVolumeClaim": {"claimName": claim}}
+            assert pod["securityContext"] == {"fsGroup": int(uid)}
+        else:
+            local += _quantity_gi(volumes["cache"]["emptyDir"]["sizeLimit"])
+        # The expert pools reserve all of it; the control pool, which only orchestrates the
+        # nightly config, a little (its description says when to raise it).
+        assert request == local if DEFAULT_POOLS[pool] == "gpu-job-template.json" else request <= local, pool
+        assert "ephemeral-storage" not in container["resources"].get("limits", {})  # opt-in
+        assert _render(template, {"ephemeral_storage_limit": "500Gi"})["spec"]["template"]["spec"][
+            "containers"][0]["resources"]["limits"]["ephemeral-storage"] == "500Gi"
+
+
+def _submitted_job(monkeypatch, template: dict, api_key: str, worker_env: dict[str, str]) -> dict:
+    """The Job body prefect-kubernetes' worker sends to the Kubernetes API (its `_create_job`, with
+    the API client replaced) for a worker holding `api_key` and these environment variables."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from prefect.settings import PREFECT_API_KEY, temporary_settings
+    from prefect_kubernetes import worker as k8s
+
+    from tests.support.kubernetes import job_configuration
+
+    sent = []
+
+    class BatchV1Api:
+        def __init__(self, client):
+            pass
+
+        async def create_namespaced_job(self, namespace, body):
+            sent.append(body)
+            return SimpleNamespace(metadata=SimpleNamespace(name="a-job", namespace=namespace))
+
+    async def submit() -> None:
+        with temporary_settings({PREFECT_API_KEY: api_key}):  # the worker's settings go into its jobs
+            configuration = await job_configuration(template, {})
+        await k8s.KubernetesWorker(work_pool_name="btx-experts")._create_job(configuration, client=object())
+
+    with monkeypatch.context() as patch:
+        patch.setattr(k8s, "BatchV1Api", BatchV1Api)
+        for name, value in worker_env.items():
+            patch.setenv(name, value)
+        asyncio.run(submit())
+    (body,) = sent
+    return body
+
+
+def test_the_prefect_api_key_reaches_jobs_only_as_a_secret_reference(monkeypatch):
+    """A worker run as infra/kubernetes/worker.yaml runs it (Prefect Cloud: an API key) submits
+    Jobs whose env references the key in the Secret `prefect-api` and never holds it; without the
+    worker settings of that manifest, the key would be in the Job in plain text."""
+    from uuid import uuid4
+
+    (worker,) = _manifests("worker.yaml", POOL="btx-experts", IMAGE="registry.example.com/btx-worker:1")
+    env = worker["spec"]["template"]["spec"]["containers"][0]["env"]
+    settings = {e["name"]: e["value"] for e in env if "value" in e}
+    (own_key,) = [e["valueFrom"]["secretKeyRef"] for e in env if e["name"] == "PREFECT_API_KEY"]
+    key = f"pnu_{uuid4().hex}"
+    template = json.loads((KUBE / "gpu-job-template.json").read_text())
+
+    plain = _submitted_job(monkeypatch, template, key, {})
+    assert key in json.dumps(plain)  # what the settings prevent
+    body = _submitted_job(monkeypatch, template, key, settings)
+    assert key not in json.dumps(body)
+    (job_key,) = [e for e in body["spec"]["template"]["spec"]["containers"][0]["env"]
+                  if e["name"] == "PREFECT_API_KEY"]
+    assert job_key == {"name": "PREFECT_API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": own_key["name"], "key": own_key["key"]}}}
+    assert worker["spec"]["template"]["spec"]["serviceAccountName"] == "btx-worker"  # worker-rbac.yaml's
+
+
+def test_termination_grace_covers_one_checkpoint_write_of_a_7b_expert(tmp_path):
+    """terminationGracePeriodSeconds of both job templates: at least 1.5 x the time to finish a
+    step and write one training checkpoint of a 7B expert, with its bytes per parameter measured
+    on btx's own checkpoint format (fp32 weights + AdamW's two moments)."""
+    import torch
+
+    from btx_core.training.state import TrainState, save_checkpoint
+
+    model = torch.nn.Linear(512, 512)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 512)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, TrainState(1, 1, 512, 1, [1.0]))
+    params = sum(p.numel() for p in model.parameters())
+    per_param = sum(f.stat().st_size for f in tmp_path.iterdir()) / params
+    assert 11.9 < per_param < 12.5, per_param
+
+    checkpoint = 7.24e9 * per_param  # Mistral-7B's parameters (Llama-2-7B: 6.74e9): ~87 GB
+    step, local_write, sha256, upload = 60, checkpoint / 1e9, checkpoint / 1e9, checkpoint / 250e6
+    needed = 1.5 * (step + local_write + sha256 + upload)
+    for name in set(DEFAULT_POOLS.values()):
+        template = json.loads((KUBE / name).read_text())
+        grace = _render(template, {})["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert needed <= grace <= needed + 60, (name, grace, needed)
+        assert f"{grace} s" in (REPO / "docs" / "deploy.md").read_text()
+        longer = _render(template, {"termination_grace_seconds": 3600})
+        assert longer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 3600
+
+
+@pytest.mark.parametrize("name", sorted(set(DEFAULT_POOLS.values())))
+def test_the_pod_stops_only_after_a_checkpoint_being_written_reached_the_store(tmp_path, name):
+    """The job's preStop hook (run by the kubelet before its SIGTERM, within the grace period)
+    returns at once when no training checkpoint is being written, and waits while one is: while
+    the staging directory the training loop writes it in (TMPDIR/btx-ckpt-*) exists."""
+    import time
+
+    (prefix,) = re.findall(r'TemporaryDirectory\(prefix="(btx-ckpt-)"\)',
+                           (REPO / "btx_core" / "training" / "loop.py").read_text())
+    template = json.loads((KUBE / name).read_text())
+    (container,) = _render(template, {})["spec"]["template"]["spec"]["containers"]
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    subprocess.run(hook, env=env, timeout=10, check=True)  # nothing being written: no wait
+    staging = tmp_path / f"{prefix}x1y2"
+    staging.mkdir()
+    waiting = subprocess.Popen(hook, env=env)
+    try:
+        time.sleep(3)
+        assert waiting.poll() is None  # still waiting for the upload
+        staging.rmdir()  # the checkpoint is in the store
+        assert waiting.wait(timeout=10) == 0
+    finally:
+        waiting.kill()
+
+
+def test_the_server_keeps_concurrency_leases_on_a_volume(tmp_path):
+    """Compose's and the Kubernetes manifest's Prefect server store concurrency leases with the
+    filesystem lease storage under a PREFECT_HOME on a volume that outlives the container (a
+    named volume; one replica's claim), and that storage hands a new instance, as after a server
+    restart, the lease an earlier one wrote."""
+    import asyncio
+    import importlib
+    from datetime import timedelta
+    from uuid import uuid4
+
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    module = "prefect.server.concurrency.lease_storage.filesystem"
+    compose = yaml.safe_load((REPO / "infra" / "compose.yaml").read_text())
+    server = compose["services"]["prefect-server"]
+    assert server["environment"]["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == module
+    home = server["environment"]["PREFECT_HOME"]
+    volumes = dict(v.split(":", 1)[::-1] for v in server["volumes"])
+    assert volumes[home] in compose["volumes"]  # a named volume, not the container's layer
+    assert home in (REPO / "infra" / "Dockerfile").read_text()  # created for the image's user
+
+    (claim, deployment, _service) = _manifests("prefect-server.yaml", IMAGE="i")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == module
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["PREFECT_HOME"]]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+    storage = importlib.import_module(module).ConcurrencyLeaseStorage
+    resources = [uuid4()]
+    with temporary_settings({PREFECT_HOME: tmp_path}):
+        lease = asyncio.run(storage().create_lease(resources, ttl=timedelta(minutes=5)))
+        restarted = asyncio.run(storage().read_lease(lease.id))
+    assert restarted is not None and restarted.resource_ids == resources
+    assert (tmp_path / "concurrency_leases").is_dir()

@@ -93,3 +93,30 @@ def test_scheduled_runs_receive_the_schedule_parameters(btx_deployed: Deployed) 
     assert isinstance(received, BTXConfig)
     assert received == BTXConfig.model_validate(declared["parameters"]["config"])
     assert received.orchestration.expert_runner == "deployments"
+
+
+def test_a_redeploy_keeps_the_schedule_as_an_operator_left_it(btx_deployed: Deployed) -> None:
+    """`prefect deploy` again (compose's deploy service does on every `up`) neither pauses a
+    schedule an operator turned on nor turns on one left paused: infra/prefect.yaml's build step
+    gives `active` the server's state. The schedule is updated in place, its parameters restored."""
+    declared = _declared_schedule()
+    deployment = _pipeline_deployment(btx_deployed)
+    cluster = btx_deployed.cluster
+
+    def schedule():
+        with cluster.client() as client:
+            (found,) = client.read_deployment_schedules(deployment.id)
+        return found
+
+    first = schedule()
+    try:
+        for wanted in (True, False):
+            with cluster.client() as client:
+                client.update_deployment_schedule(deployment.id, first.id, active=wanted)
+            cluster.prefect("--no-prompt", "deploy", "--name", deployment.name, "--prefect-file", PREFECT_FILE)
+            after = schedule()
+            assert (after.id, after.active) == (first.id, wanted), after
+            assert after.parameters == jsonable(declared["parameters"])
+    finally:
+        with cluster.client() as client:
+            client.update_deployment_schedule(deployment.id, first.id, active=False)
