@@ -8,7 +8,8 @@ on the same server, are not touched):
    marked Crashed once its heartbeats stop without a final or waiting state. A waiting run
    (AwaitingRetry, Scheduled, Late, Pending, Paused, AwaitingConcurrencySlot) is left alone.
 2. "reschedule crashed pipeline runs": a `btx-pipeline` run that ends Crashed (its control pod
-   lost, drained or evicted, or crashed by 1.) is scheduled again at once, in place. Its new
+   lost, drained or evicted, or crashed by 1.) is scheduled again in place, once it has stayed
+   Crashed for 30 s. Its new
    attempt re-attaches to the children its earlier one launched (their idempotency keys hold its
    flow run id: flows/remote.py), waits on the running ones, and reuses finished stages. The
    pipeline itself fails instead of running once it has crashed more than
@@ -37,6 +38,7 @@ RESTART = "btx: reschedule crashed pipeline runs"
 NAME = ZOMBIES  # the name earlier versions used for the only automation
 PIPELINE_FLOW = "btx-pipeline"
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+SETTLE_S = 30.0  # a crashed pipeline run is rescheduled once it has stayed Crashed this long
 PREFECT_FILE = Path(__file__).resolve().parents[1] / "infra" / "prefect.yaml"
 # States a live run may sit in without heartbeats: its process has not started (again) yet.
 WAITING = ("Scheduled", "AwaitingRetry", "Late", "Pending", "Paused", "Suspended", "AwaitingConcurrencySlot",
@@ -79,8 +81,12 @@ def zombie_automation(within_s: float, *, deployment_ids, name: str = ZOMBIES):
                                     message=f"no heartbeat for {within_s:g} s: its process is gone")])
 
 
-def restart_automation(*, deployment_ids, name: str = RESTART):
-    """A run of the pipeline deployments `deployment_ids` that turns Crashed is set AwaitingRetry."""
+def restart_automation(*, deployment_ids, settle_s: float = SETTLE_S, name: str = RESTART):
+    """A run of the pipeline deployments `deployment_ids` that stays Crashed for `settle_s` is set
+    AwaitingRetry. Why wait: a lost process's crash is reported twice (Prefect 3.9.1's process
+    worker did, a second apart); acting on each report would schedule the run twice, and its two
+    attempts would run at once. A Crashed that is followed by any other event of the run (another
+    report, a state set by hand) starts the wait again, so the automation acts once."""
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
@@ -91,10 +97,12 @@ def restart_automation(*, deployment_ids, name: str = RESTART):
         description="flows/automations.py: a crashed btx pipeline run is scheduled again in place; it "
                     "re-attaches to its running children",
         trigger=EventTrigger(
-            expect={"prefect.flow-run.Crashed"},
+            after={"prefect.flow-run.Crashed"},
+            expect={"prefect.flow-run.*"},
             match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
             match_related=_of_deployments(deployment_ids),
-            posture=Posture.Reactive, threshold=1),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=settle_s)),
         actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True,
                                     message="crashed; rescheduled by the btx automation to re-attach to its children")])
 

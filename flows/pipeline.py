@@ -71,7 +71,9 @@ def give_up_after_crashes(config: BTXConfig) -> None:
     with get_client(sync_client=True) as client:
         history = sorted(client.read_flow_run_states(runtime.flow_run.id), key=lambda s: s.timestamp)
     since = max((i for i, s in enumerate(history) if s.type == StateType.FAILED), default=-1)  # a retry by hand
-    crashes = sum(s.type == StateType.CRASHED for s in history[since + 1:])
+    # Attempts that ended Crashed (one crash may be reported twice, so Crashed states are not counted).
+    attempts = [s.type for s in history[since + 1:] if s.type in (StateType.RUNNING, StateType.CRASHED)]
+    crashes = sum(1 for a, b in zip(attempts, attempts[1:]) if a == StateType.RUNNING and b == StateType.CRASHED)
     if crashes > config.orchestration.retries:
         raise BTXError(f"this pipeline run crashed {crashes} times (orchestration.retries = "
                        f"{config.orchestration.retries}): not running it again. See the logs of its attempts; "

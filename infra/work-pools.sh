@@ -111,9 +111,6 @@ case $kind in
     ;;
 esac
 
-# A lost node's runs would stay Running forever: with heartbeats on in the workers
-# (PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60, set in compose.yaml and the job templates' env), this
-# automation marks btx's runs (tag `btx`) Crashed after 5 minutes of silence, and the pipeline
-# reschedules the branch, which resumes from its checkpoint. Rerunning it updates it in place.
-(cd "$here/.." && "$python" -m flows.automations --within "${BTX_ZOMBIE_AFTER_S:-300}") || \
-  echo "warning: could not create the zombie-run automation (flows/automations.py)" >&2
+# Next: `prefect deploy --all --prefect-file infra/prefect.yaml`, then
+# `python -m flows.automations --within 300`: the automations that crash a lost node's runs and
+# reschedule a crashed pipeline run are scoped to the deployments, so they come after the deploy.

@@ -222,9 +222,9 @@ DEFAULT_POOLS = {"btx-control": "control-job-template.json", "btx-experts": "gpu
 
 
 def _pools_from_script(tmp_path: Path, **env: str) -> dict[str, dict]:
-    """`infra/work-pools.sh kubernetes` with stand-ins for the `prefect` CLI and the automation
-    (`python -m flows.automations`): the base job template of every pool it creates, by name. The
-    script's own editing of the templates runs for real."""
+    """`infra/work-pools.sh kubernetes` with a stand-in for the `prefect` CLI: the base job
+    template of every pool it creates, by name. The script's own editing of the templates runs
+    for real."""
     import sys
 
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -237,18 +237,11 @@ args = sys.argv[1:]
 if args[1:3] == ["work-pool", "create"] and "--base-job-template" in args:
     shutil.copy(args[args.index("--base-job-template") + 1], {str(out)!r} + "/" + args[3] + ".json")
 """)
-    python = tmp_path / "python"
-    python.write_text(f"""#!/bin/sh
-[ "$1 $2" = "-m flows.automations" ] && exec echo automation "$@"
-exec {sys.executable} "$@"
-""")
-    for stand_in in (prefect, python):
-        stand_in.chmod(0o755)
+    prefect.chmod(0o755)
     done = subprocess.run(["bash", "infra/work-pools.sh", "kubernetes"], cwd=REPO, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "PREFECT": str(prefect), "PYTHON": str(python),
+                          env={"PATH": "/usr/bin:/bin", "PREFECT": str(prefect),
                                "PREFECT_API_URL": "http://127.0.0.1:9/api", **env}, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "automation -m flows.automations --within 300" in done.stdout  # the lost-node automation
     from prefect.server.schemas.actions import validate_base_job_template
 
     pools = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
@@ -334,16 +327,17 @@ def _quantity_gi(value: str) -> int:
 @pytest.mark.parametrize("claim", [None, "btx-cache"])
 def test_cache_dir_is_on_a_volume(tmp_path, claim):
     """cache_dir (fetched checkpoints, tokenized data) lives on the `cache` volume, not in the
-    container's writable layer: BTX_CACHE_DIR names its mount, and the config's default cache_dir
-    of the image's user is the same volume (until btx_core reads BTX_CACHE_DIR); a deployment's
-    own `env` keeps it. By default an emptyDir with a sizeLimit, the node disk reserved for both
+    container's writable layer: BTX_CACHE_DIR names its mount, which a config without `cache_dir`
+    uses where the stage runs (btx_core.stages.common.cache_dir); a deployment's own `env` keeps it. By default an emptyDir with a sizeLimit, the node disk reserved for both
     emptyDirs (on the expert pools); with BTX_CACHE_CLAIM, that PersistentVolumeClaim, writable
     by the image's user."""
     from btx_core.config.schema import BTXConfig
 
+    from btx_core.stages.common import cache_dir
+
     dockerfile = (REPO / "infra" / "Dockerfile").read_text()
     (uid,) = re.findall(r"useradd --create-home --uid (\d+) btx", dockerfile)
-    default_cache = BTXConfig.model_fields["cache_dir"].default.replace("~", "/home/btx", 1)
+    config = BTXConfig.model_validate(yaml.safe_load((REPO / "configs" / "ci.yaml").read_text()) | {"cache_dir": None})
     pools = _pools_from_script(tmp_path, **({"BTX_CACHE_CLAIM": claim} if claim else {}))
     for pool, template in pools.items():
         job = _render(template, {"env": {"EXTRA": "1"}})
@@ -353,8 +347,11 @@ def test_cache_dir_is_on_a_volume(tmp_path, claim):
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["EXTRA"] == "1"
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-        assert mounts[env["BTX_CACHE_DIR"]] == "cache" and mounts[default_cache] == "cache", mounts
-        for path in (env["BTX_CACHE_DIR"], default_cache, "/scratch"):  # mount points the image's user owns
+        assert mounts[env["BTX_CACHE_DIR"]] == "cache", mounts
+        with pytest.MonkeyPatch.context() as pod_env:  # the stage, in that pod, uses the volume
+            pod_env.setenv("BTX_CACHE_DIR", env["BTX_CACHE_DIR"])
+            assert str(cache_dir(config)) == env["BTX_CACHE_DIR"]
+        for path in (env["BTX_CACHE_DIR"], "/scratch"):  # mount points the image's user owns
             assert path in dockerfile, path
         volumes = {v["name"]: v for v in pod["volumes"]}
         request = _quantity_gi(container["resources"]["requests"]["ephemeral-storage"])
@@ -460,6 +457,10 @@ def test_termination_grace_covers_one_checkpoint_write_of_a_7b_expert(tmp_path):
         assert f"{grace} s" in (REPO / "docs" / "deploy.md").read_text()
         longer = _render(template, {"termination_grace_seconds": 3600})
         assert longer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 3600
+        # The grace is the flow's to use only if the pod's first process hands the SIGTERM to it
+        # (flows/pod.py; tests/faults/test_cluster_faults.py signals it as the kubelet would).
+        (container,) = _render(template, {})["spec"]["template"]["spec"]["containers"]
+        assert container["args"] == ["python", "-m", "flows.pod"], (name, container.get("args"))
 
 
 @pytest.mark.parametrize("name", sorted(set(DEFAULT_POOLS.values())))

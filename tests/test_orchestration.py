@@ -165,6 +165,11 @@ def test_one_pipeline_run_per_run_name_and_a_dead_holder_blocks_it_one_lease_at_
     assert final.state.is_completed(), (final.state, cluster.diagnostics())
     assert len(_children(cluster, queued.id)) == len(config["domains"])
     assert waited <= lease_s + 60, waited  # one lease, the server's expiry loop, a poll
+    from tests.support.recovery import record
+
+    record("a run holding the run name's slot died without releasing it", test="test_one_pipeline_run_per_run_name_"
+           "and_a_dead_holder_blocks_it_one_lease_at_most", fault_to_recovered_s=round(waited, 1),
+           recovered=f"the next run of the name starts (run_slot_lease_s = {lease_s})", work_lost="none")
     with cluster.client() as client:
         assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
 

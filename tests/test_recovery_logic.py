@@ -363,3 +363,28 @@ def test_a_broken_cuda_context_is_not_retried_in_its_process_but_ends_it(monkeyp
     with pytest.raises(OSError):  # anything else goes to the task's retries as before
         with options.crash_for_reschedule():
             raise OSError("connection reset by peer")
+
+
+def test_the_pod_entry_passes_the_kubelets_sigterm_to_the_flow_not_to_prefects_supervisor(tmp_path):
+    """flows/pod.py with a stand-in for `prefect flow-run execute`: a shell that waits on its
+    child (the flow). SIGTERM to the pod's first process reaches the flow, which may take its
+    time (here: writes a file); the supervisor is not signalled and ends when the flow does."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.prefect_harness import REPO, descendants, wait_for
+
+    flow = f"trap 'echo checkpointed > {tmp_path}/flow; exit 0' TERM; while :; do sleep 0.1; done"
+    supervisor = (f"trap 'echo signalled > {tmp_path}/supervisor' TERM; sh -c \"{flow}\" & wait $!; "
+                  f"wait $!; echo $? > {tmp_path}/exit")
+    pod = subprocess.Popen([sys.executable, "-m", "flows.pod", "sh", "-c", supervisor], cwd=REPO,
+                           stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(descendants(pod.pid)) >= 2, 30, "the flow to start", 0.1)
+    time.sleep(0.3)
+    pod.send_signal(signal.SIGTERM)
+    said = pod.communicate(timeout=30)[1]
+    assert pod.returncode == 0, said
+    assert (tmp_path / "flow").read_text().strip() == "checkpointed"
+    assert not (tmp_path / "supervisor").exists()  # Prefect's supervisor never saw it
+    assert "btx pod: SIGTERM: passing it to" in said, said

@@ -361,8 +361,10 @@ class BTXConfig(StrictModel):
     store: str = "./store"
     """Object store root: a local path, `file://...` or `s3://bucket/prefix`. S3 endpoint and
     credentials come from the environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)."""
-    cache_dir: str = "~/.cache/btx"
-    """Local cache for checkpoints fetched from the store."""
+    cache_dir: str | None = None
+    """Local cache for checkpoints fetched from the store and tokenized data; unset: the
+    environment's `BTX_CACHE_DIR` in the process that runs the stage (the Kubernetes job templates
+    point it at a volume), else `~/.cache/btx`."""
     store_transfer: TransferPolicy = Field(default_factory=TransferPolicy)
     """Concurrency, part size and retries of the store's S3 transfers (no effect on local stores)."""
     seed: SeedSpec

@@ -141,7 +141,9 @@ def open_store(config: BTXConfig) -> Store:
 
 
 def cache_dir(config: BTXConfig) -> Path:
-    return Path(os.path.expanduser(config.cache_dir))
+    """`cache_dir`, else `BTX_CACHE_DIR`, else ~/.cache/btx, resolved where the stage runs (a
+    config travels from the control pod to the expert pods as a parameter)."""
+    return Path(os.path.expanduser(config.cache_dir or os.environ.get("BTX_CACHE_DIR") or "~/.cache/btx"))
 
 
 def complete_input(store: Store, location: str, what: str, command: str) -> Manifest:

@@ -20,20 +20,23 @@ import copy
 import os
 import re
 import signal
+import sys
 import time
+from datetime import datetime, timezone
 
 import pytest
 import yaml
 
 from tests.prefect_harness import EXPERT_POOLS, REPO, descendants, stop_groups, wait_for
+from tests.support.recovery import record, seconds_between
 from tests.test_orchestration import _children, _logs, _pipeline_run
 
 pytestmark = pytest.mark.integration
 
 
-def _config(run, name: str, domains: dict[str, str], steps: int = 120, **orchestration) -> dict:
+def _config(run, name: str, domains: dict[str, str], steps: int = 120, every: int = 10, **orchestration) -> dict:
     """The shared run's config under a run name of its own, `domains` (name -> pool), no finetune;
-    branches long enough to be interrupted, a checkpoint every 10 steps, one thread."""
+    branches long enough to be interrupted (~30 ms a step), a checkpoint every `every` steps, one thread."""
     from btx_core.config.schema import BTXConfig
 
     config = copy.deepcopy(run.config)
@@ -41,7 +44,7 @@ def _config(run, name: str, domains: dict[str, str], steps: int = 120, **orchest
     config["run_name"] = f"{config['run_name']}-{name}"
     config["domains"] = [d for d in ci["domains"] if d["name"] in domains]
     config["finetune"] = None
-    config["expert_training"].update(steps=steps, checkpoint_every=10, threads=1)
+    config["expert_training"].update(steps=steps, checkpoint_every=every, threads=1)
     config["orchestration"].update(domain_pools=domains, retries=3, retry_delay_s=2.0, **orchestration)
     return BTXConfig.model_validate(config).model_dump(mode="json")
 
@@ -62,9 +65,13 @@ def _child(cluster, parent_id, domain: str):
     return found[0] if found else None
 
 
-def _history(cluster, flow_run_id) -> list[str]:
+def _states(cluster, flow_run_id) -> list:
     with cluster.client() as client:
-        return [s.name for s in sorted(client.read_flow_run_states(flow_run_id), key=lambda s: s.timestamp)]
+        return sorted(client.read_flow_run_states(flow_run_id), key=lambda s: s.timestamp)
+
+
+def _history(cluster, flow_run_id) -> list[str]:
+    return [s.name for s in _states(cluster, flow_run_id)]
 
 
 def _slot_count(cluster, run_name: str) -> int:
@@ -90,8 +97,14 @@ def test_a_pending_child_on_a_pool_at_its_limit_meets_its_deadline(btx_deployed,
         assert f"stuck in Pending on the work pool '{pool}'" in message, message
         assert "start_timeout_s = 20" in message, message
         child = _child(cluster, run.id, "math")
-        history = _history(cluster, child.id)
-        assert history[-1] == "Cancelled" and "Running" not in history, history
+        # Cancelling, then Cancelled once its worker has stopped the process it started
+        wait_for(lambda: _history(cluster, child.id)[-1] == "Cancelled", 60, "the child to be Cancelled", 1.0)
+        assert "Running" not in _history(cluster, child.id), _history(cluster, child.id)
+        pending = next(s.timestamp for s in _states(cluster, child.id) if s.type.value == "PENDING")
+        record("a child stuck in Pending on a pool at its limit", test="test_a_pending_child_on_a_pool_at_its_limit",
+               fault_to_recovered_s=round((_states(cluster, run.id)[-1].timestamp - pending).total_seconds(), 1),
+               recovered="the pipeline fails, naming the pool and the state; the child is cancelled",
+               start_timeout_s=20, work_lost="none (nothing had started)")
         with cluster.client() as client:
             assert client.read_work_pool(pool).concurrency_limit == 1
     finally:
@@ -99,56 +112,78 @@ def test_a_pending_child_on_a_pool_at_its_limit_meets_its_deadline(btx_deployed,
         cluster.services.pop(worker.name, None)
 
 
-def _engine_pid(worker, timeout: float = 60) -> int:
-    """The flow-run process a process worker runs (the engine: what a pod's kubelet signals)."""
+def _first_process(worker, timeout: float = 60) -> int:
+    """The process a process worker started for its flow run: here, as in a pod, `python -m
+    flows.pod` (the job templates' command), the process the kubelet signals."""
     return wait_for(lambda: next(iter(descendants(worker.proc.pid)), None), timeout, "the flow-run process")
 
 
 def test_sigterm_to_a_branch_and_a_killed_pipeline_recover_by_themselves(btx_deployed, btx_pipeline_run):
     """Two branches on two pools. The math branch gets a SIGTERM with no cancel, as a drained or
-    preempted pod does: it checkpoints at the step reached, ends Crashed, and its pipeline
-    reschedules it; it resumes from that step. Then the pipeline's own process is SIGKILLed (its
+    preempted pod does (to its first process, flows/pod.py, under which run Prefect's supervisor
+    and the flow): it checkpoints at the step reached, ends Crashed, and its pipeline reschedules
+    it; it resumes from that step. Then the pipeline's own process is SIGKILLed (its
     control pod lost): the automation of flows/automations.py reschedules the pipeline run, whose
     new attempt waits on the math branch it launched before. The code branch runs once."""
     cluster, pool = btx_deployed.cluster, "btx-sigterm"
-    btx_deployed.add_expert_pool(pool)
+    # The branch's process tree as in a pod: flows/pod.py, Prefect's supervisor, the flow's engine.
+    btx_deployed.add_expert_pool(pool, job_variables={"command": f"{sys.executable} -m flows.pod"})
     workers = [cluster.start_worker(pool)]
     try:
-        config = _config(btx_pipeline_run, "sigterm", {"math": pool, "code": EXPERT_POOLS[1]}, steps=160)
+        config = _config(btx_pipeline_run, "sigterm", {"math": pool, "code": EXPERT_POOLS[1]}, steps=1500, every=50)
         cfg, store = _store(cluster, config)
         from btx_core.store import layout
 
         newest = lambda: (store.latest_checkpoint(layout.expert_checkpoints(cfg, "math")) or (0, None))[0]  # noqa: E731
         parent = _pipeline_run(cluster, config)
-        wait_for(lambda: (c := _child(cluster, parent.id, "math")) and c.state.is_running() and newest() >= 10,
+        wait_for(lambda: (c := _child(cluster, parent.id, "math")) and c.state.is_running() and newest() >= 50,
                  400, "the math branch past its first checkpoint", 0.5, cluster.death)
-        os.kill(_engine_pid(workers[0]), signal.SIGTERM)
+        time.sleep(0.2)  # a few steps on: the stop's checkpoint falls between the periodic ones
+        os.kill(_first_process(workers[0]), signal.SIGTERM)  # as the kubelet stops a pod
+        sigterm_at = datetime.now(timezone.utc)
         child = wait_for(lambda: (c := _child(cluster, parent.id, "math")).state.is_crashed() and c, 120,
                          "the branch to end Crashed", 0.5, cluster.death)
-        stopped = [int(s) for s in re.findall(r"training stopped at step (\d+)", _logs(cluster, child.id))]
-        assert stopped and newest() == stopped[-1] > 10, (stopped, newest())  # the step reached, not the last periodic
+        stopped = wait_for(lambda: [int(s) for s in re.findall(r"training stopped at step (\d+)",
+                                                             _logs(cluster, child.id))], 60, "the branch's log", 1.0)
+        assert newest() == stopped[-1] >= 50, (stopped, newest())  # a checkpoint of the step reached
 
         wait_for(lambda: _child(cluster, parent.id, "math").run_count >= 2 and newest() > stopped[-1], 300,
                  "the branch training again", 0.5, cluster.death)
+        assert "Crashed" in _history(cluster, child.id), _history(cluster, child.id)
         control = next(w for name, w in cluster.services.items() if name == "worker-btx-control")
         pipeline_pids = descendants(control.proc.pid)
         for pid in pipeline_pids:
             os.kill(pid, signal.SIGKILL)
+        killed_at = datetime.now(timezone.utc)
         wait_for(lambda: "Crashed" in _history(cluster, parent.id), 120, "the pipeline run to be Crashed", 1.0)
 
         final = cluster.wait_flow_run(parent.id, 600)
         assert final.state.is_completed(), (final.state, _history(cluster, parent.id), cluster.diagnostics())
         pipeline = _history(cluster, parent.id)
-        assert pipeline.count("Crashed") == 1 and "AwaitingRetry" in pipeline, pipeline
+        # one crash (its worker may report it twice), one reschedule, two attempts
+        assert "Crashed" in pipeline and pipeline.count("AwaitingRetry") == 1, pipeline
+        assert pipeline.count("Running") == 2, pipeline
         said = _logs(cluster, parent.id)
         assert "re-attaching to the children of its earlier attempts" in said, said[-3000:]
         assert "is Running: waiting on it again" in said or "reusing completed run" in said, said[-3000:]
         math, code = _child(cluster, parent.id, "math"), _child(cluster, parent.id, "code")
         history = _history(cluster, math.id)
-        assert history.count("Crashed") == 1 and history[-1] == "Completed", history
+        assert "Crashed" in history and history.count("AwaitingRetry") == 1 and history[-1] == "Completed", history
         assert f"resuming from step {stopped[-1]} " in _logs(cluster, math.id), _logs(cluster, math.id)[-3000:]
         assert store.verify(layout.expert_model(cfg, "math")).metrics["resumed_from_step"] == stopped[-1]
         assert code.run_count == 1 and _history(cluster, code.id).count("Running") == 1, _history(cluster, code.id)
+        branch = _states(cluster, math.id)
+        record("the kubelet's SIGTERM to a branch (drain, spot reclaim, eviction)", test="test_sigterm_to_a_branch_and_"
+               "a_killed_pipeline_recover_by_themselves", fault_to_crashed_s=seconds_between(branch, sigterm_at, "Crashed"),
+               fault_to_recovered_s=seconds_between(branch, sigterm_at, "AwaitingRetry", "Running"),
+               recovered="rescheduled by its pipeline; resumed from the step the SIGTERM reached",
+               work_lost=f"none: checkpoint at step {stopped[-1]}, resumed from it", other_branch_runs=code.run_count)
+        record("the pipeline's own process killed (its control pod lost)", test="test_sigterm_to_a_branch_and_a_killed_"
+               "pipeline_recover_by_themselves", fault_to_crashed_s=seconds_between(_states(cluster, parent.id),
+                                                                                   killed_at, "Crashed"),
+               fault_to_recovered_s=seconds_between(_states(cluster, parent.id), killed_at, "AwaitingRetry", "Running"),
+               recovered="rescheduled by the automation; re-attached to its running branch",
+               work_lost="none: the branch trained on (one child run per domain)")
         assert _slot_count(cluster, config["run_name"]) == 0
         wait_for(lambda: not any(map(_alive_pid, pipeline_pids)), 30, "the killed processes to be gone")
     finally:
@@ -169,14 +204,17 @@ def test_restarted_server_and_database_neither_stop_the_pipeline_nor_leak_its_sl
     rides both out and completes; no branch runs twice; the slot's count is back to 0; and the
     next run of the same name starts (and reuses every stage) instead of being cancelled."""
     cluster = btx_deployed.cluster
-    config = _config(btx_pipeline_run, "restart", {"knowledge": EXPERT_POOLS[0]}, steps=200,
+    config = _config(btx_pipeline_run, "restart", {"knowledge": EXPERT_POOLS[0]}, steps=2500, every=250,
                      on_overlap="cancel")
     parent = _pipeline_run(cluster, config)
     wait_for(lambda: (c := _child(cluster, parent.id, "knowledge")) and c.state.is_running(), 400,
              "the branch to run", 1.0, cluster.death)
+    before = _logs(cluster, child_id := _child(cluster, parent.id, "knowledge").id)
     down = {"server": cluster.restart_server(down_s=15)}
     time.sleep(5)
     down["postgres"] = cluster.restart_postgres(down_s=10)
+    with cluster.client() as client:  # both restarts happened while it trained
+        assert client.read_flow_run(child_id).state.is_running(), client.read_flow_run(child_id).state
     final = cluster.wait_flow_run(parent.id, 600)
     print("down for", down)
     assert final.state.is_completed(), (final.state, _history(cluster, parent.id), cluster.diagnostics())
@@ -184,6 +222,14 @@ def test_restarted_server_and_database_neither_stop_the_pipeline_nor_leak_its_sl
     assert child.run_count == 1 and _history(cluster, child.id).count("Running") == 1, _history(cluster, child.id)
     assert _history(cluster, parent.id).count("Running") == 1, _history(cluster, parent.id)
     assert _slot_count(cluster, config["run_name"]) == 0
+    said = _logs(cluster, parent.id)
+    for what, seconds in down.items():
+        record(f"the Prefect {'server' if what == 'server' else 'database (PostgreSQL)'} restarted mid-run",
+               test="test_restarted_server_and_database_neither_stop_the_pipeline_nor_leak_its_slot",
+               fault_to_recovered_s=round(seconds, 1), recovered="the API is back; nothing had stopped",
+               work_lost="none: the branch trained on through it (one attempt)",
+               lease_retaken="the server no longer knows this run's lease" in said)
+    assert before and child_id
     nxt = cluster.wait_flow_run(_pipeline_run(cluster, config).id, 300)
     assert nxt.state.is_completed(), (nxt.state, _logs(cluster, nxt.id)[-3000:])
     assert "already complete" in _logs(cluster, nxt.id) or not _children(cluster, nxt.id), _logs(cluster, nxt.id)[-2000:]
