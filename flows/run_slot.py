@@ -56,6 +56,10 @@ class RunSlot:
     inherited: bool = False  # an earlier attempt of this flow run held the slot and crashed
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _overlap: UUID | None = None  # the other run already reported as holding the slot beside this one
+
+    def __post_init__(self) -> None:
+        self.run_id = UUID(str(self.run_id))  # prefect.runtime gives a str; the API's runs carry UUIDs
 
     # --- taking and releasing ---------------------------------------------------------------
 
@@ -123,6 +127,9 @@ class RunSlot:
         """Push the lease ahead; if the server has no such lease any more, take the slot again."""
         from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
+        if self.lease_id is None:  # lost at an earlier renewal and not taken back yet
+            self._retake()
+            return
         with _client() as client:
             try:
                 patiently(lambda: client.renew_concurrency_lease(self.lease_id, self.lease_s),
@@ -135,12 +142,17 @@ class RunSlot:
         self.logger.warning("%s: the server no longer knows this run's lease (restarted with in-memory "
                             "lease storage, or away longer than the lease): taking the slot again", self.limit)
         self.lease_id = None
+        self._retake()
+
+    def _retake(self) -> None:
         if self._increment():
             return
         holder, _ = self._rival()
-        if holder is not None:
+        if holder is not None and holder != self._overlap:
+            self._overlap = holder
             self.logger.error("%s: flow run %s took the slot while this run's lease was lost; both now run "
                               "(the store's writer leases keep their outputs apart)", self.limit, holder)
+        if holder is not None:
             return
         self._reset_orphan("this run's own lease was lost, its count was not")
         self._increment()

@@ -257,8 +257,9 @@ def slot(server, run_id, **kw):
 
 
 def test_a_second_run_waits_for_a_live_holder_and_takes_the_slot_once_it_is_released(server, clock):
-    first, second = slot(server, server.run()), slot(server, server.run())
+    first, second = slot(server, str(server.run())), slot(server, server.run())  # prefect.runtime gives a str
     assert first.take() and not second.take()
+    assert first._rival() == (None, None)  # a run is never its own rival
     assert "holds it" in second.wait_reason()
     clock.now += 3600  # however long: a live holder is never an orphan
     assert not second.take()
