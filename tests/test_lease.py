@@ -315,7 +315,9 @@ def test_a_retried_put_whose_first_try_landed_is_recognised_as_ours(s3_root, mon
 
 @pytest.mark.integration
 def test_a_store_that_ignores_conditional_writes_is_refused_with_the_fix(rclone_s3):  # noqa: F811
-    store = Store(f"{rclone_s3}/run")  # rclone serve s3 accepts If-None-Match and If-Match, and ignores them
+    # rclone serve s3 accepts If-None-Match and If-Match, and ignores them. Its own client: s3fs
+    # caches filesystems by their options, and one may still point at the session's moto.
+    store = Store(f"{rclone_s3}/run", {"skip_instance_cache": True})
     prefix = store.child("experts", "math")
     with pytest.raises(NoConditionalWritesError, match=r"ignored a conditional write \(If-None-Match and "
                                                        r"If-Match .*cannot guarantee a single writer.*"
@@ -359,6 +361,53 @@ def test_every_stage_commit_passes_its_writer_lease():
                     "write_dir", "save_model") and not any(k.arg == "fence" for k in node.keywords):
                 unfenced.append(f"{path.name}:{node.lineno}")
     assert [u.split(":")[0] for u in unfenced] == ["mix_dirs.py"], unfenced
+
+
+@pytest.mark.integration
+def test_every_stage_is_refused_while_another_writer_holds_its_prefix(tmp_path, monkeypatch):
+    """Seed (created, then imported), expert, MiX, finetune and evaluate, run for real on the CI
+    config: each refuses while a rival holds its prefix's lease, writing nothing; then commits
+    every output (checkpoints included) under a lease of its own, held at the time."""
+    from btx_core.stages.common import open_store, stage_prefix
+    from btx_core.stages.compare import seed_config
+    from btx_core.stages.evaluate import evaluate_run
+    from btx_core.stages.expert import train_expert
+    from btx_core.stages.finetune import finetune
+    from btx_core.stages.mix import mix_stage
+    from btx_core.stages.seed import build_seed
+    from btx_core.store import layout
+    from tests.test_mix_stage import ci_config
+
+    config = ci_config(str(tmp_path / "store"), tmp_path / "cache", domains=1)
+    imported = seed_config(config, config.expert_training.seed + 1)  # imports the run's seed
+    commits, write_dir = [], Store.write_dir
+
+    def spy(self, local_dir, location, **kwargs):
+        if "/_data/" not in location:  # prepared corpora: shared by runs, content-addressed
+            lease = kwargs.get("fence")
+            assert lease is not None and location.startswith(f"{lease.prefix}/"), location
+            held = LeaseRecord.parse(lease.slot.read().data)
+            assert held.token == lease.record.token and not held.released, location
+            commits.append(location)
+        return write_dir(self, local_dir, location, **kwargs)
+
+    monkeypatch.setattr(Store, "write_dir", spy)
+    store = open_store(config)
+    for run, location in ((lambda: build_seed(config), layout.seed_model(config)),
+                          (lambda: train_expert(config, "math"), layout.expert_model(config, "math")),
+                          (lambda: mix_stage(config), layout.mix_model(config)),
+                          (lambda: finetune(config, "btx"), layout.trained_model(config, "btx")),
+                          (lambda: evaluate_run(config), layout.eval_results(config)),
+                          (lambda: build_seed(imported), layout.seed_model(imported))):
+        rival = WriterLease(store, stage_prefix(location), flow_run="rival").acquire()
+        with pytest.raises(LeaseHeldError, match=f"{stage_prefix(location)} is being written by .*flow run rival"):
+            run()
+        assert not store.is_complete(location)
+        rival.release()
+        out = run()
+        assert not out.skipped and out.manifest.lease_generation > rival.generation, location
+        assert location in commits
+    assert any("/checkpoints/step-" in c for c in commits)
 
 
 @pytest.mark.integration

@@ -165,6 +165,16 @@ def unless_done(store: Store, config: BTXConfig, location: str, config_hash: str
         return make(lease)
 
 
+def commit_under_lease(store: Store, config: BTXConfig, local_dir: Path, location: str, *, config_hash: str,
+                       inputs: dict[str, str] | None = None, **manifest) -> StageOutput:
+    """`store.write_dir` of an output built and checked before any lease was taken (so bad input
+    writes nothing to the store), under the stage's writer lease, unless another writer
+    committed it meanwhile. `manifest`: write_dir's other fields (stage, metrics, extra)."""
+    return unless_done(store, config, location, config_hash, inputs or {}, lambda lease: StageOutput(
+        location, store.write_dir(local_dir, location, config_hash=config_hash, inputs=inputs, fence=lease,
+                                  **manifest), skipped=False))
+
+
 def open_store(config: BTXConfig) -> Store:
     """The run's store; with the config's `store_transfer` if it sets one, else `Store.transfer`."""
     return Store(config.store, transfer=config.store_transfer if "store_transfer" in config.model_fields_set

@@ -19,10 +19,9 @@ from btx_core.errors import BTXError
 from btx_core.model.dense import create_tiny_llama, inspect_model_dir, load_tokenizer, parameter_breakdown
 from btx_core.model.families import COMPANION_FILES
 from btx_core.model.tokenizer import train_tokenizer
-from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, open_store, unless_done
+from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, commit_under_lease, open_store
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
-from btx_core.store.lease import WriterLease
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
 from btx_core.training.distributed import init_distributed, main_rank_first
 
@@ -40,13 +39,13 @@ def build_seed(config: BTXConfig, *, on_progress: ProgressCallback | None = None
                                "seed": config.seed.model_dump(mode="json", exclude={"pretrain"}),
                                "pretrain": config.seed.pretrain and config.seed.pretrain.result_hash()})
     if config.seed.model is not None:
-        return unless_done(store, config, location, config_hash, {},
-                           lambda lease: _import_seed(config, store, location, config_hash, lease))
+        if (done := store.exists_with(location, config_hash, {})) is not None:
+            return StageOutput(location, done, skipped=True)
+        return _import_seed(config, store, location, config_hash)
     return _pretrain_seed(config, store, location, config_hash, on_progress)
 
 
-def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: str,
-                 lease: WriterLease | None) -> StageOutput:
+def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: str) -> StageOutput:
     source = config.seed.model
     with tempfile.TemporaryDirectory(prefix="btx-seed-") as tmp:
         local = _local_model_dir(source, cache_dir(config), Path(tmp))
@@ -54,10 +53,9 @@ def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: st
         load_tokenizer(str(local), trust_remote_code=config.seed.trust_remote_code)
         staged = Path(tmp) / "staged"
         _copy_model_files(local, staged)
-        manifest = store.write_dir(staged, location, stage="seed", config_hash=config_hash,
-                                   metrics=breakdown.metrics,
-                                   extra={"source": source}, fence=lease)
-    return StageOutput(location, manifest, skipped=False, notes=[f"seed: {breakdown.describe()}"])
+        out = commit_under_lease(store, config, staged, location, stage="seed", config_hash=config_hash,
+                                 metrics=breakdown.metrics, extra={"source": source})
+    return replace(out, notes=[f"seed: {breakdown.describe()}"])
 
 
 def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: str,
@@ -96,23 +94,16 @@ def _seed_tokenizer(config: BTXConfig, store: Store) -> Manifest:
     location = layout.seed_tokenizer(config)
     config_hash = stable_hash({"stage": "tokenizer", "format": STAGE_FORMAT, "source": source.model_dump(mode="json"),
                                "vocab_size": spec.vocab_size, "max_bytes": spec.tokenizer_max_bytes})
-    made = unless_done(store, config, location, config_hash, {},
-                       lambda lease: _train_seed_tokenizer(config, store, location, config_hash, lease))
-    return made.manifest
-
-
-def _train_seed_tokenizer(config: BTXConfig, store: Store, location: str, config_hash: str,
-                          lease: WriterLease | None) -> StageOutput:
-    spec, source = config.seed.create, config.seed.pretrain_data
+    if (done := store.exists_with(location, config_hash, {})) is not None:
+        return done
     docs = load_documents(source.model_copy(update={"max_bytes": min(
         source.max_bytes or spec.tokenizer_max_bytes, spec.tokenizer_max_bytes)}),
         cache_dir=str(cache_dir(config) / "datasets"))
     train_docs, _ = split_documents(docs, config.seed.held_out_fraction, SPLIT_SALT)
     with tempfile.TemporaryDirectory(prefix="btx-tok-") as tmp:
         train_tokenizer(train_docs, spec.vocab_size, Path(tmp))
-        manifest = store.write_dir(Path(tmp), location, stage="tokenizer", config_hash=config_hash,
-                                   fence=lease)
-    return StageOutput(location, manifest, skipped=False)
+        return commit_under_lease(store, config, Path(tmp), location, stage="tokenizer",
+                                  config_hash=config_hash).manifest
 
 
 def _local_model_dir(source: str, cache: Path, scratch: Path) -> Path:

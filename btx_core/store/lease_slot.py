@@ -86,7 +86,7 @@ class S3Slot:
                 f"the store {store_uri} ignored a conditional write ({' and '.join(ignored)} on "
                 "an existing object succeeded), so it cannot guarantee a single writer per stage: "
                 "two runs could both write one checkpoint prefix. Use a store with conditional "
-                "writes (AWS S3, MinIO, Ceph RGW, moto >= 5), or, if you make sure yourself that one "
+                "writes (AWS S3, MinIO, moto >= 5), or, if you make sure yourself that one "
                 "run at a time writes each stage, set `store_lease: {conditional_writes: unchecked}`")
 
     def _put(self, data: bytes, **condition: str) -> str | None:
