@@ -220,8 +220,11 @@ class WriterLease:
         wait = self.renew_s
         while not self._stop.wait(wait):
             try:
-                if not self.renew():
-                    return  # taken over, or past its own expiry: write nothing more
+                if not self.renew():  # taken over, or past its own expiry: write nothing more
+                    if self.lost is None:
+                        log.error("%s: the writer lease could not be renewed for %g s: this writer stops",
+                                  self.prefix, self.ttl_s)
+                    return
                 wait = self.renew_s
             except StoreError as exc:  # the store is away: retry until this holder's own expiry
                 left = self._deadline - time.monotonic()
