@@ -244,7 +244,7 @@ def test_expiry_is_judged_by_the_stores_clock_not_this_hosts(store, monkeypatch)
                                         "monotonic": staticmethod(time.monotonic), "sleep": staticmethod(time.sleep)})
         monkeypatch.setattr(lease_module, "time", clock)
 
-    skew(+3600)
+    skew(-3600)  # the holder's clock an hour behind: a wall-clock expiry would look long past
     dead = WriterLease(store, prefix, ttl_s=30, renew_s=5).acquire()
     dies(dead)
     for hours in (+1, -1):  # just written: live, whatever this host's clock says
