@@ -23,6 +23,11 @@ class IncompleteOutputError(StoreError):
     """A location has no valid manifest: it does not exist as far as btx is concerned."""
 
 
+class StaleWriterError(StoreError):
+    """This writer's lease of a stage prefix lapsed or was taken over: it may write nothing more
+    there (and leaves what it finds there alone: it is the new holder's)."""
+
+
 class IntegrityError(StoreError):
     """A stored file does not match its manifest (size or sha256)."""
 

@@ -22,6 +22,13 @@ def budget_problems(d: Mapping) -> list[str]:
     return []
 
 
+def lease_problems(d: Mapping) -> list[str]:
+    if d["renew_s"] * 3 > d["ttl_s"]:
+        return [f"renew_s ({d['renew_s']:g}) must be at most a third of ttl_s ({d['ttl_s']:g}), so that "
+                "a failed renewal is retried before the lease expires: lower renew_s or raise ttl_s"]
+    return []
+
+
 def head_problems(d: Mapping) -> list[str]:
     hidden, heads, kv = d["hidden_size"], d["num_heads"], d["num_kv_heads"]
     if hidden % heads:

@@ -1,4 +1,5 @@
-"""How a run is carried out, never what it computes: Prefect orchestration and the store's transfers.
+"""How a run is carried out, never what it computes: Prefect orchestration, the store's transfers
+and its writer leases.
 
 Nothing here enters a stage's config hash: a run can change mode, pools, retries or transfer
 settings and keep its outputs.
@@ -12,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from btx_core.config import checks
 from btx_core.config.base import StrictModel
 
 POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # a Prefect work pool (and deployment) name
@@ -149,3 +151,24 @@ class TransferPolicy(StrictModel):
     def part_size(self) -> int:
         """`part_size_mib` in bytes."""
         return self.part_size_mib << 20
+
+
+class LeasePolicy(StrictModel):
+    """The writer lease every stage holds on its prefix in the store while it writes there
+    (btx_core/store/lease.py): the config's `store_lease:`."""
+
+    cross_check = checks.lease_problems
+
+    conditional_writes: Literal["required", "unchecked"] = "required"
+    """`required`: an `s3://` store must honour conditional writes (`If-None-Match`, `If-Match`),
+    which make the lease exact: a store that ignores them is refused before any work, with a
+    message. `unchecked`: for S3-compatible servers without them (`rclone serve s3`, older
+    servers): the lease still refuses a second run that starts while the first one holds it, but
+    two runs starting the same stage within milliseconds of each other could both write it.
+    Choose it only where one run at a time writes each run name. Local stores ignore it."""
+    ttl_s: float = Field(default=120.0, ge=5)
+    """Seconds a lease lives without renewal, by the store's clock: a crashed writer's lease is
+    taken over this long after its last renewal, and a holder that could not renew it for this
+    long stops writing."""
+    renew_s: float = Field(default=30.0, gt=0)
+    """Seconds between renewals (at most a third of `ttl_s`); a failed one is retried sooner."""

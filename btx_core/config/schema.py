@@ -15,7 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from btx_core.config import checks as checks
 from btx_core.config.base import StrictModel
 from btx_core.config.checks import GENERAL, HELD_OUT_FRACTION
-from btx_core.config.execution import Orchestration, TransferPolicy
+from btx_core.config.execution import LeasePolicy, Orchestration, TransferPolicy
 from btx_core.config.values import (
     SECRET_KEYS,
     no_credentials_in_url,
@@ -367,6 +367,8 @@ class BTXConfig(StrictModel):
     point it at a volume), else `~/.cache/btx`."""
     store_transfer: TransferPolicy = Field(default_factory=TransferPolicy)
     """Concurrency, part size and retries of the store's S3 transfers (no effect on local stores)."""
+    store_lease: LeasePolicy = Field(default_factory=LeasePolicy)
+    """The writer lease each stage holds on its prefix in the store: conditional writes, expiry."""
     seed: SeedSpec
     """The seed model."""
     domains: list[DomainSpec] = Field(min_length=1)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from btx_core.config.schema import BTXConfig
 from btx_core.errors import BTXError, ConfigError
 from btx_core.evaluation.report import routing_layers_markdown, routing_summary
-from btx_core.stages.common import open_store
+from btx_core.stages.common import open_store, stage_lease
 from btx_core.stages.evaluate import eval_sets, score_location
 from btx_core.stages.expert import train_expert
 from btx_core.stages.finetune import finetune
@@ -166,9 +166,10 @@ def _write(config: BTXConfig, report: dict, out_dir: Path | None) -> None:
                  "ablations.md": ablations_markdown(report)}
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
-        open_store(config).write_dir(Path(tmp), layout.ablation_results(config), stage="ablate",
-                                     config_hash=",".join(report["rows"]),
-                                     metrics={"wall_s": report["wall_s"]})
+        store, location = open_store(config), layout.ablation_results(config)
+        with stage_lease(store, config, location) as lease:
+            store.write_dir(Path(tmp), location, stage="ablate", config_hash=",".join(report["rows"]),
+                            metrics={"wall_s": report["wall_s"]}, fence=lease)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             for name, text in files.items():

@@ -1,9 +1,11 @@
-"""What every training stage shares: its store and cache, checkpoints in the store, and the
-recipe of a training stage (resume, train, measure the held-out loss, save with a manifest).
+"""What every stage shares: its store and cache, the writer lease of the prefix it writes,
+checkpoints in the store, and the recipe of a training stage (resume, train, measure the
+held-out loss, save with a manifest).
 
 Every stage is idempotent: an output whose manifest records the same config hash and the same
 inputs (the seed's manifest, the content of the data) is returned without any work, so rerunning
-a finished pipeline trains nothing.
+a finished pipeline trains nothing. A stage that has work to do holds the writer lease of its
+prefix while it does it (`stage_lease`, `unless_done`), and commits every output under it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Callable
 
 from btx_core.config.schema import BTXConfig, TrainSettings
@@ -56,7 +59,8 @@ class StoreCheckpoints:
         if self.lease is not None:
             self.lease.check()
         self.store.write_dir(directory, checkpoint_location(self.prefix, step), stage="checkpoint",
-                             config_hash=self.config_hash, inputs=self.inputs, metrics={"step": step})
+                             config_hash=self.config_hash, inputs=self.inputs, metrics={"step": step},
+                             fence=self.lease)
         self.store.prune_checkpoints(self.prefix, keep=self.keep)
 
 
@@ -89,16 +93,15 @@ class TrainingRun:
         sink = StoreCheckpoints(self.store, self.checkpoints, config_hash=self.config_hash,
                                 inputs=self.inputs, keep=self.settings.keep_checkpoints,
                                 cache_dir=cache_dir(self.config))
-        # One writer per stage prefix (rank 0 writes; the other ranks follow it).
-        lease = WriterLease(self.store, stage_prefix(self.location)) if self.ranks.is_main else None
-        with lease or contextlib.nullcontext():
-            if lease is not None and (done := self.store.exists_with(self.location, self.config_hash,
-                                                                     self.inputs)) is not None:
-                return StageOutput(self.location, done, skipped=True)  # the last writer finished it
+
+        def make(lease: WriterLease | None) -> StageOutput:
             sink.lease = lease
             return self._train_and_save(model, tokenizer, data, sink, metrics=metrics,
-                                        on_progress=on_progress, stop_after=stop_after,
-                                        objective=objective)
+                                        on_progress=on_progress, stop_after=stop_after, objective=objective)
+
+        # One writer per stage prefix (rank 0 writes; the other ranks follow it).
+        return unless_done(self.store, self.config, self.location, self.config_hash, self.inputs, make,
+                           main=self.ranks.is_main)
 
     def _train_and_save(self, model, tokenizer, data: TokenizedSplits, sink: StoreCheckpoints, *,
                         metrics: dict, on_progress: ProgressCallback | None,
@@ -122,16 +125,54 @@ class TrainingRun:
                     sink.lease.check()
                 save_model(self.store, model, tokenizer, self.location, stage=self.stage,
                            config_hash=self.config_hash, inputs=self.inputs, metrics=metrics,
-                           card_source=self.card_source)
+                           card_source=self.card_source, fence=sink.lease)
         notes = [f"resumed from step {result.resumed_from}"] if result.resumed_from else []
         return StageOutput(self.location, self.store.read_manifest(self.location), skipped=False,
                            notes=notes)
 
 
 def stage_prefix(location: str) -> str:
-    """The prefix a training stage writes under (its model and its checkpoints): the parent of
-    its output location (`<run>/experts/<domain>` for `<run>/experts/<domain>/model`)."""
+    """The prefix a stage writes under (its output, and a training stage's checkpoints): the
+    parent of its output location (`<run>/experts/<domain>` for `<run>/experts/<domain>/model`)."""
     return location.rstrip("/").rsplit("/", 1)[0]
+
+
+@contextlib.contextmanager
+def stage_lease(store: Store, config: BTXConfig, location: str, *,
+                main: bool = True) -> Iterator[WriterLease | None]:
+    """Hold the writer lease of `location`'s stage prefix while the block writes there (pass it
+    as `fence=` to every `write_dir`); LeaseHeldError if another live writer holds it. Ranks
+    other than the main one write nothing and take none (None)."""
+    if not main:
+        yield None
+        return
+    policy = config.store_lease
+    with WriterLease(store, stage_prefix(location), ttl_s=policy.ttl_s, renew_s=policy.renew_s,
+                     conditional_writes=policy.conditional_writes == "required") as lease:
+        yield lease
+
+
+def unless_done(store: Store, config: BTXConfig, location: str, config_hash: str, inputs: dict[str, str],
+                make: Callable[[WriterLease | None], StageOutput], *, main: bool = True) -> StageOutput:
+    """The output at `location` if it was made from this config and these inputs; else
+    `make(lease)` under the stage's writer lease, asked again once the lease is held (the
+    writer before may have just finished it)."""
+    if (done := store.exists_with(location, config_hash, inputs)) is not None:
+        return StageOutput(location, done, skipped=True)
+    with stage_lease(store, config, location, main=main) as lease:
+        if (done := store.exists_with(location, config_hash, inputs)) is not None:
+            return StageOutput(location, done, skipped=True)
+        return make(lease)
+
+
+def commit_under_lease(store: Store, config: BTXConfig, local_dir: Path, location: str, *, config_hash: str,
+                       inputs: dict[str, str] | None = None, **manifest) -> StageOutput:
+    """`store.write_dir` of an output built and checked before any lease was taken (so bad input
+    writes nothing to the store), under the stage's writer lease, unless another writer
+    committed it meanwhile. `manifest`: write_dir's other fields (stage, metrics, extra)."""
+    return unless_done(store, config, location, config_hash, inputs or {}, lambda lease: StageOutput(
+        location, store.write_dir(local_dir, location, config_hash=config_hash, inputs=inputs, fence=lease,
+                                  **manifest), skipped=False))
 
 
 def open_store(config: BTXConfig) -> Store:
@@ -155,7 +196,8 @@ def complete_input(store: Store, location: str, what: str, command: str) -> Mani
 
 
 def save_model(store: Store, model, tokenizer, location: str, *, stage: str, config_hash: str,
-               inputs: dict[str, str], metrics: dict, card_source: tuple[str, Path] | None = None) -> Manifest:
+               inputs: dict[str, str], metrics: dict, card_source: tuple[str, Path] | None = None,
+               fence: WriterLease | None = None) -> Manifest:
     """Save in the model's own dtype, HF layout, safetensors (config, generation config, tokenizer,
     and with `card_source` a model card); then commit to the store. An MoE is saved with
     `output_router_logits` off: training turns it on for its run, inference has no use for it."""
@@ -178,4 +220,4 @@ def save_model(store: Store, model, tokenizer, location: str, *, stage: str, con
             write_finetune_card(Path(tmp), config=model.config.to_dict(), source=source,
                                 source_card=read_front_matter(source_dir), stage=stage, metrics=metrics)
         return store.write_dir(Path(tmp), location, stage=stage, config_hash=config_hash,
-                               inputs=inputs, metrics=metrics)
+                               inputs=inputs, metrics=metrics, fence=fence)

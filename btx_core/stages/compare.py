@@ -37,7 +37,7 @@ from btx_core.evaluation.report import (
     routing_layers_markdown,
 )
 from btx_core.evaluation.scores import EvalSets, ModelScores, btm_scores
-from btx_core.stages.common import cache_dir, open_store
+from btx_core.stages.common import cache_dir, open_store, stage_lease
 from btx_core.stages.evaluate import eval_sets, score_location
 from btx_core.stages.expert import train_expert
 from btx_core.stages.finetune import finetune, settings_of
@@ -213,8 +213,9 @@ def finish_compare(config: BTXConfig, per_seed: dict[int, dict], *, wall_s: floa
     with tempfile.TemporaryDirectory(prefix="btx-compare-") as tmp:
         files = write_report(report, Path(tmp))
         store: Store = open_store(config)
-        store.write_dir(Path(tmp), layout.compare_results(config), stage="compare",
-                        config_hash=f"seeds={report['seeds']}", metrics={"wall_s": report["wall_s"]})
+        with stage_lease(store, config, layout.compare_results(config)) as lease:
+            store.write_dir(Path(tmp), layout.compare_results(config), stage="compare", fence=lease,
+                            config_hash=f"seeds={report['seeds']}", metrics={"wall_s": report["wall_s"]})
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             for f in files:

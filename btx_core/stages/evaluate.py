@@ -14,8 +14,10 @@ from btx_core.config.schema import BTXConfig, stable_hash
 from btx_core.data.cache import ensure_prepared, tokenizer_id
 from btx_core.evaluation.scores import EvalSets, ModelScores, btm_scores, build_eval_sets, score_model
 from btx_core.model.dense import load_causal_lm
-from btx_core.stages.common import cache_dir, open_store
+from btx_core.stages.common import cache_dir, open_store, unless_done
 from btx_core.store import layout
+from btx_core.store.core import Store
+from btx_core.store.lease import WriterLease
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
 
 
@@ -79,8 +81,12 @@ def evaluate_run(config: BTXConfig) -> StageOutput:
     location = layout.eval_results(config)
     config_hash = stable_hash({"stage": "eval", "format": STAGE_FORMAT, "include_seed": config.mix.include_seed,
                                "compare": config.compare.model_dump(mode="json", exclude={"seeds"})})
-    if (done := store.exists_with(location, config_hash, inputs)) is not None:
-        return StageOutput(location, done, skipped=True)
+    return unless_done(store, config, location, config_hash, inputs,
+                       lambda lease: _evaluate(config, store, models, location, config_hash, inputs, lease))
+
+
+def _evaluate(config: BTXConfig, store: Store, models: dict[str, str], location: str, config_hash: str,
+              inputs: dict[str, str], lease: WriterLease | None) -> StageOutput:
     sets = eval_sets(config)
     scores = {name: score_location(config, loc, sets) for name, loc in models.items()}
     results = {name: s.losses() for name, s in scores.items()}
@@ -91,5 +97,5 @@ def evaluate_run(config: BTXConfig) -> StageOutput:
         (Path(tmp) / "results.json").write_text(json.dumps({"losses": results, "routing": routing,
                                                             "sets": sets.describe()}, indent=1))
         manifest = store.write_dir(Path(tmp), location, stage="eval", config_hash=config_hash, inputs=inputs,
-                                   metrics={"losses": results, "routing": routing})
+                                   metrics={"losses": results, "routing": routing}, fence=lease)
     return StageOutput(location, manifest, skipped=False)

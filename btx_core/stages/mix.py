@@ -11,10 +11,11 @@ from btx_core.data.cache import ensure_prepared, tokenizer_id
 from btx_core.model.card import seed_lineage
 from btx_core.moe.mix import Expert, MixOptions, mix
 from btx_core.moe.router_init import RoutingSamples
-from btx_core.stages.common import cache_dir, complete_input, open_store
+from btx_core.stages.common import cache_dir, complete_input, open_store, unless_done
 from btx_core.stages.mix_dirs import routing_notes, sample_blocks
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
+from btx_core.store.lease import WriterLease
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
 
 log = logging.getLogger(__name__)
@@ -58,31 +59,32 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None 
     config_hash = stable_hash({"stage": stage, "format": STAGE_FORMAT, "names": [s[0] for s in sources],
                                "mix": config.mix.model_dump(mode="json"),
                                "seq_len": config.expert_training.seq_len, "seed": config.expert_training.seed})
-    if (done := store.exists_with(location, config_hash, inputs)) is not None:
-        return StageOutput(location, done, skipped=True)
 
-    local = {loc: store.fetch(loc, cache) for loc in dict.fromkeys(loc for _, loc, _ in sources)}
-    experts = [Expert(name, local[loc], loc, m.hash,
-                      seed.hash if loc == seed_location else m.inputs.get("seed"))
-               for name, loc, m in sources]
-    splits = {d: p.load(store, cache) for d, p in data.items()}
-    n = config.mix.sample_blocks
-    samples = RoutingSamples(
-        centroid={name: None if d is None else sample_blocks(splits[d].train, n, config.expert_training.seed)
-                  for (name, _, _), d in zip(sources, centroid_domains)},
-        heldout={d: sample_blocks(s.heldout, n, config.expert_training.seed) for d, s in splits.items()})
-    started = time.perf_counter()
-    with store.staging_dir(location, cache) as tmp:
-        seed_dir = local.get(seed_location)  # the seed's own card (license, base_model), when fetched
-        lineage = seed_lineage(seed_dir, seed.extra.get("source") or seed_location)
-        result = mix(experts, options_from_config(config, upcycle=upcycle), tmp, samples=samples,
-                     card={"title": f"{config.run_name}: {'sparse upcycling' if upcycle else 'BTX'} MoE",
-                           **lineage})
-        metrics = {"routing": result.routing, "experts": [e.name for e in experts],
-                   "wall_s": time.perf_counter() - started}
-        manifest = store.write_dir(tmp, location, stage=stage, config_hash=config_hash, inputs=inputs,
-                                   metrics=metrics, known=result.files, move=True)
-    return StageOutput(location, manifest, skipped=False, notes=routing_notes(result.routing))
+    def make(lease: WriterLease | None) -> StageOutput:  # the work, under the stage's writer lease
+        local = {loc: store.fetch(loc, cache) for loc in dict.fromkeys(loc for _, loc, _ in sources)}
+        experts = [Expert(name, local[loc], loc, m.hash,
+                          seed.hash if loc == seed_location else m.inputs.get("seed"))
+                   for name, loc, m in sources]
+        splits = {d: p.load(store, cache) for d, p in data.items()}
+        n = config.mix.sample_blocks
+        samples = RoutingSamples(
+            centroid={name: None if d is None else sample_blocks(splits[d].train, n, config.expert_training.seed)
+                      for (name, _, _), d in zip(sources, centroid_domains)},
+            heldout={d: sample_blocks(s.heldout, n, config.expert_training.seed) for d, s in splits.items()})
+        started = time.perf_counter()
+        with store.staging_dir(location, cache) as tmp:
+            seed_dir = local.get(seed_location)  # the seed's own card (license, base_model), when fetched
+            lineage = seed_lineage(seed_dir, seed.extra.get("source") or seed_location)
+            result = mix(experts, options_from_config(config, upcycle=upcycle), tmp, samples=samples,
+                         card={"title": f"{config.run_name}: {'sparse upcycling' if upcycle else 'BTX'} MoE",
+                               **lineage})
+            metrics = {"routing": result.routing, "experts": [e.name for e in experts],
+                       "wall_s": time.perf_counter() - started}
+            manifest = store.write_dir(tmp, location, stage=stage, config_hash=config_hash, inputs=inputs,
+                                       metrics=metrics, known=result.files, move=True, fence=lease)
+        return StageOutput(location, manifest, skipped=False, notes=routing_notes(result.routing))
+
+    return unless_done(store, config, location, config_hash, inputs, make)
 
 
 def _prepared(config: BTXConfig, store: Store, domain: str, seed_location: str, seed: Manifest):

@@ -19,7 +19,7 @@ from btx_core.errors import BTXError
 from btx_core.model.dense import create_tiny_llama, inspect_model_dir, load_tokenizer, parameter_breakdown
 from btx_core.model.families import COMPANION_FILES
 from btx_core.model.tokenizer import train_tokenizer
-from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, open_store
+from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, commit_under_lease, open_store
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
@@ -53,10 +53,9 @@ def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: st
         load_tokenizer(str(local), trust_remote_code=config.seed.trust_remote_code)
         staged = Path(tmp) / "staged"
         _copy_model_files(local, staged)
-        manifest = store.write_dir(staged, location, stage="seed", config_hash=config_hash,
-                                   metrics=breakdown.metrics,
-                                   extra={"source": source})
-    return StageOutput(location, manifest, skipped=False, notes=[f"seed: {breakdown.describe()}"])
+        out = commit_under_lease(store, config, staged, location, stage="seed", config_hash=config_hash,
+                                 metrics=breakdown.metrics, extra={"source": source})
+    return replace(out, notes=[f"seed: {breakdown.describe()}"])
 
 
 def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: str,
@@ -103,7 +102,8 @@ def _seed_tokenizer(config: BTXConfig, store: Store) -> Manifest:
     train_docs, _ = split_documents(docs, config.seed.held_out_fraction, SPLIT_SALT)
     with tempfile.TemporaryDirectory(prefix="btx-tok-") as tmp:
         train_tokenizer(train_docs, spec.vocab_size, Path(tmp))
-        return store.write_dir(Path(tmp), location, stage="tokenizer", config_hash=config_hash)
+        return commit_under_lease(store, config, Path(tmp), location, stage="tokenizer",
+                                  config_hash=config_hash).manifest
 
 
 def _local_model_dir(source: str, cache: Path, scratch: Path) -> Path:

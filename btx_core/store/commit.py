@@ -1,7 +1,10 @@
 """Making an output appear in one step, whole or not at all: in the store, and in the fetch cache.
 
 Local stores build the output beside its target and rename it into place; object stores (no
-rename) delete the old manifest first and write the new one last. A fetched copy is built in a
+rename) delete the old manifest first and write the new one last. A commit made under a
+writer lease is fenced: its `guard` (the lease's `check_commit`) runs before anything is
+deleted and again just before the manifest is written, and a writer it refuses leaves the
+prefix alone (its files are the new holder's from then on). A fetched copy is built in a
 temp dir of the cache and renamed to its manifest hash. A killed local writer leaves temp dirs
 tagged with its host and pid, so the next writer can tell them from a live writer's.
 """
@@ -16,12 +19,12 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from btx_core.errors import StoreError
+from btx_core.errors import StaleWriterError, StoreError
 from btx_core.store.faults import if_present
 from btx_core.store.manifest import MANIFEST, FileEntry, Manifest, check_hash, sha256_of
 from btx_core.store.transfer import TransferPolicy, get_files, put_files
@@ -118,6 +121,8 @@ class Commit:
     files: dict[str, Path]
     entries: dict[str, FileEntry]
     manifest: bytes
+    guard: Callable[[], None] = lambda: None
+    """Raises StaleWriterError when this writer may no longer commit (the writer lease's fence)."""
 
     def upload(self, dest: str, *, local: bool, move: bool = False) -> None:
         """Put the files (concurrently on object stores; botocore retries transient errors),
@@ -136,6 +141,7 @@ class Commit:
             if sizes.get(rel) != self.entries[rel].size:
                 raise StoreError(f"upload to {self.location} incomplete: {rel} stored with "
                                  f"{sizes.get(rel)} bytes, expected {self.entries[rel].size}; retry")
+        self.guard()
         self.fs.pipe_file(f"{dest}/{MANIFEST}", self.manifest)
         self.fs.invalidate_cache(dest)
 
@@ -175,9 +181,12 @@ class Commit:
     def to_remote(self, path: str) -> None:
         # No rename on S3: the old manifest goes first so the old output stops being valid, then
         # its files (none may survive as stale), then the upload, and the new manifest last.
+        self.guard()
         remove(self.fs, path)
         try:
             self.upload(path, local=False)
+        except StaleWriterError:
+            raise  # another writer holds the prefix now: what lies there is not ours to delete
         except Exception:
             # Best effort, so a failed write leaves no paid-for garbage; without a manifest the
             # files are invisible anyway, and the original error is the one to report.

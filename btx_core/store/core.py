@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -46,6 +46,15 @@ from btx_core.store.transfer import TransferPolicy, s3_options
 __all__ = ["MANIFEST", "FileEntry", "Manifest", "Store", "checkpoint_location"]
 
 log = logging.getLogger(__name__)
+
+
+class Fence(Protocol):
+    """A writer lease as the commit path sees it (lease.py's WriterLease)."""
+
+    generation: int
+
+    def check_commit(self, location: str) -> None:
+        """Raise StaleWriterError unless this writer may still commit `location`."""
 
 
 class Store:
@@ -158,7 +167,8 @@ class Store:
                   config_hash: str, inputs: Mapping[str, str] | None = None,
                   metrics: Mapping[str, Any] | None = None,
                   extra: Mapping[str, Any] | None = None,
-                  known: Mapping[str, FileEntry] | None = None, move: bool = False) -> Manifest:
+                  known: Mapping[str, FileEntry] | None = None, move: bool = False,
+                  fence: Fence | None = None) -> Manifest:
         """Store `local_dir` at `location`, replacing any older output; return its manifest.
         Files are hashed, uploaded (several at once, large ones in parallel parts, each retried
         after a dropped connection: `transfer`), their stored sizes checked by one listing, and
@@ -166,19 +176,25 @@ class Store:
         subdirectories are not kept (object stores have no directories).
         `known`: entries the caller computed while writing the files (checked by size, not
         hashed again). `move`: a local store takes the files by rename (a staging directory on
-        the same filesystem: no copy of large outputs); `local_dir` is consumed."""
+        the same filesystem: no copy of large outputs); `local_dir` is consumed. `fence`: the
+        writer lease of the output's stage prefix, checked before anything is hashed or deleted
+        and again just before the manifest (commit.py); its generation goes into the manifest."""
+        if fence is not None:
+            fence.check_commit(location)
         path = self._path(location, allow_root=False)
         files = scan_local_dir(Path(local_dir))
         entries = file_entries(files, known)
         manifest = Manifest(stage=stage, config_hash=config_hash, files=entries,
                             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            inputs=inputs or {}, metrics=metrics or {}, extra=extra or {})
+                            inputs=inputs or {}, metrics=metrics or {}, extra=extra or {},
+                            lease_generation=fence and fence.generation)
         try:
             data = manifest.to_json()
         except ValueError as exc:
             raise ValueError(f"metrics and extra must be JSON data (convert tensors with .item() "
                              f"or .tolist()): {exc}") from exc
-        commit = Commit(self.fs, self.transfer, location, files, entries, data)
+        commit = Commit(self.fs, self.transfer, location, files, entries, data,
+                        **({"guard": lambda: fence.check_commit(location)} if fence else {}))
         with self._errors(location, "writing"):
             if self.is_local:
                 commit.to_local(path, move=move)

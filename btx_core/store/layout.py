@@ -14,6 +14,11 @@
     <store>/<run_name>/ablations/results          `btx ablate`: its table (JSON, markdown)
     <store>/<run_name>/eval/results               the pipeline's evaluation (JSON)
     <store>/_data/<key>                           tokenized, packed and split corpora (shared by runs)
+
+Beside them: `<stage prefix>/_writer.json` (the parent of a stage's output: `<run>/seed`,
+`<run>/experts/<domain>`, `<run>/mix`, ...), the writer lease a stage holds while it writes
+there (lease.py; `_writer.json.lock` on local stores), and `<store>/_btx/conditional-writes-probe`,
+the object that S3 stores are asked to refuse a conditional write on (lease_slot.py).
 """
 
 from __future__ import annotations

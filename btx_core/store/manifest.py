@@ -37,6 +37,9 @@ class Manifest(BaseModel):
     """JSON data; NaN and inf are stored as null (JSON has neither)."""
     extra: dict[str, Any] = {}
     """Free JSON metadata for the stage's own use."""
+    lease_generation: int | None = Field(default=None, ge=1)
+    """The generation of the stage prefix's writer lease its writer held (store/lease.py); absent
+    in outputs written without a lease, and in older btx's manifests."""
 
     @field_validator("files")
     @classmethod
@@ -48,8 +51,10 @@ class Manifest(BaseModel):
         return files
 
     def _dumps(self, **layout: Any) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False,
-                          **layout).encode()
+        # Without a lease generation the key is left out: a manifest of an older btx keeps its hash.
+        unset = {"lease_generation"} if self.lease_generation is None else None
+        return json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True,
+                          ensure_ascii=False, **layout).encode()
 
     @property
     def hash(self) -> str:
