@@ -22,6 +22,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner
 
+from btx_core.logs import quiet_libraries
 from flows import progress
 
 
@@ -46,6 +47,7 @@ def _show_through(queue) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.INFO)
+    quiet_libraries()  # else every API request of the branch reaches the parent's console
 
 
 class _Tagged:

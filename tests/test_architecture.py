@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("btx_core", "flows")
 # Bottom to top: a package may import from its own layer and the ones before it. The families
 # (which architectures btx mixes, as data) sit under the config, whose validation names them.
-LAYERS = ("btx_core.errors", "btx_core.model.families", "btx_core.config", "btx_core.store", "btx_core.model", "btx_core.data",
+LAYERS = ("btx_core.errors", "btx_core.logs", "btx_core.model.families", "btx_core.config", "btx_core.store", "btx_core.model", "btx_core.data",
           "btx_core.training", "btx_core.moe", "btx_core.evaluation", "btx_core.stages", "btx_core.cli")
 
 

@@ -26,3 +26,18 @@ def test_every_command_is_registered_once_in_the_order_of_the_pipeline():
     assert names == COMMANDS
     drop = CliRunner().invoke(app, ["moe", "drop-expert", "--help"])
     assert drop.exit_code == 0 and "--expert" in drop.output
+
+
+def test_the_first_progress_rate_is_the_loops_pace_not_ten_steps_over_a_millisecond(capsys):
+    """The training loop reports every `log_every` steps: the bar's first update jumps 10 steps at
+    once, which tqdm used to show as tens of thousands of steps/s. It must show the loop's pace."""
+    from btx_core.cli.progress import ProgressBar
+    from btx_core.training.loop import Progress
+
+    bar = ProgressBar("expert[math]")
+    bar(Progress(step=10, total_steps=110, loss=5.0, lr=1e-3, tokens_per_s=2048.0, eta_s=50.0, resumed_from=0))
+    rate = bar.bar.format_dict["rate"] or bar.bar.n / bar.bar.format_dict["elapsed"]
+    assert 1.5 <= rate <= 2.5, rate  # 100 steps left in 50 s: 2 steps/s
+    bar(Progress(step=20, total_steps=110, loss=4.0, lr=1e-3, tokens_per_s=2048.0, eta_s=45.0, resumed_from=0))
+    assert bar.bar.format_dict["rate"] is None or bar.bar.format_dict["rate"] < 100
+    bar.close()

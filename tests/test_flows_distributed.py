@@ -237,7 +237,7 @@ def test_kubernetes_pools_render_gpu_jobs(prefect_cluster) -> None:
         (container,) = pod["containers"]
         assert container["image"] == image
         assert job["metadata"]["namespace"] == "btx"  # BTX_NAMESPACE's default
-        assert container["args"] == ["prefect", "flow-run", "execute"]
+        assert container["args"] == ["python", "-m", "flows.pod"]  # the kubelet's SIGTERM reaches the flow (flows/pod.py)
         assert {"name": "EXTRA", "value": "1"} in container["env"]
         assert container["envFrom"] == [{"secretRef": {"name": "btx-store", "optional": False}}]
         assert {"name": "scratch", "mountPath": "/scratch"} in container["volumeMounts"]

@@ -223,6 +223,10 @@ def test_btx_run_command_runs_the_whole_pipeline(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "pipeline 'ci' complete" in proc.stdout
+    # A quiet console: no library request line (an embedded API's `HTTP Request: ... 422` reads as
+    # an error), from this process or a branch's (issue 26).
+    chatter = [line for line in (proc.stdout + proc.stderr).splitlines() if "HTTP Request:" in line]
+    assert not chatter, chatter[:5]
     for stage in ("seed", "expert[math]", "expert[code]", "expert[knowledge]", "mix"):
         line = next(l for l in proc.stdout.splitlines() if l.startswith(stage + " "))
         assert "complete" in line, line

@@ -149,6 +149,9 @@ def load_safely(path: Path) -> str:
         assert checks.size * 4 == path.stat().st_size, path
         assert checks.size * index["seq_len"] * np.dtype(index["dtype"]).itemsize == shard.stat().st_size, path
         return "raw tokens"
+    if suffix == ".lock":  # a local store's writer-lease lock (flock's target): no content to load
+        assert path.stat().st_size == 0, path
+        return "empty"
     if suffix in TEXT_SUFFIXES:
         path.read_bytes()
         return "text"

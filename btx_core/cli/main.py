@@ -11,6 +11,7 @@ import typer
 
 from btx_core.cli.app import app
 from btx_core.errors import BTXError, ConfigError
+from btx_core.logs import quiet_libraries
 
 # isort: split
 # Each module registers its commands; `btx --help` lists them in this order.
@@ -26,8 +27,7 @@ from btx_core.cli import after_mix  # noqa: F401
 def main() -> None:
     logging.basicConfig(level=os.environ.get("BTX_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "botocore", "s3fs", "fsspec", "urllib3", "aiobotocore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
     try:
         app()
     except ConfigError as exc:

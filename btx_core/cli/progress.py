@@ -27,8 +27,14 @@ class ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
+            # The first report comes `log_every` steps in: start the bar's clock that far back (the
+            # loop's own pace, from its eta), and average over the whole run rather than the last
+            # update, or the first rate shown is those steps over a millisecond.
             self.bar = tqdm(total=p.total_steps, initial=p.resumed_from, desc=self.description, unit="step",
-                            position=self.position, dynamic_ncols=True, leave=True)
+                            position=self.position, dynamic_ncols=True, leave=True, smoothing=0)
+            left = p.total_steps - p.step
+            if left > 0 and p.step > p.resumed_from:
+                self.bar.start_t -= (p.step - p.resumed_from) * p.eta_s / left
             if p.resumed_from:
                 self.bar.write(f"{self.description}: resumed from step {p.resumed_from}")
         self.bar.update(p.step - self.bar.n)
