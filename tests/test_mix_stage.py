@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from btx_core.config.load import parse_config
 from btx_core.errors import BTXError, IntegrityError
-from btx_core.moe.mix import MixOptions, experts_from_dirs
+from btx_core.moe.mix import MixOptions
 from btx_core.stages.common import open_store
 from btx_core.stages.expert import train_expert
 from btx_core.stages.mix import mix_stage
-from btx_core.stages.mix_dirs import mix_dirs, samples_from_paths
+from btx_core.stages.mix_dirs import experts_from_dirs, mix_dirs, samples_from_paths
 from btx_core.stages.seed import build_seed
 from btx_core.store import layout
 from tests.test_cli_e2e import btx

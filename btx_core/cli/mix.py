@@ -91,8 +91,7 @@ def mix_command(
     if not out:
         raise BTXError("--expert needs --out DIR (where the MoE is written)")
     _existing_dirs("--expert", expert)
-    from btx_core.moe.mix import experts_from_dirs
-    from btx_core.stages.mix_dirs import mix_dirs, samples_from_paths
+    from btx_core.stages.mix_dirs import experts_from_dirs, mix_dirs, samples_from_paths
 
     experts = experts_from_dirs(expert, name)
     names = [e.name for e in experts]
@@ -122,8 +121,7 @@ def upcycle(config: Path = typer.Argument(None, help="Pipeline config: upcycle t
     if not out:
         raise BTXError("--model needs --out DIR (where the MoE is written)")
     _existing_dirs("--model", [model])
-    from btx_core.moe.mix import experts_from_dirs
-    from btx_core.stages.mix_dirs import mix_dirs
+    from btx_core.stages.mix_dirs import experts_from_dirs, mix_dirs
 
     sources = experts_from_dirs([model] * experts, [f"copy{i}" for i in range(experts)])
     options = _mix_options(top_k, "mean", [], None, [], router_init, shard_size, None)

@@ -5,6 +5,7 @@ location out, with the same manifest and lineage as a pipeline stage. What `btx 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,25 @@ from btx_core.moe.mix import Expert, MixOptions, mix
 from btx_core.moe.router_init import RoutingSamples
 from btx_core.store.core import MANIFEST, Manifest, Store
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
+
+
+def experts_from_dirs(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> list[Expert]:
+    """Experts from local directories (flag order); names default to the directory names. A btx
+    manifest in a directory is verified (every file's sha256) and recorded in the lineage."""
+    names = list(names or [])
+    dirs = [Path(p).expanduser().resolve() for p in paths]
+    default = [d.name if d.name != "model" else d.parent.name for d in dirs]
+    if len(set(default)) < len(default):
+        default = [f"expert{i}" for i in range(len(dirs))]
+    experts = []
+    for i, d in enumerate(dirs):
+        manifest_hash = seed_hash = None
+        if (d / MANIFEST).is_file():
+            manifest = Manifest.from_json((d / MANIFEST).read_bytes())
+            Store(str(d.parent)).verify(str(d))
+            manifest_hash, seed_hash = manifest.hash, manifest.inputs.get("seed")
+        experts.append(Expert(names[i] if i < len(names) else default[i], d, str(d), manifest_hash, seed_hash))
+    return experts
 
 
 def sample_blocks(blocks: np.ndarray, count: int, seed: int) -> torch.Tensor:
