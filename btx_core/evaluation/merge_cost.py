@@ -163,6 +163,39 @@ def markdown(report: Mapping) -> str:
     return "\n".join(lines)
 
 
+def across_seeds_markdown(reports: Mapping[object, Mapping | None]) -> str:
+    """Mean ± std over random seeds (`btx compare`): each domain's three losses and two costs,
+    and each kind's distance from the seed and merged distance (mean over experts)."""
+    reports = {seed: r for seed, r in reports.items() if r and r.get("losses")}
+    if not reports:
+        return ""
+
+    def cell(values: list[float], sign: str = "") -> str:
+        spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
+        return f"{np.mean(values):{sign}.3f}{spread}"
+
+    domains = list(next(iter(reports.values()))["losses"])
+    lines = [f"Held-out loss, nats/token, mean ± std over seeds {', '.join(map(str, reports))}: the expert alone, "
+             "the MiX routed to that expert alone (oracle) and as its untrained routers route.", "",
+             "| domain | expert alone | MiX, oracle-routed | MiX as routed | merge cost | router cost |",
+             "|---|---|---|---|---|---|"]
+    for d in domains:
+        rows = [r["losses"][d] for r in reports.values()]
+        lines.append(f"| {d} | {cell([v['expert'] for v in rows])} | {cell([v['oracle'] for v in rows])} "
+                     f"| {cell([v['mix'] for v in rows])} | {cell([v['oracle'] - v['expert'] for v in rows], '+')} "
+                     f"| {cell([v['mix'] - v['oracle'] for v in rows], '+')} |")
+    kinds = [r["distances"]["kinds"] for r in reports.values() if r.get("distances")]
+    if kinds:
+        lines += ["", "| kind | distance from the seed (mean over experts) | merged weights from an expert (mean) |",
+                  "|---|---|---|"]
+        for kind in kinds[0]:
+            moved = [np.mean(list(k[kind]["distance"].values())) for k in kinds]
+            merged = [np.mean(list(k[kind]["merged_distance"].values())) for k in kinds
+                      if k[kind].get("merged_distance")]
+            lines.append(f"| {kind} | {cell(moved)} | {cell(merged) if merged else 'kept per expert'} |")
+    return "\n".join(lines) + "\n"
+
+
 def distance_table(distances: Mapping) -> list[str]:
     names = distances["experts"]
     lines = ["Weights: each expert's distance from the seed, ||expert - seed|| / ||seed||; the merged weights' "
