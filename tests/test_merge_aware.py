@@ -18,7 +18,7 @@ from btx_core.errors import ConfigError
 from btx_core.evaluation import merge_cost
 from btx_core.evaluation.scores import token_logprobs
 from btx_core.model.dense import load_causal_lm
-from btx_core.model.families import DENSE_FAMILIES
+from btx_core.model.families import DENSE_FAMILIES, tensor_kinds
 from btx_core.model.tensor_io import CheckpointReader
 from btx_core.moe.mix import Expert, MixInputError, MixOptions, mix
 from btx_core.moe.routing import RouterObjective, RoutingPlan, configure, forced_expert, moe_blocks
@@ -33,9 +33,7 @@ SEQ = 16
 
 
 def kinds_of(model) -> dict[str, str]:
-    config = model.config.to_dict()
-    family = DENSE_FAMILIES[config["model_type"]]
-    return family.tensor_kinds(config["num_hidden_layers"], bool(config.get("tie_word_embeddings")), config)
+    return tensor_kinds(model.config.to_dict())
 
 
 def mixed(tmp_path: Path, experts: dict[str, Path], tag: str = "moe", **options) -> Path:

@@ -54,9 +54,10 @@ class MixSettings(StrictModel):
     sample_blocks: int = Field(default=32, gt=0)
     """Blocks per domain for the centroid init and the routing report."""
     merge_cost_tokens: int = Field(default=512, ge=0)
-    """Held-out tokens per domain (whole blocks, at least one) on which the merge-cost report
-    measures each domain's loss through the mixed model routed to its own expert only (the
-    oracle), next to the expert alone and the mixed model as routed; 0: weight distances only."""
+    """Held-out tokens per domain (whole blocks: at least one, at most `sample_blocks`) on which
+    the merge-cost report measures each domain's loss through the mixed model routed to its own
+    expert only (the oracle), next to the expert alone and the mixed model as routed; 0: weight
+    distances only."""
     shard_size: str = "2GB"
     """Largest output shard, e.g. `2GB`, `500MB`."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from btx_core.model.families import TENSOR_KINDS, dense_family
+from btx_core.model.families import TENSOR_KINDS, tensor_kinds
 from btx_core.model.tensor_io import CheckpointReader
 
 CHUNK = 1 << 21  # elements per model held at once (16 MB in fp64)
@@ -43,9 +43,7 @@ def weight_distances(seed: Path, experts: Mapping[str, Path],
     experts' updates and (with `merge_weights`, the shared merge's weight of each expert, summing
     to 1) the merged weights' distance from each expert, relative to the seed's norm like the
     first. FFNs are reported for scale; they are kept per expert, never merged."""
-    config = json.loads((Path(seed) / "config.json").read_text())
-    family = dense_family(config.get("model_type"))
-    kinds = family.tensor_kinds(config["num_hidden_layers"], bool(config.get("tie_word_embeddings")), config)
+    kinds = tensor_kinds(json.loads((Path(seed) / "config.json").read_text()))
     names = list(experts)
     base, readers = CheckpointReader(seed), [CheckpointReader(p) for p in experts.values()]
     gram = {k: np.zeros((len(names), len(names))) for k in TENSOR_KINDS}

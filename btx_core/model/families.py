@@ -194,6 +194,12 @@ def dense_family(model_type: str | None) -> DenseFamily | None:
     return DENSE_FAMILIES.get(model_type or "")
 
 
+def tensor_kinds(config: Mapping) -> dict[str, str]:
+    """Every tensor of a dense checkpoint with this config.json (as a mapping) -> its kind."""
+    family = DENSE_FAMILIES[config["model_type"]]
+    return family.tensor_kinds(config["num_hidden_layers"], bool(config.get("tie_word_embeddings")), config)
+
+
 def num_experts(config: Mapping) -> int | None:
     """The number of experts of an MoE config.json (None for a dense model)."""
     target = MOE_TARGETS.get(config.get("model_type") or "")

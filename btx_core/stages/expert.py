@@ -7,7 +7,7 @@ from btx_core.config.schema import BTXConfig, stable_hash
 from btx_core.data.cache import ensure_prepared, tokenizer_id
 from btx_core.errors import BTXError, IncompleteOutputError
 from btx_core.model.dense import load_causal_lm
-from btx_core.model.families import dense_family
+from btx_core.model.families import tensor_kinds
 from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, open_store
 from btx_core.store import layout
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
@@ -30,13 +30,11 @@ def freeze_shared(model, train: str) -> dict[str, int]:
     if train == "all":
         return {}
     trained = {"ffn": {"ffn"}, "ffn_and_norms": {"ffn", "norms"}}[train]
-    config = model.config.to_dict()
-    family = dense_family(config.get("model_type"))
-    kinds = family.tensor_kinds(config["num_hidden_layers"], bool(config.get("tie_word_embeddings")), config)
+    kinds = tensor_kinds(model.config.to_dict())
     frozen: dict[str, int] = {}
     for name, param in model.named_parameters():  # a tied lm_head is the embedding's parameter
         if (kind := kinds.get(name)) is None:
-            raise BTXError(f"parameter {name} of the {family.model_type} seed is not declared in "
+            raise BTXError(f"parameter {name} of the {model.config.model_type} seed is not declared in "
                            "btx_core/model/families.py: declare it before training with branch.train: " + train)
         if kind not in trained:
             param.requires_grad_(False)
