@@ -142,9 +142,7 @@ def summary(report: Mapping) -> dict[str, float]:
 
 def markdown(report: Mapping) -> str:
     """Two tables: each domain's three losses and the two costs; each kind's weight distances."""
-    lines = []
-    if settings := report.get("settings"):
-        lines += ["Made with " + ", ".join(f"`{k}: {v}`" for k, v in settings.items()) + ".", ""]
+    lines = [levers(report.get("settings") or {}), ""] if report.get("settings") else []
     if losses := report.get("losses"):
         tokens = sorted(set((report.get("tokens_per_domain") or {}).values()))
         lines += [f"Held-out loss, nats/token ({'/'.join(map(str, tokens))} tokens per domain): the expert alone, "
@@ -192,6 +190,11 @@ def across_seeds_markdown(reports: Mapping[object, Mapping | None]) -> str:
                       if k[kind].get("merged_distance")]
             lines.append(f"| {kind} | {cell(moved)} | {cell(merged) if merged else 'kept per expert'} |")
     return "\n".join(lines) + "\n"
+
+
+def levers(settings: Mapping) -> str:
+    """The config lines a merge was made with, as YAML writes them."""
+    return "Made with " + ", ".join(f"`{k}: {json.dumps(v).strip(chr(34))}`" for k, v in settings.items()) + "."
 
 
 def distance_table(distances: Mapping) -> list[str]:

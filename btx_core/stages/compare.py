@@ -241,8 +241,9 @@ def merge_cost_section(report: dict) -> list[str]:
     costs = {seed: result.get("merge_cost") for seed, result in report["per_seed"].items()}
     table = merge_cost.across_seeds_markdown(costs)
     made = next((c["settings"] for c in costs.values() if c and c.get("settings")), {})
-    levers = ("Made with " + ", ".join(f"`{k}: {v}`" for k, v in made.items()) + ".\n") if made else ""
-    return ["## What the merge cost, before finetuning\n", levers, table] if table else []
+    warmup = ((report.get("config") or {}).get("finetune") or {}).get("router_warmup_steps")
+    made = {**made, **({"finetune.router_warmup_steps": warmup} if warmup is not None else {})}
+    return ["## What the merge cost, before finetuning\n", merge_cost.levers(made) + "\n", table] if table else []
 
 
 # The models whose routing is drawn for every seed (CSV: every MoE row, every seed).

@@ -59,8 +59,10 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None 
     data = {d: _prepared(config, store, d, seed_location, seed) for d in domains}
     inputs = {**{f"expert:{name}": m.hash for name, _, m in sources},
               **{f"data:{d}": p.content_id for d, p in data.items()}}
+    # Sparse upcycling measures no merge cost: its outputs made before there was one stay valid.
+    mix_settings = config.mix.model_dump(mode="json", exclude={"merge_cost_tokens"} if upcycle else None)
     config_hash = stable_hash({"stage": stage, "format": STAGE_FORMAT, "names": [s[0] for s in sources],
-                               "mix": config.mix.model_dump(mode="json"),
+                               "mix": mix_settings,
                                "seq_len": config.expert_training.seq_len, "seed": config.expert_training.seed})
     if (done := store.exists_with(location, config_hash, inputs)) is not None:
         return StageOutput(location, done, skipped=True)
