@@ -8,6 +8,7 @@ Artifacts page keeps the history of each across runs:
     <run>-checkpoints  markdown: every stage output and training checkpoint in the store
     <run>-loss-curves  markdown: training-loss curves (PNG)
     <run>-routing      markdown: routing heatmap of the MoE (PNG), once the MiX stage has run
+    <run>-merge-cost   markdown: what MiX cost each domain (oracle-routed loss) and the weight distances
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from btx_core.config.schema import BTXConfig, scheme
 from btx_core.errors import IncompleteOutputError
+from btx_core.evaluation import merge_cost
 from btx_core.evaluation.plots import loss_curves_png, routing_load_png
 from btx_core.stages.common import open_store
 from btx_core.store import layout
@@ -151,6 +153,19 @@ def routing_markdown(config: BTXConfig, records: list[StageRecord], results: dic
             f"cell the share of tokens routed to that expert.\n\n![routing heatmap]({image})\n")
 
 
+def merge_cost_markdown(config: BTXConfig, records: list[StageRecord], *, heading: str = "#") -> str | None:
+    """What the merge cost before finetuning (the MiX stage's report: btx_core/evaluation/merge_cost.py)
+    and the finetune's router warm-up."""
+    cost = next((r.metrics.get("merge_cost") for r in records if r.name == "mix"), None)
+    if not cost:
+        return None
+    warmup = next((r.metrics.get("router_warmup_steps") for r in records if r.name == "finetune" and r.manifest), None)
+    lines = [f"{heading} {config.run_name}: what the merge cost", "", merge_cost.markdown(cost)]
+    if warmup is not None:
+        lines.append(f"Finetuned with `finetune.router_warmup_steps: {warmup}`.")
+    return "\n".join(lines) + "\n"
+
+
 def publish(config: BTXConfig) -> str:
     """Create (a new version of) each artifact of the run; returns the run's root location."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -170,7 +185,8 @@ def publish(config: BTXConfig) -> str:
                              key=artifact_key(run, "report"), description="Where the run's report is kept")
     for key, markdown, description in (
             ("loss-curves", loss_curves_markdown(config, records), "Training loss per step, per stage"),
-            ("routing", routing_markdown(config, records, results), "MoE routing per layer and expert")):
+            ("routing", routing_markdown(config, records, results), "MoE routing per layer and expert"),
+            ("merge-cost", merge_cost_markdown(config, records), "What MiX cost each domain, and where the weights went")):
         if markdown is not None:
             create_markdown_artifact(markdown, key=artifact_key(run, key), description=description)
     return layout.run_root(config)
@@ -233,6 +249,8 @@ def report_markdown(config: BTXConfig, records: list[StageRecord], results: dict
     if (routing := routing_summary(results)):
         lines += ["## Routing (BTX, held-out tokens, top-1, mean over layers)", "",
                   *(f"- {line}" for line in routing), ""]
+    if (merge := merge_cost_markdown(config, records, heading="##")):
+        lines += [merge]
     for title, name in images.items():
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     lines += ["## Stage outputs", ""]
@@ -281,6 +299,8 @@ def terminal_summary(config: BTXConfig) -> str:
     lines = ["", "Held-out loss, nats/token (lower is better):", evaluation_table(config, records, results)]
     if (routing := routing_summary(results)):
         lines += ["", "Routing (BTX, top-1, mean over layers):", *(f"  {line}" for line in routing)]
+    if (cost := next((r.metrics.get("merge_cost") for r in records if r.name == "mix"), None)):
+        lines += ["", "What the merge cost (MiX, before finetuning):", *(f"  {n}" for n in merge_cost.notes(cost))]
     if store.is_complete(report_location(config)):
         lines += ["", f"Report (kept in the store): {report_location(config)}/report.md"]
     return "\n".join(lines)

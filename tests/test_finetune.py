@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from btx_core.data.prepare import SplitStats, TokenizedSplits
@@ -23,6 +24,8 @@ from btx_core.stages.finetune import build_mixture, finetune
 from btx_core.stages.mix import mix_stage
 from btx_core.stages.seed import build_seed
 from btx_core.store import layout
+from btx_core.store.core import checkpoint_location
+from btx_core.training.state import MODEL_FILE
 from tests.test_cli_e2e import btx
 from tests.test_mix_stage import ci_config
 
@@ -160,6 +163,70 @@ def test_interrupted_finetune_resumes_to_the_same_weights(mixed):
 
 
 @pytest.mark.integration
+def test_router_warmup_resumes_exactly_across_its_end(mixed):
+    """Routers alone for 3 steps, then everything: a run stopped at step 3 resumes from its step-2
+    checkpoint (inside the warm-up) and ends with the weights of an uninterrupted run."""
+    work, config = mixed
+    warm = config.model_copy(update={"finetune": config.finetune.model_copy(update={"router_warmup_steps": 3})})
+    with pytest.raises(BTXError, match="stopped at step 3"):
+        finetune(warm, name="w-resumed", stop_after=3)
+    step2 = load_file(str(Path(checkpoint_location(layout.trained_checkpoints(config, "w-resumed"), 2)) / MODEL_FILE))
+    start = AutoModelForCausalLM.from_pretrained(layout.mix_model(config)).state_dict()  # in-memory names
+    moved = {k for k in step2 if not torch.equal(start[k], step2[k])}
+    assert moved == {k for k in start if k.endswith("mlp.gate.weight")}  # every router, nothing else so far
+    resumed = finetune(warm, name="w-resumed")
+    assert resumed.metrics["resumed_from_step"] == 2 and resumed.metrics["router_warmup_steps"] == 3
+    straight = finetune(warm, name="w-straight")
+    a, b = _tensors(resumed.location), _tensors(straight.location)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = _tensors(finetune(config).location)  # the warm-up changes what is trained
+    assert any(not torch.equal(a[k], plain[k]) for k in a if "self_attn" in k)
+
+
+@pytest.mark.integration
+def test_mix_reports_what_averaging_the_experts_cost(mixed):
+    work, config = mixed
+    cost = open_store(config).read_manifest(layout.mix_model(config)).metrics["merge_cost"]
+    for domain, losses in cost["losses"].items():  # experts trained everything: the merge costs them
+        assert losses["oracle"] > losses["expert"], (domain, losses)
+    attention = cost["distances"]["kinds"]["attention"]
+    assert min(attention["distance"][d] for d in ("math", "code")) > 0 and attention["distance"]["seed"] == 0
+    assert cost["tokens_per_domain"] == {"math": 512, "code": 512}  # 8 blocks of 64: mix.merge_cost_tokens
+    assert cost["merge_weights"] == {"math": 0.5, "code": 0.5, "seed": 0.0}
+
+
+@pytest.mark.integration
+def test_experts_with_frozen_shared_weights_mix_without_loss(mixed):
+    """`branch.train: ffn`: each expert's saved shared tensors are the seed's bit for bit, so MiX's
+    mean of them is the seed's and the MoE routed to an expert alone is that expert."""
+    from btx_core.config.method import BranchSettings
+    from btx_core.config.schema import SeedSpec
+    from btx_core.stages.expert import expert_config_hash
+
+    work, config = mixed
+    frozen = config.model_copy(update={
+        "run_name": "frozen", "branch": BranchSettings(train="ffn"),
+        "seed": SeedSpec(model=layout.seed_model(config), pretrain_data=config.seed.pretrain_data)})
+    assert expert_config_hash(frozen, "math") != expert_config_hash(config, "math")
+    build_seed(frozen)
+    seed = _tensors(layout.seed_model(frozen))
+    for d in frozen.domains:
+        out = train_expert(frozen, d.name)
+        expert = _tensors(out.location)
+        assert expert.keys() == seed.keys()
+        moved = {k for k in seed if not torch.equal(seed[k], expert[k])}
+        assert moved == {k for k in seed if ".mlp." in k}, d.name  # every FFN tensor, nothing else
+        assert out.metrics["frozen_parameters"]["attention"] > 0 and out.metrics["branch_train"] == "ffn"
+    cost = mix_stage(frozen).manifest.metrics["merge_cost"]
+    for domain, losses in cost["losses"].items():
+        assert losses["oracle"] == pytest.approx(losses["expert"], abs=1e-5), domain
+        assert losses["mix"] > losses["oracle"]  # what is left: the untrained routers
+    for kind in ("embeddings", "attention", "norms"):
+        assert max(cost["distances"]["kinds"][kind]["merged_distance"].values()) == 0.0
+    assert cost["settings"]["branch.train"] == "ffn"
+
+
+@pytest.mark.integration
 def test_interrupted_sample_top1_finetune_resumes_to_the_same_weights(mixed):
     # The Gumbel noise comes from torch's RNG and the temperature from the step: both are restored.
     work, config = mixed
@@ -235,6 +302,7 @@ def test_finetune_and_eval_commands(mixed):
     evaluated = evaluate_run(config)
     losses = evaluated.metrics["losses"]
     assert {"seed", "expert:math", "expert:code", "btx-mix", "btx", "btm-top1", "btm-top2"} <= set(losses)
+    assert set(evaluated.metrics["merge_cost"]["losses"]) == {"math", "code"}  # MiX's, beside the losses
     assert evaluate_run(config).skipped
 
 
@@ -279,6 +347,8 @@ def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
             "routing-upcycle-flops-seed1-mixed-topk.csv"} <= files
     md = (tmp_path / "results.md").read_text()
     assert "| Model | math | code | Average | Mixed-domain |" in md and "| math segments | code segments |" in md
+    assert "## What the merge cost, before finetuning" in md and "### Seed 1: what the merge cost" in md
+    assert set(report["per_seed"][1]["merge_cost"]["losses"]) == {"math", "code"}
     assert "BTX beats the seed on code segments (mixed set)" in claims
     assert open_store(config).is_complete(layout.compare_results(config))
 

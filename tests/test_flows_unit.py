@@ -99,6 +99,7 @@ def test_report_tables_from_manifests(tmp_path):
         checkpoints_markdown,
         compute_rows,
         evaluation_rows,
+        merge_cost_markdown,
         routing_markdown,
         stage_locations,
     )
@@ -128,6 +129,11 @@ def test_report_tables_from_manifests(tmp_path):
     assert f"[{rows[0][1]}](file://{rows[0][1]})" in markdown and "step 20: " in markdown
     assert "| mix |" not in markdown  # nothing in the store yet
     assert routing_markdown(cfg, records) is None
+    assert merge_cost_markdown(cfg, records) is None  # no MiX yet
+    cost = {"settings": {"branch.train": "ffn"}, "tokens_per_domain": {"math": 512},
+            "losses": {"math": {"expert": 2.0, "oracle": 2.5, "mix": 3.25}}}
     records[-1] = record("mix", rows[4][1], {"routing": {"experts": ["a", "b"], "entropy": [0.6],
-                                                         "load": [[0.7, 0.3]]}})
+                                                         "load": [[0.7, 0.3]]}, "merge_cost": cost})
     assert "data:image/png;base64," in routing_markdown(cfg, records)
+    merge = merge_cost_markdown(cfg, records)
+    assert "| math | 2.0000 | 2.5000 | 3.2500 | +0.5000 | +0.7500 |" in merge and "`branch.train: ffn`" in merge

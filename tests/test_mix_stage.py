@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from btx_core.config.load import parse_config
 from btx_core.errors import BTXError, IntegrityError
-from btx_core.moe.mix import MixOptions, experts_from_dirs
+from btx_core.moe.mix import MixOptions
 from btx_core.stages.common import open_store
 from btx_core.stages.expert import train_expert
 from btx_core.stages.mix import mix_stage
-from btx_core.stages.mix_dirs import mix_dirs, samples_from_paths
+from btx_core.stages.mix_dirs import experts_from_dirs, mix_dirs, samples_from_paths
 from btx_core.stages.seed import build_seed
 from btx_core.store import layout
 from tests.test_cli_e2e import btx
@@ -69,6 +69,13 @@ def test_mix_stage_writes_a_mixtral_with_lineage_and_routing_report(trained):
     card = (path / "README.md").read_text()
     for value in [*experts.values(), seed.hash]:
         assert value[:16] in card
+    # What the merge cost, measured in the same stage: in the manifest, the card and the command's notes.
+    cost = out.metrics["merge_cost"]
+    assert set(cost["losses"]) == {"math", "code", "knowledge"} and set(cost["distances"]["experts"]) == {
+        "math", "code", "knowledge", "seed"}
+    assert cost["settings"]["mix.router_init"] == "centroid" and cost["settings"]["branch.train"] == "all"
+    assert "## What the merge cost" in card and "| attention |" in card
+    assert any(n.startswith("merge cost (held-out loss") for n in out.notes)
     assert (path / "tokenizer.json").is_file() and (path / "generation_config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(path)
     assert isinstance(model, MixtralForCausalLM) and model.config.num_local_experts == 4
@@ -111,14 +118,15 @@ def test_btx_mix_experts_from_anywhere_and_drop_one(trained, tmp_path):
     out = tmp_path / "moe"
     result = btx("mix", *[a for d in dirs for a in ("--expert", d)], "--name", "math", "--name", "code",
                  "--name", "seed", "--out", str(out), "--exclude-from-merge", "seed", "--router-init", "zeros",
-                 cwd=work)
+                 "--base", layout.seed_model(config), cwd=work)
     assert "mix: done" in result.stdout and (out / "_manifest.json").is_file()
+    assert "attention: distance from the seed math" in result.stdout  # the merge cost, from --base
     lineage = (out / "README.md").read_text()
     assert all(d in lineage for d in dirs)
     experts = experts_from_dirs(dirs, ["math", "code", "seed"])  # what the command does
     assert all(e.manifest_hash and e.manifest_hash[:16] in lineage for e in experts)
     options = MixOptions(shared_exclude=("seed",), router_init="zeros")
-    assert mix_dirs(experts, str(out), options).skipped  # same experts and options: no work
+    assert mix_dirs(experts, str(out), options, base=Path(layout.seed_model(config))).skipped  # no work
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "keep.txt").write_text("mine")
@@ -168,5 +176,7 @@ def test_centroid_init_from_text_files_for_experts_trained_anywhere(trained, tmp
     out = mix_dirs(experts, str(tmp_path / "moe"), MixOptions(router_init="centroid"), samples=samples)
     routing = out.metrics["routing"]
     assert routing["init"] == "centroid" and set(routing["by_domain_top1"]) == {"math", "code"}
+    losses = out.metrics["merge_cost"]["losses"]  # oracle-routed losses from --data; no --base, no distances
+    assert set(losses) == {"math", "code"} and "distances" not in out.metrics["merge_cost"]
     with pytest.raises(BTXError, match="one --data per expert"):
         samples_from_paths(experts, [str(tmp_path / "math.jsonl")], seq_len=32, count=8)

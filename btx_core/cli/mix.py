@@ -24,6 +24,9 @@ _MIX_HELP = {
     "seq_len": "Block length of the --data samples",
     "shard_size": "Largest output shard, e.g. 2GB",
     "dtype": "Output dtype (default: the experts')",
+    "base": "The seed the experts were branched from: the merge-cost report gives each expert's "
+            "distance from it, per kind of tensor",
+    "merge_tokens": "Held-out tokens per expert's --data for the merge-cost losses (0: none)",
 }
 
 
@@ -79,7 +82,9 @@ def mix_command(
         data: list[str] = _option([], "data", "--data"),
         seq_len: int = _option(256, "seq_len", "--seq-len"),
         shard_size: str = _option("2GB", "shard_size", "--shard-size"),
-        dtype: str = _option(None, "dtype", "--dtype")) -> None:
+        dtype: str = _option(None, "dtype", "--dtype"),
+        base: Path = _option(None, "base", "--base"),
+        merge_tokens: int = _option(512, "merge_tokens", "--merge-cost-tokens")) -> None:
     """Mix dense experts into one Mixtral MoE: a run's experts (CONFIG), or any directories."""
     if (config is None) == (not expert):
         raise BTXError("give either CONFIG (mix a run's experts) or --expert DIR ... --out DIR")
@@ -91,8 +96,8 @@ def mix_command(
     if not out:
         raise BTXError("--expert needs --out DIR (where the MoE is written)")
     _existing_dirs("--expert", expert)
-    from btx_core.moe.mix import experts_from_dirs
-    from btx_core.stages.mix_dirs import mix_dirs, samples_from_paths
+    _existing_dirs("--base", [base] if base else [])
+    from btx_core.stages.mix_dirs import experts_from_dirs, mix_dirs, samples_from_paths
 
     experts = experts_from_dirs(expert, name)
     names = [e.name for e in experts]
@@ -100,7 +105,8 @@ def mix_command(
         copy_from = names[int(copy_from)]  # an index, as mergekit users write it
     options = _mix_options(top_k, shared, weight, copy_from, exclude, router_init, shard_size, dtype)
     samples = samples_from_paths(experts, data, seq_len=seq_len, count=32) if data else None
-    report("mix", mix_dirs(experts, out, options, samples=samples))
+    report("mix", mix_dirs(experts, out, options, samples=samples,
+                           base=base.expanduser().resolve() if base else None, merge_cost_tokens=merge_tokens))
 
 
 @app.command()
@@ -122,8 +128,7 @@ def upcycle(config: Path = typer.Argument(None, help="Pipeline config: upcycle t
     if not out:
         raise BTXError("--model needs --out DIR (where the MoE is written)")
     _existing_dirs("--model", [model])
-    from btx_core.moe.mix import experts_from_dirs
-    from btx_core.stages.mix_dirs import mix_dirs
+    from btx_core.stages.mix_dirs import experts_from_dirs, mix_dirs
 
     sources = experts_from_dirs([model] * experts, [f"copy{i}" for i in range(experts)])
     options = _mix_options(top_k, "mean", [], None, [], router_init, shard_size, None)

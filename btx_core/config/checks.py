@@ -83,6 +83,9 @@ def _mix_problems(d: Mapping) -> list[str]:
         elif unknown := sorted(set(weights) - set(names)):
             problems.append(f"mix.weights names unknown expert(s) {', '.join(unknown)} (experts: "
                             f"{', '.join(map(str, names))})")
+        elif missing := [n for n in names if n not in weights]:
+            problems.append(f"mix.weights needs a weight for every expert; missing: {', '.join(map(str, missing))} "
+                            "(0 leaves an expert out of the merge)")
         elif sum(weights.values()) <= 0 or min(weights.values()) < 0:
             problems.append("mix.weights must be >= 0 with a positive sum")
     elif weights:
@@ -110,6 +113,11 @@ def _finetune_problems(d: Mapping) -> list[str]:
     top_k = ft.get("top_k")
     if top_k is not None and domains and top_k > experts:
         problems.append(f"finetune.top_k ({top_k}) is larger than the number of experts ({experts}); lower it")
+    steps = (ft.get("training") or {}).get("steps") if isinstance(ft.get("training"), Mapping) else None
+    warmup = ft.get("router_warmup_steps") or 0
+    if isinstance(steps, int) and warmup >= steps:
+        problems.append(f"finetune.router_warmup_steps ({warmup}) leaves none of the {steps} steps to "
+                        "train anything but the routers: lower it below finetune.training.steps")
     if ft.get("routing") == "soft" and top_k is not None:
         problems.append("finetune.top_k applies to `top_k` routing; `soft` uses every expert: remove it")
     if ft.get("routing") == "sample_top1" and top_k is not None:

@@ -16,6 +16,7 @@ from btx_core.config import checks as checks
 from btx_core.config.base import StrictModel
 from btx_core.config.checks import GENERAL, HELD_OUT_FRACTION
 from btx_core.config.execution import LeasePolicy, Orchestration, TransferPolicy
+from btx_core.config.method import BranchSettings, CompareSettings, MixSettings
 from btx_core.config.values import (
     SECRET_KEYS,
     no_credentials_in_url,
@@ -27,7 +28,7 @@ from btx_core.config.values import (
 )
 from btx_core.errors import ConfigError
 
-__all__ = ["BTXConfig", "CompareSettings", "DataSource", "DomainSpec", "FinetuneSettings", "GENERAL", "MixSettings", "SeedSpec",
+__all__ = ["BTXConfig", "BranchSettings", "CompareSettings", "DataSource", "DomainSpec", "FinetuneSettings", "GENERAL", "MixSettings", "SeedSpec",
            "TinyModelSpec", "TrainSettings", "parse_bytes", "scheme", "stable_hash"]
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -253,42 +254,6 @@ class SeedSpec(StrictModel):
     """Held-out fraction of the pretraining corpus."""
 
 
-class MixSettings(StrictModel):
-    """MiX: dense experts -> one Mixtral (BTX section 2.3). Paper defaults: the seed joins as a
-    generalist expert, top-2 routing, load balancing with alpha = 0.01 per layer."""
-
-    include_seed: bool = True
-    """Add the seed as an extra "generalist" expert (the paper mixes 3 domain experts + the seed)."""
-    seed_in_shared_mean: bool = False
-    """Whether the seed's non-FFN tensors join the mean (a pilot found the mean over the domain
-    experts alone slightly better after finetuning)."""
-    shared_policy: Literal["mean", "weighted", "copy"] = "mean"
-    """How non-FFN tensors (attention, embeddings, norms, lm_head) are merged."""
-    weights: dict[str, float] | None = None
-    """`weighted` policy: expert name -> weight (normalised to sum 1)."""
-    copy_from: str | None = None
-    """`copy` policy: the expert whose non-FFN tensors are copied."""
-    router_init: Literal["normal", "zeros", "uniform", "centroid"] = "normal"
-    """New routers: `normal` (std = the model's initializer_range), `zeros` (uniform routing),
-    `uniform` (nn.Linear's default), `centroid` (each expert's mean router input on its domain)."""
-    top_k: int = Field(default=2, ge=1)
-    """Experts per token."""
-    load_balancing_alpha: float = Field(default=0.01, ge=0)
-    """The paper's load-balancing coefficient per layer (finetuning's `load_balancing_loss`);
-    the saved config's `router_aux_loss_coef` is alpha x num_layers, transformers' own loss
-    being averaged over layers where the paper sums it."""
-    sample_blocks: int = Field(default=32, gt=0)
-    """Blocks per domain for the centroid init and the routing report."""
-    shard_size: str = "2GB"
-    """Largest output shard, e.g. `2GB`, `500MB`."""
-
-    @field_validator("shard_size")
-    @classmethod
-    def _byte_size(cls, value: str) -> str:
-        parse_bytes(value)
-        return value
-
-
 class FinetuneSettings(StrictModel):
     """MoE finetuning (BTX section 2.4): the mixed model trained on the mixture of every domain
     plus the general corpus, with the LM loss and the load-balancing loss. Sparse upcycling and
@@ -329,26 +294,10 @@ class FinetuneSettings(StrictModel):
         return value
     freeze_experts: bool = False
     """Train only the routers and the shared (non-FFN) parameters; expert FFNs stay as mixed."""
-
-
-class CompareSettings(StrictModel):
-    """`btx compare`: BTX against its baselines at matched compute (BTX paper, Table 2)."""
-
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    """Random seeds; each is a full branch-train-mix-finetune plus baselines from the same seed
-    model (expert data order, router init, finetune data order change with it)."""
-    eval_blocks: int = Field(default=64, gt=0)
-    """Held-out blocks per domain in the single-domain evaluation set, drawn at random from all of
-    the domain's held-out blocks (all of them when it has fewer)."""
-    mixed_blocks: int = Field(default=64, gt=0)
-    """Blocks in the mixed-domain set, each spliced from 2-3 domains' held-out text."""
-    eval_seed: int = 20240311
-    """Fixes which held-out blocks both evaluation sets draw: the same for every model and every
-    random seed of a comparison (recorded in results.json under `eval_sets`)."""
-    btm_top_k: list[int] = Field(default_factory=lambda: [1, 2])
-    """Branch-Train-Merge ensembles to evaluate: top-k experts by domain posterior."""
-    batch_size: int = Field(default=8, gt=0)
-    """Blocks per evaluation forward pass."""
+    router_warmup_steps: int = Field(default=0, ge=0)
+    """For the first this many steps only the routers train (experts and shared weights held
+    as mixed, no weight decay on them); then everything `freeze_experts` allows. The learning-rate
+    schedule runs over all steps, warm-up included."""
 
 
 class BTXConfig(StrictModel):
@@ -375,6 +324,8 @@ class BTXConfig(StrictModel):
     """The domains, one expert each."""
     expert_training: TrainSettings
     """Continued pretraining of each expert on its domain (Branch + Train)."""
+    branch: BranchSettings = Field(default_factory=BranchSettings)
+    """What each expert trains: everything (the paper) or only its FFNs (shared weights frozen)."""
     mix: MixSettings = Field(default_factory=MixSettings)
     """How the experts are mixed into one MoE."""
     finetune: FinetuneSettings | None = None

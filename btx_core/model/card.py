@@ -93,6 +93,12 @@ def write_model_card(out_dir: Path, *, config: Mapping, experts: Sequence, optio
     (out_dir / "README.md").write_text("\n".join(lines))
 
 
+def append_section(out_dir: Path, title: str, body: str) -> None:
+    """Add a `## title` section at the end of a model directory's README.md."""
+    card = Path(out_dir) / "README.md"
+    card.write_text(card.read_text().rstrip("\n") + f"\n\n## {title}\n\n{body.rstrip()}\n")
+
+
 def write_finetune_card(out_dir: Path, *, config: Mapping, source: str, source_card: Mapping,
                         stage: str, metrics: Mapping) -> None:
     """The card of a trained model: `source` (the model it was trained from) as base_model; the

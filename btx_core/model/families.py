@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 
+# What a tensor of a dense checkpoint is, for the merge-cost report and `branch.train`.
+TENSOR_KINDS = ("embeddings", "attention", "norms", "ffn")
+
+
 @dataclass(frozen=True)
 class MoETarget:
     """The MoE model a dense family mixes into."""
@@ -71,10 +75,14 @@ class DenseFamily:
     moe: MoETarget
     rope_types: tuple[str, ...] = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
     """RoPE types whose MoE was shown equal to the dense model (tests/test_families.py)."""
+    norm_layer: tuple[str, ...] = ()
+    """The per-layer norm weights among `shared_layer` (q/k norms included): what
+    `branch.train: ffn_and_norms` still trains, and the `norms` kind of the merge-cost report."""
     bias_layer: tuple[str, ...] = ()
     """Attention biases, present when `bias_flag` is set in the config (always when it is None)."""
     bias_flag: str | None = None
     embedding: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
     layer_prefix: str = "model.layers.{layer}."
     """What every tensor of one decoder layer starts with."""
 
@@ -102,6 +110,15 @@ class DenseFamily:
     def final_shared(self, tied: bool) -> list[str]:
         """The shared tensors after the last layer (final norm, an untied lm_head)."""
         return [n for n in self.shared_global if n != self.embedding and not (tied and n == "lm_head.weight")]
+
+    def tensor_kinds(self, num_layers: int, tied: bool, config: Mapping) -> dict[str, str]:
+        """Every tensor of a checkpoint of this family -> its kind (one of TENSOR_KINDS): what the
+        merge-cost report groups by and what `branch.train` freezes."""
+        norms = {t.format(layer=i) for t in self.norm_layer for i in range(num_layers)} | {self.final_norm}
+        kinds = {n: "norms" if n in norms else "attention" for n in self.layer_shared(range(num_layers), config)}
+        kinds |= {n: "norms" if n in norms else "embeddings" for n in self.final_shared(tied)}
+        kinds[self.embedding] = "embeddings"
+        return kinds | {self.ffn_name(role, i): "ffn" for role in self.ffn for i in range(num_layers)}
 
 
 def _layer(*names: str, suffix: str = "weight") -> tuple[str, ...]:
@@ -155,24 +172,32 @@ FLEX_OLMO = MoETarget(
     experts_key="num_experts", fixed_config=_RENORMALISED)
 
 _LLAMA_SHARED = _layer(*_ATTENTION, *_PRE_NORM)
+_OLMO2_NORMS = (*_QK_NORM, "post_attention_layernorm", "post_feedforward_layernorm")
 DENSE_FAMILIES: dict[str, DenseFamily] = {
-    "llama": DenseFamily("llama", "LlamaForCausalLM", _FFN, _LLAMA_SHARED, _GLOBAL, MIXTRAL),
-    "mistral": DenseFamily("mistral", "MistralForCausalLM", _FFN, _LLAMA_SHARED, _GLOBAL, MIXTRAL),
+    "llama": DenseFamily("llama", "LlamaForCausalLM", _FFN, _LLAMA_SHARED, _GLOBAL, MIXTRAL,
+                         norm_layer=_layer(*_PRE_NORM)),
+    "mistral": DenseFamily("mistral", "MistralForCausalLM", _FFN, _LLAMA_SHARED, _GLOBAL, MIXTRAL,
+                           norm_layer=_layer(*_PRE_NORM)),
     "qwen2": DenseFamily("qwen2", "Qwen2ForCausalLM", _FFN, _LLAMA_SHARED, _GLOBAL, QWEN2_MOE,
-                         bias_layer=_layer(*_ATTENTION[:3], suffix="bias")),
+                         norm_layer=_layer(*_PRE_NORM), bias_layer=_layer(*_ATTENTION[:3], suffix="bias")),
     "qwen3": DenseFamily("qwen3", "Qwen3ForCausalLM", _FFN, _layer(*_ATTENTION, *_QK_NORM, *_PRE_NORM),
-                         _GLOBAL, QWEN3_MOE, bias_layer=_layer(*_ATTENTION, suffix="bias"),
-                         bias_flag="attention_bias"),
-    "olmo2": DenseFamily("olmo2", "Olmo2ForCausalLM", _FFN,
-                         _layer(*_ATTENTION, *_QK_NORM, "post_attention_layernorm", "post_feedforward_layernorm"),
-                         _GLOBAL, FLEX_OLMO, bias_layer=_layer(*_ATTENTION, suffix="bias"),
-                         bias_flag="attention_bias"),
+                         _GLOBAL, QWEN3_MOE, norm_layer=_layer(*_QK_NORM, *_PRE_NORM),
+                         bias_layer=_layer(*_ATTENTION, suffix="bias"), bias_flag="attention_bias"),
+    "olmo2": DenseFamily("olmo2", "Olmo2ForCausalLM", _FFN, _layer(*_ATTENTION, *_OLMO2_NORMS),
+                         _GLOBAL, FLEX_OLMO, norm_layer=_layer(*_OLMO2_NORMS),
+                         bias_layer=_layer(*_ATTENTION, suffix="bias"), bias_flag="attention_bias"),
 }
 MOE_TARGETS: dict[str, MoETarget] = {t.model_type: t for t in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, FLEX_OLMO)}
 
 
 def dense_family(model_type: str | None) -> DenseFamily | None:
     return DENSE_FAMILIES.get(model_type or "")
+
+
+def tensor_kinds(config: Mapping) -> dict[str, str]:
+    """Every tensor of a dense checkpoint with this config.json (as a mapping) -> its kind."""
+    family = DENSE_FAMILIES[config["model_type"]]
+    return family.tensor_kinds(config["num_hidden_layers"], bool(config.get("tie_word_embeddings")), config)
 
 
 def num_experts(config: Mapping) -> int | None:

@@ -40,7 +40,7 @@ from btx_core.moe.router_init import (
     RoutingSamples,
     in_memory_layer,
 )
-from btx_core.store.manifest import MANIFEST, FileEntry, Manifest
+from btx_core.store.manifest import FileEntry
 
 log = logging.getLogger(__name__)
 SHARED_POLICIES = ("mean", "weighted", "copy")
@@ -77,7 +77,8 @@ class MixOptions:
     copy_from: str | None = None
     """`copy`: the expert whose shared tensors are taken."""
     shared_exclude: tuple[str, ...] = ()
-    """Experts whose shared tensors stay out of the mean (e.g. the seed as a generalist)."""
+    """Experts whose shared tensors stay out of the merge (e.g. the seed as a generalist); with
+    `weighted` or `copy`, an excluded expert may not also be given a weight or be `copy_from`."""
     router_init: str = "normal"
     router_seed: int = 0
     load_balancing_alpha: float = 0.01
@@ -93,6 +94,8 @@ class MixResult:
     config: dict
     routing: dict = field(default_factory=dict)
     """Per-layer routing of held-out samples at init: entropy, load, by_domain_top1/topk."""
+    shared_weights: dict[str, float] = field(default_factory=dict)
+    """Expert name -> its weight in the merge of the shared tensors (summing to 1)."""
 
 
 # --- validation ------------------------------------------------------------------------------------
@@ -159,15 +162,32 @@ def _option_problems(experts: Sequence[Expert], o: MixOptions, samples: RoutingS
                         "(a config's domains, or --data per expert)")
     referenced = [*(o.weights or {}), *([o.copy_from] if o.copy_from else []), *o.shared_exclude]
     problems += [f"{n!r} is not an expert (experts: {', '.join(names)})" for n in referenced if n not in names]
-    if o.shared_policy == "weighted" and o.weights and sum(o.weights.get(n, 0) for n in names) <= 0:
-        problems.append("the weights of the shared-tensor mean must be >= 0 with a positive sum")
-    if o.shared_policy == "weighted" and not o.weights:
-        problems.append("shared policy 'weighted' needs a weight per expert")
-    if o.shared_policy == "copy" and not o.copy_from:
-        problems.append("shared policy 'copy' needs the expert to copy from")
-    if len(o.shared_exclude) >= len(names) > 0:
-        problems.append("every expert is excluded from the shared mean: keep at least one")
-    return problems
+    return problems + _merge_rule_problems(names, o)
+
+
+def _merge_rule_problems(names: list[str], o: MixOptions) -> list[str]:
+    """The shared-merge rule (docs/mix.md): an excluded expert stays out of the `mean`; a weight
+    or a `copy_from` the user gave is used as given, never zeroed by an exclusion: the two
+    together are refused, since one of them would have to be ignored."""
+    excluded = [n for n in o.shared_exclude if n in names]
+    if o.shared_policy == "weighted":
+        weights = o.weights or {}
+        if missing := [n for n in names if n not in weights]:
+            return [f"shared policy 'weighted' needs a weight for every expert; missing: {', '.join(missing)} "
+                    "(give 0 to leave an expert out of the merge)"]
+        problems = [f"expert {n} has weight {weights[n]:g} in the shared merge and is also excluded from "
+                    "it: drop the exclusion or set its weight to 0" for n in excluded if weights[n] > 0]
+        if min(weights[n] for n in names) < 0 or sum(weights[n] for n in names) <= 0:
+            problems.append("the weights of the shared-tensor merge must be >= 0 with a positive sum")
+        return problems
+    if o.shared_policy == "copy":
+        if not o.copy_from:
+            return ["shared policy 'copy' needs the expert to copy from"]
+        return [f"expert {o.copy_from} is the one the shared tensors are copied from and is also excluded "
+                "from the merge: drop one of the two"] if o.copy_from in excluded else []
+    if len(set(excluded)) >= len(names) > 0:
+        return ["every expert is excluded from the shared mean: keep at least one"]
+    return []
 
 
 def _open_expert(e: Expert) -> tuple[dict, dict, CheckpointReader | None, list[str]]:
@@ -230,13 +250,14 @@ def _tokenizer_problems(experts: Sequence[Expert]) -> list[str]:
 
 
 def _shared_weights(experts: Sequence[Expert], o: MixOptions) -> list[float]:
+    """Each expert's weight in the shared merge (summing to 1); `_merge_rule_problems` has
+    refused every combination that would leave none or ignore a weight the user gave."""
     if o.shared_policy == "copy":
         raw = [float(e.name == o.copy_from) for e in experts]
     elif o.shared_policy == "weighted":
-        raw = [float(o.weights.get(e.name, 0.0)) for e in experts]
-    else:
-        raw = [1.0] * len(experts)
-    raw = [0.0 if e.name in o.shared_exclude else w for e, w in zip(experts, raw)]
+        raw = [float(o.weights[e.name]) for e in experts]
+    else:  # the plain mean, over the experts not excluded from it
+        raw = [0.0 if e.name in o.shared_exclude else 1.0 for e in experts]
     return [w / sum(raw) for w in raw]
 
 
@@ -288,7 +309,8 @@ def mix(experts: Sequence[Expert], options: MixOptions, out_dir: Path, *,
         writer.abort()
         raise
     _write_metadata(plan, config, out_dir, options, routing, card or {})
-    return MixResult(files=files, config=config.to_dict(), routing=routing)
+    return MixResult(files=files, config=config.to_dict(), routing=routing,
+                     shared_weights={e.name: w for e, w in zip(plan.experts, plan.shared_weights)})
 
 
 def _stream(plan: _Plan, options: MixOptions, writer: ShardedWriter, probe: LayerwiseProbe | None,
@@ -375,24 +397,3 @@ def _write_metadata(plan: _Plan, config, out_dir: Path, options: MixOptions, rou
             shutil.copy2(source / f, out_dir / f)
     write_model_card(out_dir, config=config.to_dict(), experts=plan.experts, options=options, routing=routing,
                      shared_weights=plan.shared_weights, extra=card)
-
-
-def experts_from_dirs(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> list[Expert]:
-    """Experts from local directories (flag order); names default to the directory names. A btx
-    manifest in a directory is verified (every file's sha256) and recorded in the lineage."""
-    from btx_core.store.core import Store
-
-    names = list(names or [])
-    dirs = [Path(p).expanduser().resolve() for p in paths]
-    default = [d.name if d.name != "model" else d.parent.name for d in dirs]
-    if len(set(default)) < len(default):
-        default = [f"expert{i}" for i in range(len(dirs))]
-    experts = []
-    for i, d in enumerate(dirs):
-        manifest_hash = seed_hash = None
-        if (d / MANIFEST).is_file():
-            manifest = Manifest.from_json((d / MANIFEST).read_bytes())
-            Store(str(d.parent)).verify(str(d))
-            manifest_hash, seed_hash = manifest.hash, manifest.inputs.get("seed")
-        experts.append(Expert(names[i] if i < len(names) else default[i], d, str(d), manifest_hash, seed_hash))
-    return experts

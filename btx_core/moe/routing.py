@@ -107,16 +107,51 @@ class GumbelTop1:
         return logits, weight.to(scores.dtype), chosen
 
 
-_SAMPLING_CLASSES: dict[type, type] = {}
+class ForcedExpert:
+    """Mixed into a family's top-k router class: every token goes to expert `expert` alone, at
+    weight exactly 1 (the oracle routing of the merge-cost report); the logits stay the router's."""
+
+    expert: int = 0
+
+    def forward(self, hidden_states):
+        logits, scores, indices = super().forward(hidden_states)
+        return logits, torch.ones_like(scores[:, :1]), torch.full_like(indices[:, :1], self.expert)
 
 
-def _sampling_router(router: torch.nn.Module) -> None:
+_MIXED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _mix_into(router: torch.nn.Module, mixin: type) -> None:
+    """Give `router` the forward of `mixin` over its own class: same parameters, names and hooks."""
     cls = type(router)
-    if isinstance(router, GumbelTop1):
+    if isinstance(router, mixin):
         return
-    if cls not in _SAMPLING_CLASSES:
-        _SAMPLING_CLASSES[cls] = type(f"GumbelTop1{cls.__name__}", (GumbelTop1, cls), {})
-    router.__class__ = _SAMPLING_CLASSES[cls]  # same parameters, names and hooks; new forward
+    if (mixin, cls) not in _MIXED_CLASSES:
+        _MIXED_CLASSES[mixin, cls] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
+    router.__class__ = _MIXED_CLASSES[mixin, cls]
+
+
+class forced_expert:
+    """Within the block, every MoE layer of `model` routes every token to expert `index` alone,
+    at weight 1: the mixed model as that expert's dense model would compute it, if the merge
+    lost nothing (BTX's shared weights are a merge; FlexOlmo-style frozen ones are the seed's)."""
+
+    def __init__(self, model, index: int):
+        self.routers = [block.gate for block in moe_blocks(model)]
+        if not 0 <= index < model.config.num_experts:
+            raise BTXError(f"expert {index} is not one of the model's {model.config.num_experts} experts")
+        self.index = index
+
+    def __enter__(self):
+        self.classes = [type(r) for r in self.routers]
+        for router in self.routers:
+            _mix_into(router, ForcedExpert)
+            router.expert = self.index
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for router, cls in zip(self.routers, self.classes):
+            router.__class__ = cls
 
 
 def gumbel_temperature(step: int, total_steps: int, start: float, end: float) -> float:
@@ -140,7 +175,7 @@ def sample_top1_routing(model, plan: RoutingPlan) -> None:
         raise BTXError("sample_top1 routing needs a positive (start, end) temperature")
     _set_top_k(model, 1)
     for block in moe_blocks(model):
-        _sampling_router(block.gate)
+        _mix_into(block.gate, GumbelTop1)
         block.gate.temperature = plan.temperature[0]
 
 
@@ -207,9 +242,17 @@ class RouterObjective:
     the paper's load-balancing loss from the router logits the model returns, and the
     temperature schedule of sample top-1 routing."""
 
-    def __init__(self, model, plan: RoutingPlan, seed: int = 0):
-        self.plan, self.seed = plan, seed
+    def __init__(self, model, plan: RoutingPlan, seed: int = 0, router_warmup_steps: int = 0):
+        self.plan, self.seed, self.warmup = plan, seed, router_warmup_steps
         self.routers = [block.gate for block in moe_blocks(model)]
+
+    def held_parameters(self, step: int, model) -> list[torch.nn.Parameter]:
+        """The router warm-up: in its first steps every trainable parameter of `model` (the module
+        that trains: the model, or its FSDP copy) but the routers keeps its value; after, none."""
+        if step >= self.warmup:
+            return []
+        routers = {id(p) for block in moe_blocks(model) for p in block.gate.parameters()}
+        return [p for p in model.parameters() if p.requires_grad and id(p) not in routers]
 
     def at_step(self, step: int, total_steps: int) -> None:
         if self.plan.strategy == "sample_top1":

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from btx_core.config.schema import BTXConfig, SeedSpec
+from btx_core.evaluation import merge_cost
 from btx_core.evaluation.plots import routing_heatmap
 from btx_core.evaluation.report import (
     aggregate,
@@ -109,7 +110,7 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
         stage(f"expert {d.name}")
         experts[d.name] = train_expert(config, d.name).manifest
     stage("mix")
-    mix_stage(config)
+    merge = mix_stage(config).manifest.metrics.get("merge_cost")
     stage("upcycle")
     mix_stage(config, upcycle=True)
     stage("finetune btx")
@@ -166,7 +167,8 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
                       "device_s": device_seconds(manifest.metrics) + extra["device_s"]}
         if result.routing:
             routing[name] = result.routing
-    return {"rows": rows, "routing": routing, "budgets": budgets.to_dict(), "run_name": config.run_name}
+    return {"rows": rows, "routing": routing, "budgets": budgets.to_dict(), "run_name": config.run_name,
+            "merge_cost": merge}
 
 
 def _step_seconds(trained: dict, kind: str) -> float:
@@ -231,7 +233,18 @@ def tables_markdown(report: dict) -> list[str]:
     return [f"# {report['run_name']}: BTX vs baselines, seeds {', '.join(map(str, seeds))}\n",
             markdown_table(report["summary"], domains, seeds),
             "## Mixed-domain blocks, by the domain of each segment\n", mixed_table(report["summary"], domains),
+            *merge_cost_section(report),
             "## The paper's claims, seed by seed\n", claims_markdown(report["claims"])]
+
+
+def merge_cost_section(report: dict) -> list[str]:
+    """What MiX cost each domain before finetuning (btx_core/evaluation/merge_cost.py), over seeds."""
+    costs = {seed: result.get("merge_cost") for seed, result in report["per_seed"].items()}
+    table = merge_cost.across_seeds_markdown(costs)
+    made = next((c["settings"] for c in costs.values() if c and c.get("settings")), {})
+    warmup = ((report.get("config") or {}).get("finetune") or {}).get("router_warmup_steps")
+    made = {**made, **({"finetune.router_warmup_steps": warmup} if warmup is not None else {})}
+    return ["## What the merge cost, before finetuning\n", merge_cost.levers(made) + "\n", table] if table else []
 
 
 # The models whose routing is drawn for every seed (CSV: every MoE row, every seed).
@@ -245,6 +258,8 @@ def write_report(report: dict, directory: Path) -> list[Path]:
     files[0].write_text(json.dumps(report, indent=1, sort_keys=False, default=float))
     md = [*tables_markdown(report), "## Routing per layer, every seed\n"]
     for seed in report["seeds"]:
+        if cost := report["per_seed"][seed].get("merge_cost"):
+            md += [f"### Seed {seed}: what the merge cost\n", merge_cost.markdown(cost)]
         models = report["per_seed"][seed]["routing"]
         if "btx" in models:
             md += [f"### Seed {seed}: BTX per layer, single-domain set\n",

@@ -93,9 +93,11 @@ def _evaluate(config: BTXConfig, store: Store, models: dict[str, str], location:
     ensemble = [scores[f"expert:{d.name}"] for d in config.domains] + [scores["seed"]] * config.mix.include_seed
     results.update({f"btm-top{k}": btm_scores(ensemble, k).losses() for k in config.compare.btm_top_k})
     routing = {name: s.routing for name, s in scores.items() if s.routing}
+    # What the merge cost (measured by the MiX stage: btx_core/evaluation/merge_cost.py), beside the losses.
+    merge = store.read_manifest(models["btx-mix"]).metrics.get("merge_cost")
     with tempfile.TemporaryDirectory(prefix="btx-eval-") as tmp:
         (Path(tmp) / "results.json").write_text(json.dumps({"losses": results, "routing": routing,
-                                                            "sets": sets.describe()}, indent=1))
+                                                            "merge_cost": merge, "sets": sets.describe()}, indent=1))
         manifest = store.write_dir(Path(tmp), location, stage="eval", config_hash=config_hash, inputs=inputs,
-                                   metrics={"losses": results, "routing": routing}, fence=lease)
+                                   metrics={"losses": results, "routing": routing, "merge_cost": merge}, fence=lease)
     return StageOutput(location, manifest, skipped=False)

@@ -7,6 +7,7 @@ from btx_core.config.schema import BTXConfig, stable_hash
 from btx_core.data.cache import ensure_prepared, tokenizer_id
 from btx_core.errors import BTXError, IncompleteOutputError
 from btx_core.model.dense import load_causal_lm
+from btx_core.model.families import tensor_kinds
 from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, open_store
 from btx_core.store import layout
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
@@ -14,9 +15,31 @@ from btx_core.training.distributed import init_distributed, main_rank_first, pic
 
 
 def expert_config_hash(config: BTXConfig, domain: str) -> str:
+    # `branch` enters only when it is not the paper's: experts trained before it existed stay valid.
+    branch = {"branch": config.branch.model_dump(mode="json")} if config.branch.train != "all" else {}
     return stable_hash({"stage": "expert", "format": STAGE_FORMAT,
                         "domain": config.domain(domain).model_dump(mode="json"),
-                        "training": config.expert_training.result_hash()})
+                        "training": config.expert_training.result_hash(), **branch})
+
+
+def freeze_shared(model, train: str) -> dict[str, int]:
+    """`branch.train` on a loaded dense model: every parameter outside the kinds that train
+    (families.py's `tensor_kinds`) stops taking gradients, so it is in no optimizer group (AdamW's
+    weight decay would otherwise move it) and the expert saves it bit-identical to the seed's.
+    Returns the number of parameters frozen, by kind."""
+    if train == "all":
+        return {}
+    trained = {"ffn": {"ffn"}, "ffn_and_norms": {"ffn", "norms"}}[train]
+    kinds = tensor_kinds(model.config.to_dict())
+    frozen: dict[str, int] = {}
+    for name, param in model.named_parameters():  # a tied lm_head is the embedding's parameter
+        if (kind := kinds.get(name)) is None:
+            raise BTXError(f"parameter {name} of the {model.config.model_type} seed is not declared in "
+                           "btx_core/model/families.py: declare it before training with branch.train: " + train)
+        if kind not in trained:
+            param.requires_grad_(False)
+            frozen[kind] = frozen.get(kind, 0) + param.numel()
+    return frozen
 
 
 def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = None,
@@ -48,6 +71,7 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
         seed_dir = store.fetch(seed_location, cache)
         data = prepared.load(store, cache)
     model, tokenizer = load_causal_lm(str(seed_dir), trust_remote_code=config.seed.trust_remote_code)
+    frozen = freeze_shared(model, config.branch.train)
     model.to(pick_device(settings.device, ranks, settings.precision))
     run = TrainingRun(store, config, settings, ranks, location=location,
                       checkpoints=layout.expert_checkpoints(config, domain), stage="expert",
@@ -55,4 +79,5 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
     # Measured before training (a resumed run loads its checkpoint inside train()).
     seed_heldout = run.heldout_loss(model, data)
     return run.train_and_save(model, tokenizer, data, on_progress=on_progress, stop_after=stop_after,
-                              metrics={"seed_heldout_loss": seed_heldout, "domain": domain})
+                              metrics={"seed_heldout_loss": seed_heldout, "domain": domain,
+                                       "branch_train": config.branch.train, "frozen_parameters": frozen})

@@ -139,9 +139,12 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     weights = mixture_weights(config)
     plan = routing_plan(config) if kind != "dense" else None
     frozen = ft.freeze_experts and plan is not None
+    warmup = ft.router_warmup_steps if plan is not None else 0
+    # The warm-up enters only when set: finetunes made before it existed stay valid.
     config_hash = stable_hash({"stage": "finetune", "format": STAGE_FORMAT, "kind": kind,
                                "training": settings.result_hash(), "mixture": weights,
-                               "routing": plan and asdict(plan), "freeze_experts": frozen})
+                               "routing": plan and asdict(plan), "freeze_experts": frozen,
+                               **({"router_warmup_steps": warmup} if warmup else {})})
     inputs = {"model": source_manifest.hash, **{f"data:{n}": p.content_id for n, p in prepared.items()}}
     location = layout.trained_model(config, name)
     if (done := store.exists_with(location, config_hash, inputs)) is not None:
@@ -156,8 +159,9 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     objective = None
     if plan is not None:
         configure(model, plan)
-        objective = RouterObjective(model, plan, seed=settings.seed)
-        metrics.update(routing=asdict(plan), frozen_parameters=freeze_experts(model) if frozen else 0)
+        objective = RouterObjective(model, plan, seed=settings.seed, router_warmup_steps=warmup)
+        metrics.update(routing=asdict(plan), frozen_parameters=freeze_experts(model) if frozen else 0,
+                       router_warmup_steps=warmup)
     model.to(pick_device(settings.device, ranks, settings.precision))
     data = build_mixture(splits, weights, settings.seed)
     run = TrainingRun(store, config, settings, ranks, location=location,

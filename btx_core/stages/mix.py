@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from btx_core.config.schema import BTXConfig, parse_bytes, stable_hash
 from btx_core.data.cache import ensure_prepared, tokenizer_id
-from btx_core.model.card import seed_lineage
+from btx_core.evaluation import merge_cost
+from btx_core.model.card import append_section, seed_lineage
 from btx_core.moe.mix import Expert, MixOptions, mix
 from btx_core.moe.router_init import RoutingSamples
 from btx_core.stages.common import cache_dir, complete_input, open_store, unless_done
@@ -24,7 +26,9 @@ GENERALIST = "seed"
 
 def options_from_config(config: BTXConfig, *, upcycle: bool = False) -> MixOptions:
     m = config.mix
-    exclude = (GENERALIST,) if m.include_seed and not m.seed_in_shared_mean and not upcycle else ()
+    # `seed_in_shared_mean` is about the mean; a weight or a copy_from given for the seed is used as given.
+    kept_out = m.include_seed and not m.seed_in_shared_mean and m.shared_policy == "mean"
+    exclude = (GENERALIST,) if kept_out and not upcycle else ()
     return MixOptions(top_k=m.top_k, shared_policy="mean" if upcycle else m.shared_policy,
                       weights=m.weights, copy_from=None if upcycle else m.copy_from,
                       shared_exclude=exclude, router_init=m.router_init,
@@ -56,8 +60,10 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None 
     data = {d: _prepared(config, store, d, seed_location, seed) for d in domains}
     inputs = {**{f"expert:{name}": m.hash for name, _, m in sources},
               **{f"data:{d}": p.content_id for d, p in data.items()}}
+    # Sparse upcycling measures no merge cost: its outputs made before there was one stay valid.
+    mix_settings = config.mix.model_dump(mode="json", exclude={"merge_cost_tokens"} if upcycle else None)
     config_hash = stable_hash({"stage": stage, "format": STAGE_FORMAT, "names": [s[0] for s in sources],
-                               "mix": config.mix.model_dump(mode="json"),
+                               "mix": mix_settings,
                                "seq_len": config.expert_training.seq_len, "seed": config.expert_training.seed})
 
     def make(lease: WriterLease | None) -> StageOutput:  # the work, under the stage's writer lease
@@ -80,11 +86,34 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None 
                                **lineage})
             metrics = {"routing": result.routing, "experts": [e.name for e in experts],
                        "wall_s": time.perf_counter() - started}
+            notes = routing_notes(result.routing)
+            if not upcycle:  # copies of the seed: a merge that costs nothing by construction
+                cost = _merge_cost(config, experts, tmp, store.fetch(seed_location, cache), result.shared_weights,
+                                   samples.heldout)
+                append_section(tmp, "What the merge cost (btx_core/evaluation/merge_cost.py)",
+                               merge_cost.markdown(cost))
+                metrics["merge_cost"] = cost
+                notes += merge_cost.notes(cost)
             manifest = store.write_dir(tmp, location, stage=stage, config_hash=config_hash, inputs=inputs,
                                        metrics=metrics, known=result.files, move=True, fence=lease)
-        return StageOutput(location, manifest, skipped=False, notes=routing_notes(result.routing))
+        return StageOutput(location, manifest, skipped=False, notes=notes)
 
     return unless_done(store, config, location, config_hash, inputs, make)
+
+
+def _merge_cost(config: BTXConfig, experts: list[Expert], moe_dir: Path, seed_dir: Path,
+                merge_weights: dict[str, float], heldout: dict) -> dict:
+    """The merge-cost report of the run's MiX (`btx_core/evaluation/merge_cost.py`), with the
+    levers it was made with."""
+    m = config.mix
+    settings = {"branch.train": config.branch.train, "mix.shared_policy": m.shared_policy,
+                "mix.seed_in_shared_mean": m.seed_in_shared_mean, "mix.router_init": m.router_init}
+    started = time.perf_counter()
+    cost = merge_cost.measure(moe_dir, {e.name: e.path for e in experts}, seed=seed_dir,
+                              merge_weights=merge_weights, heldout=heldout, tokens=m.merge_cost_tokens,
+                              batch_size=config.compare.batch_size, precision=config.expert_training.precision,
+                              settings=settings)
+    return {**cost, "wall_s": time.perf_counter() - started}
 
 
 def _prepared(config: BTXConfig, store: Store, domain: str, seed_location: str, seed: Manifest):

@@ -5,6 +5,7 @@ location out, with the same manifest and lineage as a pipeline stage. What `btx 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,31 @@ import torch
 
 from btx_core.config.schema import DataSource, stable_hash
 from btx_core.errors import BTXError
+from btx_core.evaluation import merge_cost
+from btx_core.model.card import append_section
 from btx_core.moe.mix import Expert, MixOptions, mix
 from btx_core.moe.router_init import RoutingSamples
 from btx_core.store.core import MANIFEST, Manifest, Store
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
+
+
+def experts_from_dirs(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> list[Expert]:
+    """Experts from local directories (flag order); names default to the directory names. A btx
+    manifest in a directory is verified (every file's sha256) and recorded in the lineage."""
+    names = list(names or [])
+    dirs = [Path(p).expanduser().resolve() for p in paths]
+    default = [d.name if d.name != "model" else d.parent.name for d in dirs]
+    if len(set(default)) < len(default):
+        default = [f"expert{i}" for i in range(len(dirs))]
+    experts = []
+    for i, d in enumerate(dirs):
+        manifest_hash = seed_hash = None
+        if (d / MANIFEST).is_file():
+            manifest = Manifest.from_json((d / MANIFEST).read_bytes())
+            Store(str(d.parent)).verify(str(d))
+            manifest_hash, seed_hash = manifest.hash, manifest.inputs.get("seed")
+        experts.append(Expert(names[i] if i < len(names) else default[i], d, str(d), manifest_hash, seed_hash))
+    return experts
 
 
 def sample_blocks(blocks: np.ndarray, count: int, seed: int) -> torch.Tensor:
@@ -86,18 +108,29 @@ def _commit(out: str, *, stage: str, config_hash: str, inputs: dict[str, str], b
 
 
 def mix_dirs(experts: list[Expert], out: str, options: MixOptions, *, samples: RoutingSamples | None = None,
-             stage: str = "mix") -> StageOutput:
-    """`btx mix --expert DIR ...` / `btx upcycle --model DIR`: mix local experts into `out`."""
+             stage: str = "mix", base: Path | None = None, merge_cost_tokens: int = 512) -> StageOutput:
+    """`btx mix --expert DIR ...` / `btx upcycle --model DIR`: mix local experts into `out`. A mix
+    measures what it cost: weight distances from `base` (the seed the experts were branched from)
+    when given, and the oracle-routed losses on `samples.heldout` (keyed by expert name)."""
     inputs = {f"expert:{e.name}": e.manifest_hash or _dir_id(e.path) for e in experts}
+    if base is not None:
+        inputs["base"] = _dir_id(Path(base))
     config_hash = stable_hash({"stage": stage, "format": STAGE_FORMAT, "options": options,
-                               "names": [e.name for e in experts],
+                               "names": [e.name for e in experts], "merge_cost_tokens": merge_cost_tokens,
                                "samples": samples and {k: None if v is None else v.tolist()
                                                        for k, v in {**samples.centroid, **samples.heldout}.items()}})
 
     def build(tmp: Path):
         result = mix(experts, options, tmp, samples=samples)
-        return result.files, {"routing": result.routing, "experts": [e.name for e in experts]}, \
-            routing_notes(result.routing)
+        metrics, notes = {"routing": result.routing, "experts": [e.name for e in experts]}, routing_notes(result.routing)
+        if stage == "mix":
+            cost = merge_cost.measure(tmp, {e.name: e.path for e in experts}, seed=base,
+                                      merge_weights=result.shared_weights, heldout=samples.heldout if samples else {},
+                                      tokens=merge_cost_tokens, settings={"shared_policy": options.shared_policy,
+                                                                          "router_init": options.router_init})
+            append_section(tmp, "What the merge cost (btx_core/evaluation/merge_cost.py)", merge_cost.markdown(cost))
+            metrics["merge_cost"], notes = cost, notes + merge_cost.notes(cost)
+        return result.files, metrics, notes
 
     return _commit(out, stage=stage, config_hash=config_hash, inputs=inputs, build=build)
 

@@ -100,6 +100,9 @@ class Objective(Protocol):
     def extra_loss(self, outputs, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """A term added to `outputs.loss` for the backward pass (None: nothing)."""
 
+    def held_parameters(self, step: int, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Parameters of `model` that keep their value at this step (MoE finetuning's router warm-up)."""
+
 
 class CheckpointSink(Protocol):
     """Where a run's checkpoints live (a store prefix, in practice)."""
@@ -216,8 +219,9 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
         while state.step < last_stop:
             if objective is not None:
                 objective.at_step(state.step, total_steps)
+            held = objective.held_parameters(state.step, runner) if objective is not None else []
             loss, extra = _step(wrapped, reader, state.step, settings, ranks, device, autocast, optimizer,
-                                objective)
+                                objective, held)
             if extra is not None:
                 extra_losses.append(extra)
             scheduler.step()
@@ -253,17 +257,13 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
         del runner, optimizer
     wall = time.perf_counter() - started
     trained_tokens = (state.step - resumed_from) * tokens_per_step
-    recent = state.losses[-FINAL_LOSS_WINDOW:]
+    recent, recent_extra = state.losses[-FINAL_LOSS_WINDOW:], extra_losses[-FINAL_LOSS_WINDOW:]
     return TrainResult(steps=state.step, tokens=state.tokens_seen,
                        final_loss=sum(recent) / len(recent) if recent else math.nan,
                        losses=list(state.losses), resumed_from=resumed_from, wall_s=wall,
                        tokens_per_s=trained_tokens / wall if wall > 0 else 0.0,
-                       final_extra_loss=_mean(extra_losses[-FINAL_LOSS_WINDOW:]),
+                       final_extra_loss=sum(recent_extra) / len(recent_extra) if recent_extra else None,
                        precision=resolve_precision(settings.precision, device))
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def _stopping(ranks: Dist, device: torch.device) -> bool:
@@ -277,7 +277,7 @@ def _stopping(ranks: Dist, device: torch.device) -> bool:
 
 
 def _step(model, reader: ReadAhead, step: int, settings: TrainSettings, ranks: Dist,
-          device: torch.device, autocast, optimizer, objective: Objective | None = None
+          device: torch.device, autocast, optimizer, objective: Objective | None = None, held=()
           ) -> tuple[float, float | None]:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all ranks
     and, with an objective, the mean of its term (part of the loss)."""
@@ -299,6 +299,8 @@ def _step(model, reader: ReadAhead, step: int, settings: TrainSettings, ranks: D
             loss = loss / settings.grad_accum
         loss.backward()
         total += loss.detach()
+    for param in held:  # AdamW skips a parameter without a gradient: no update, no weight decay
+        param.grad = None
     if settings.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
