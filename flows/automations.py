@@ -134,7 +134,7 @@ def install_deployments(prefect_file: Path = PREFECT_FILE) -> list[str]:
     return names
 
 
-def ensure(within_s: float, deployments: list[str] | None = None) -> list[str]:
+def ensure(within_s: float, deployments: list[str] | None = None, settle_s: float = SETTLE_S) -> list[str]:
     """Create both automations on the current Prefect API, or update them to these settings."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -153,7 +153,7 @@ def ensure(within_s: float, deployments: list[str] | None = None) -> list[str]:
         pipelines = [i for n, i in ids.items() if n.split("/")[0] == PIPELINE_FLOW]
         wanted = [zombie_automation(within_s, deployment_ids=list(ids.values()))]
         if pipelines:
-            wanted.append(restart_automation(deployment_ids=pipelines))
+            wanted.append(restart_automation(deployment_ids=pipelines, settle_s=settle_s))
         return [_put(client, automation) for automation in wanted]
 
 
@@ -173,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--within", type=float, default=300.0,
                         help=f"seconds without a heartbeat before a run is crashed (a few x {HEARTBEAT_ENV})")
+    parser.add_argument("--settle", type=float, default=SETTLE_S,
+                        help="seconds a crashed pipeline run stays Crashed before it is rescheduled (one "
+                             "crash may be reported twice, a second or so apart)")
     parser.add_argument("--deployment", action="append", metavar="FLOW/NAME",
                         help="scope to these deployments (default: every deployment of infra/prefect.yaml)")
     args = parser.parse_args(argv)
     try:
-        for line in ensure(args.within, args.deployment):
+        for line in ensure(args.within, args.deployment, args.settle):
             print(line)
     except Exception as exc:  # noqa: BLE001 - a CLI: one line that says what failed, and a non-zero exit
         print(f"error: could not set up btx's automations: {type(exc).__name__}: {exc}", file=sys.stderr)

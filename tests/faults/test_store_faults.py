@@ -64,6 +64,7 @@ def _outage_during_upload_of(marker: str, start_outage, monkeypatch) -> threadin
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 50 s; the default suite keeps the outage past the retries and the lost endpoint of test_data_ranged
 def test_checkpoint_upload_rides_out_a_30s_endpoint_outage(restartable_s3, s3_root, s3_endpoint,
                                                            tmp_path, monkeypatch):
     # The default retries: botocore's, in adaptive mode (test_default_retries_outlast_the_outage).
