@@ -65,3 +65,17 @@ def test_time_matched_steps_spend_btx_device_time_at_each_baselines_measured_spe
     assert time_matched(budgets, 0.1, upcycle_step_s=1.3, dense_step_s=0.35).steps("dense-time") == 1
     with pytest.raises(ValueError, match="positive"):
         time_matched(budgets, 300.0, upcycle_step_s=0.0, dense_step_s=0.35)
+
+
+def test_an_expert_with_frozen_shared_weights_is_charged_for_the_gradients_it_computes():
+    """Forward 2N and the activations' gradients 2N always; the weights' gradients only for the
+    weights that train: an FFN-only expert (`branch.train: ffn`) costs 4N + 2 N_ffn a token."""
+    from btx_core.training.compute import active_parameters, ffn_fraction, flops_per_token
+
+    dense = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 4096}
+    n, attention = active_parameters(dense), 12.0 * 6 * 4 * 64 * 256
+    assert flops_per_token(dense, 256) == pytest.approx(6 * n + attention)
+    ffn = 6 * 3 * 256 * 1024
+    assert ffn_fraction(dense) == pytest.approx(ffn / n)
+    assert flops_per_token(dense, 256, ffn_fraction(dense)) == pytest.approx(4 * n + 2 * ffn + attention)

@@ -26,7 +26,7 @@ from btx_core.moe.routing import lm_loss_only
 from btx_core.store.core import Manifest, Store, checkpoint_location
 from btx_core.store.lease import WriterLease
 from btx_core.store.outputs import StageOutput
-from btx_core.training.compute import flops_per_token
+from btx_core.training.compute import flops_per_token, trained_fraction
 from btx_core.training.distributed import Dist, main_rank_first
 from btx_core.training.loop import Objective, Progress, evaluate_loss, train
 
@@ -110,7 +110,7 @@ class TrainingRun:
                        stop_after=stop_after, objective=objective)
         if result.steps < self.settings.total_steps(self.ranks.world_size):
             raise BTXError(f"{self.stage} stopped at step {result.steps} (stop_after); rerun to resume")
-        fpt = flops_per_token(model.config.to_dict(), self.settings.seq_len)
+        fpt = flops_per_token(model.config.to_dict(), self.settings.seq_len, trained_fraction(model))
         metrics = {"final_train_loss": result.final_loss, "heldout_loss": self.heldout_loss(model, data),
                    "steps": result.steps, "tokens": result.tokens, "resumed_from_step": result.resumed_from,
                    "flops_per_token": fpt, "train_flops": fpt * result.tokens,

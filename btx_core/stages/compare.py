@@ -49,6 +49,7 @@ from btx_core.store.core import Store
 from btx_core.training.compute import (
     StageCompute,
     device_seconds,
+    ffn_fraction,
     flops_per_token,
     matched_budgets,
     time_matched,
@@ -92,7 +93,8 @@ def planned_compute(config: BTXConfig) -> dict | None:
     et, tt = config.expert_training, ft.training
     expert_tokens = len(config.domains) * et.total_steps() * et.global_tokens_per_step()
     finetune_tokens = tt.total_steps() * tt.global_tokens_per_step()
-    expert_flops = expert_tokens * flops_per_token(dense, et.seq_len)
+    trained = 1.0 if config.branch.train == "all" else ffn_fraction(dense)  # frozen shared weights train no gradient
+    expert_flops = expert_tokens * flops_per_token(dense, et.seq_len, trained)
     finetune_flops = finetune_tokens * flops_per_token(moe, tt.seq_len)
     return {"expert_tokens": expert_tokens, "finetune_tokens": finetune_tokens, "expert_flops": expert_flops,
             "finetune_flops": finetune_flops, "expert_flop_share": expert_flops / (expert_flops + finetune_flops)}
@@ -118,7 +120,9 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
     seed_cfg = json.loads((store.fetch(layout.seed_model(config), cache_dir(config)) / "config.json").read_text())
     ft = settings_of(config).training
     dense_fpt = flops_per_token(seed_cfg, config.expert_training.seq_len)
-    expert_cost = [StageCompute(m.metrics["tokens"], m.metrics["tokens"] * dense_fpt) for m in experts.values()]
+    # Each expert's own count (with frozen shared weights it trains less than a dense model)
+    expert_cost = [StageCompute(m.metrics["tokens"], m.metrics["tokens"] * m.metrics.get("flops_per_token", dense_fpt))
+                   for m in experts.values()]
     btx_cost = StageCompute(btx.metrics["tokens"], btx.metrics["tokens"] * btx.metrics["flops_per_token"])
     budgets = matched_budgets([*expert_cost, btx_cost], tokens_per_step=ft.tokens_per_step,
                               dense_fpt=flops_per_token(seed_cfg, ft.seq_len), moe_fpt=btx.metrics["flops_per_token"])

@@ -28,11 +28,27 @@ def active_parameters(config: Mapping) -> int:
     return layers * (attention + ffn) + vocab * h
 
 
-def flops_per_token(config: Mapping, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token."""
+def flops_per_token(config: Mapping, seq_len: int, trained: float = 1.0) -> float:
+    """Training FLOPs (forward + backward) per token. `trained`: the fraction of the matmul weights
+    that train. The forward pass costs 2N and the activations' gradients 2N whatever trains; the
+    weights' gradients 2N for the weights that train only (an expert with frozen shared weights,
+    `branch.train: ffn`, pays about 4N + 2 N_ffn)."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return 6.0 * active_parameters(config) + 12.0 * config["num_hidden_layers"] * heads * head_dim * seq_len
+    return ((4.0 + 2.0 * trained) * active_parameters(config)
+            + 12.0 * config["num_hidden_layers"] * heads * head_dim * seq_len)
+
+
+def ffn_fraction(config: Mapping) -> float:
+    """The FFNs' share of a dense model's matmul weights: what trains with frozen shared weights."""
+    return config["num_hidden_layers"] * 3 * config["hidden_size"] * config["intermediate_size"] / active_parameters(config)
+
+
+def trained_fraction(model) -> float:
+    """The fraction of a model's matmul weights (its 2-D parameters) that train."""
+    sizes = [(p.numel(), p.requires_grad) for p in model.parameters() if p.dim() >= 2]
+    total = sum(n for n, _ in sizes)
+    return sum(n for n, trains in sizes if trains) / total if total else 1.0
 
 
 class StageCompute(NamedTuple):
