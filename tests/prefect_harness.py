@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from flows.pod import descendants  # noqa: F401 - the tests' own use too
 from tests.support import faults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,25 +91,6 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def descendants(pid: int) -> list[int]:
-    """The PIDs of every process below `pid`, children first (Linux: read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):  # gone meanwhile
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(0), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def stop_groups(procs: dict[str, subprocess.Popen], grace_s: float = 10.0) -> None:
