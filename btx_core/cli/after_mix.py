@@ -84,7 +84,7 @@ def ablate_command(
         config: Path = ConfigArg,
         only: str = typer.Option(None, "--only", help="Comma-separated ablations (default: all): "
                                  "router-centroid, no-load-balancing, transformers-load-balancing, "
-                                 "seed-in-shared-mean, top-1, soft-routing, sample-top-1"),
+                                 "seed-in-shared-mean, top-1, soft-routing, sample-top-1, router-warmup"),
         out: Path = typer.Option(Path("results"), "--out", help="Local directory for ablations.md and "
                                  "ablations.json (also written to the store)")) -> None:
     """The paper's ablations at the config's own random seed, each one config line: the same seed

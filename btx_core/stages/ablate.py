@@ -1,7 +1,7 @@
 """`btx ablate`: the BTX paper's ablations (sections 4.3-4.4) at one random seed, each one line of
 config on top of a comparison's config: router init, load balancing off (or transformers' form),
 the seed's non-FFN tensors in or out of the shared mean, and top-2 vs top-1 vs soft vs sampled
-top-1 routing.
+top-1 routing, and a router warm-up.
 
 Every ablation starts from the same seed and experts as the config's own random seed (the run of
 `btx compare`'s first row; trained here if missing) and redoes only what its line changes: a MiX
@@ -58,6 +58,8 @@ ABLATIONS = (
     Ablation("soft-routing", "finetune.routing", "soft", "Soft routing: every expert, by the full softmax"),
     Ablation("sample-top-1", "finetune.routing", "sample_top1",
              "Sampled top-1 (Gumbel-softmax, temperature annealed) instead of top-2"),
+    Ablation("router-warmup", "finetune.router_warmup_steps", 4,
+             "Only the routers train for the finetune's first 4 steps (experts and shared weights held)"),
 )
 BY_NAME = {a.name: a for a in ABLATIONS}
 StageCallback = Callable[[str], None]
