@@ -41,3 +41,28 @@ def test_the_first_progress_rate_is_the_loops_pace_not_ten_steps_over_a_millisec
     bar(Progress(step=20, total_steps=110, loss=4.0, lr=1e-3, tokens_per_s=2048.0, eta_s=45.0, resumed_from=0))
     assert bar.bar.format_dict["rate"] is None or bar.bar.format_dict["rate"] < 100
     bar.close()
+
+
+def test_a_finished_stage_bar_stops_its_clock_and_the_next_stage_takes_its_line(capsys):
+    """In `btx run` the prose expert's bar, done in 1:45, went on being redrawn under the next
+    branch's log lines as 30/30 [09:00, 17.8 s/step]: its clock ran on while the code expert trained."""
+    import time
+
+    from tqdm import tqdm
+
+    from btx_core.cli.progress import StageBars
+    from btx_core.training.loop import Progress
+
+    bars = StageBars()
+    first = bars("expert[prose]")
+    first(Progress(step=10, total_steps=20, loss=5.0, lr=1e-3, tokens_per_s=100.0, eta_s=0.1, resumed_from=0))
+    first(Progress(step=20, total_steps=20, loss=4.0, lr=1e-3, tokens_per_s=100.0, eta_s=0.0, resumed_from=0))
+    second = bars("expert[code]")
+    second(Progress(step=10, total_steps=20, loss=5.0, lr=1e-3, tokens_per_s=100.0, eta_s=5.0, resumed_from=0))
+    assert second.position == 0  # the line under the finished bar, not one more down
+    capsys.readouterr()
+    time.sleep(1.2)
+    tqdm.write("a log line while the code expert trains")  # tqdm redraws every open bar around it
+    redrawn = capsys.readouterr()
+    assert "expert[code]" in redrawn.err and "expert[prose]" not in redrawn.err + redrawn.out
+    bars.close()

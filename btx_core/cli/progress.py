@@ -37,11 +37,18 @@ class ProgressBar:
                 self.bar.start_t -= (p.step - p.resumed_from) * p.eta_s / left
             if p.resumed_from:
                 self.bar.write(f"{self.description}: resumed from step {p.resumed_from}")
+        self.bar.set_postfix(loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:,.0f}", eta=f"{p.eta_s:,.0f}s",
+                             refresh=False)
         self.bar.update(p.step - self.bar.n)
-        self.bar.set_postfix(loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:,.0f}", eta=f"{p.eta_s:,.0f}s")
+        if p.step >= p.total_steps:  # done: left on screen as it ended, its clock stopped
+            self.close()
+
+    @property
+    def open(self) -> bool:
+        return self.bar is None or not self.bar.disable
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.close()
 
     def __enter__(self) -> ProgressBar:
@@ -56,7 +63,9 @@ class ProgressBar:
 
 
 class StageBars:
-    """One bar per training stage of a `btx run`, stacked in the order the stages start."""
+    """One bar per training stage of a `btx run`, stacked under the ones still running: a stage
+    that has finished leaves its last line above them, and nothing redraws it (its clock stays
+    at the stage's own time while the next stage logs)."""
 
     def __init__(self):
         self.bars: list[ProgressBar] = []
@@ -64,7 +73,7 @@ class StageBars:
 
     def __call__(self, label: str) -> ProgressBar:
         with self.lock:
-            bar = ProgressBar(label, position=len(self.bars), lock=self.lock)
+            bar = ProgressBar(label, position=sum(b.open for b in self.bars), lock=self.lock)
             self.bars.append(bar)
         return bar
 
