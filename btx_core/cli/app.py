@@ -1,5 +1,5 @@
 """The `btx` Typer app and what its commands share: loading a config, reporting a stage's output.
-Commands register on `app` from their own modules (pipeline, mix, after_mix); `main` runs it."""
+Commands register on `app` from their own modules (pipeline, fetch, mix, after_mix); `main` runs it."""
 
 from __future__ import annotations
 

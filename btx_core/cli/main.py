@@ -1,5 +1,5 @@
 """`btx`'s entry point: logging, every command registered, and library errors turned into an
-exit status. The only place that exits; commands live in pipeline, mix and after_mix."""
+exit status. The only place that exits; commands live in pipeline, fetch, mix and after_mix."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from btx_core.logs import quiet_libraries
 # isort: split
 # Each module registers its commands; `btx --help` lists them in this order.
 from btx_core.cli import pipeline  # noqa: F401
+
+# isort: split
+from btx_core.cli import fetch  # noqa: F401
 
 # isort: split
 from btx_core.cli import mix  # noqa: F401

