@@ -14,9 +14,14 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("btx_core", "flows")
-# Bottom to top: a package may import from its own layer and the ones before it. The families
-# (which architectures btx mixes, as data) sit under the config, whose validation names them.
-LAYERS = ("btx_core.errors", "btx_core.logs", "btx_core.model.families", "btx_core.config", "btx_core.store", "btx_core.model", "btx_core.data",
+# Bottom to top: a package may import from its own layer and the ones before it; a module is in
+# the layer of the longest prefix that names it. The families (which architectures btx mixes, as
+# data) sit under the config's value types (config.base, values, checks, execution, method), which
+# the store and the models may take (a Store's TransferPolicy). The pipeline's config itself
+# (config.schema: BTXConfig and its stage settings; config.load: reading and validating it) sits
+# above the store and the models: stages hand them values (a run's folder, a model's shape).
+LAYERS = ("btx_core.errors", "btx_core.logs", "btx_core.model.families", "btx_core.config", "btx_core.store",
+          "btx_core.model", "btx_core.config.schema", "btx_core.config.load", "btx_core.data",
           "btx_core.training", "btx_core.moe", "btx_core.evaluation", "btx_core.stages", "btx_core.cli")
 
 
@@ -88,10 +93,8 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def layer(module: str) -> int | None:
-    for i, prefix in enumerate(LAYERS):
-        if module == prefix or module.startswith(prefix + "."):
-            return i
-    return None
+    named = [i for i, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + ".")]
+    return max(named, key=lambda i: len(LAYERS[i])) if named else None
 
 
 def test_no_import_cycles_in_btx_core_or_flows():
