@@ -1,14 +1,20 @@
 """The house rules, checked on the source: no import cycles inside btx_core or flows/, the
 library never imports Prefect or flows/ (only its CLI layer may, for `btx run`), and each
 btx_core package imports only from the layers below it. Every import counts, also one inside
-a function: a lazy import is still a dependency a reader has to follow."""
+a function: a lazy import is still a dependency a reader has to follow. And checked on a run:
+the config reaches down the layers of an expert's training at most 5 times (the config walk)."""
 
 from __future__ import annotations
 
 import ast
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from pydantic import BaseModel
 
 pytestmark = pytest.mark.unit
 
@@ -132,3 +138,92 @@ def test_every_library_module_is_in_a_layer_and_says_what_it_is_for():
                     if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip()
                     and path.read_text().strip()]
     assert undocumented == []
+
+
+# The config walk. A stage takes the whole config; every time it (or a settings model inside it)
+# is handed to a function of a lower layer, that function reaches back up into the pipeline's
+# schema for what a plain value would have told it. Issue 26 counted 6 such hand-downs along
+# train_expert (3 store locations, the data cache's location, ensure_prepared, the training loop).
+
+def config_walk(call: Callable[[], object]) -> list[str]:
+    """Run `call()` and name each call site (once) where a btx_core function hands a config model
+    (a pydantic model of btx_core.config) to a btx_core function of a lower layer, outside the
+    config's own code."""
+    found: set[str] = set()
+    layers: dict[str, int | None] = {}
+
+    def of(module: str) -> int | None:
+        if module not in layers:
+            layers[module] = layer(module) if module.startswith("btx_core.") else None
+        return layers[module]
+
+    def profile(frame, event, arg):
+        if event != "call" or frame.f_back is None:
+            return
+        callee, caller = frame.f_globals.get("__name__", ""), frame.f_back.f_globals.get("__name__", "")
+        low, high = of(callee), of(caller)
+        if low is None or high is None or low >= high or callee.startswith("btx_core.config."):
+            return  # the config's own methods are no hand-down
+        code = frame.f_code
+        names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+        handed = [f"{n}: {type(v).__name__}" for n in names if isinstance(v := frame.f_locals.get(n), BaseModel)
+                  and type(v).__module__.startswith("btx_core.config.")]
+        if handed:
+            found.add(f"{caller}:{frame.f_back.f_lineno} -> {callee}.{code.co_qualname}({', '.join(handed)})")
+
+    threading.setprofile(profile)  # the threads a stage starts (read-ahead, lease renewal) too
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    return sorted(found)
+
+
+def test_the_config_walk_finds_a_config_handed_down():
+    def module(name: str, source: str) -> dict:
+        namespace = {"__name__": name}
+        exec(compile(source, name, "exec"), namespace)
+        return namespace
+
+    from btx_core.config.schema import TinyModelSpec
+
+    low = module("btx_core.store.fake", "def where(spec, name):\n    return name\n")
+    high = module("btx_core.stages.fake", "def stage(spec, where):\n    where(spec, 'x')\n    where(None, 'y')\n")
+    walk = config_walk(lambda: high["stage"](TinyModelSpec(), low["where"]))
+    assert walk == ["btx_core.stages.fake:2 -> btx_core.store.fake.where(spec: TinyModelSpec)"]
+
+
+def test_the_config_climbs_back_up_at_most_five_times_through_train_expert(tmp_path):
+    """Issue 26's budget, and no config model reaches the layers below the pipeline's config
+    (store, model): stages hand those values."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from btx_core.config.load import parse_config
+    from btx_core.data.builtin.corpora import builtin_documents
+    from btx_core.model.tokenizer import train_tokenizer
+    from btx_core.stages.expert import train_expert
+    from btx_core.stages.seed import build_seed
+
+    tokenizer = train_tokenizer(builtin_documents("general", max_bytes=100_000), 300, tmp_path / "tok")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                 max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id)
+                     ).save_pretrained(tmp_path / "seed")
+    tokenizer.save_pretrained(tmp_path / "seed")
+    config = parse_config({
+        "run_name": "walk", "store": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache"),
+        "seed": {"model": str(tmp_path / "seed")},
+        "domains": [{"name": "math", "data": {"builtin": "math", "max_bytes": 40_000}}],
+        "expert_training": {"steps": 2, "lr": 1e-3, "warmup_steps": 1, "seq_len": 32, "batch_size": 2,
+                            "precision": "fp32", "checkpoint_every": 2, "eval_blocks": 2},
+    }, base_dir=tmp_path)
+    build_seed(config)
+    walk = config_walk(lambda: train_expert(config, "math"))
+    assert len(walk) <= 5, "\n".join(walk)
+    below_the_config = [w for w in walk if layer(w.split(" -> ")[1].split("(")[0].rpartition(".")[0])
+                        < layer("btx_core.config.schema")]
+    assert below_the_config == [], "\n".join(walk)
+    assert any("training.loop" in w for w in walk)  # the walk sees the stage's own hand-downs
