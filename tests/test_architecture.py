@@ -1,8 +1,9 @@
 """The house rules, checked on the source: no import cycles inside btx_core or flows/, the
 library never imports Prefect or flows/ (only its CLI layer may, for `btx run`), and each
 btx_core package imports only from the layers below it. Every import counts, also one inside
-a function: a lazy import is still a dependency a reader has to follow. And checked on a run:
-the config reaches down the layers of an expert's training at most 5 times (the config walk)."""
+a function: a lazy import is still a dependency a reader has to follow. No module is over 400
+lines. And checked on a run: the config reaches down the layers of an expert's training at most
+5 times (the config walk)."""
 
 from __future__ import annotations
 
@@ -139,6 +140,11 @@ def test_every_library_module_is_in_a_layer_and_says_what_it_is_for():
                     and path.read_text().strip()]
     assert undocumented == []
 
+
+
+def test_no_module_is_over_400_lines():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 400}
+    assert long == {}
 
 # The config walk. A stage takes the whole config; every time it (or a settings model inside it)
 # is handed to a function of a lower layer, that function reaches back up into the pipeline's
