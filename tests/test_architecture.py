@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -151,11 +152,24 @@ def test_no_module_is_over_400_lines():
 # schema for what a plain value would have told it. Issue 26 counted 6 such hand-downs along
 # train_expert (3 store locations, the data cache's location, ensure_prepared, the training loop).
 
-def config_walk(call: Callable[[], object]) -> list[str]:
+class HandDown(NamedTuple):
+    site: str
+    """`module:line` of the call."""
+    callee: str
+    """The module of the function called."""
+    function: str
+    handed: str
+    """The config models handed, `parameter: Class`."""
+
+    def __str__(self) -> str:
+        return f"{self.site} -> {self.callee}.{self.function}({self.handed})"
+
+
+def config_walk(call: Callable[[], object]) -> list[HandDown]:
     """Run `call()` and name each call site (once) where a btx_core function hands a config model
     (a pydantic model of btx_core.config) to a btx_core function of a lower layer, outside the
     config's own code."""
-    found: set[str] = set()
+    found: set[HandDown] = set()
     layers: dict[str, int | None] = {}
 
     def of(module: str) -> int | None:
@@ -175,7 +189,7 @@ def config_walk(call: Callable[[], object]) -> list[str]:
         handed = [f"{n}: {type(v).__name__}" for n in names if isinstance(v := frame.f_locals.get(n), BaseModel)
                   and type(v).__module__.startswith("btx_core.config.")]
         if handed:
-            found.add(f"{caller}:{frame.f_back.f_lineno} -> {callee}.{code.co_qualname}({', '.join(handed)})")
+            found.add(HandDown(f"{caller}:{frame.f_back.f_lineno}", callee, code.co_qualname, ", ".join(handed)))
 
     threading.setprofile(profile)  # the threads a stage starts (read-ahead, lease renewal) too
     sys.setprofile(profile)
@@ -198,7 +212,7 @@ def test_the_config_walk_finds_a_config_handed_down():
     low = module("btx_core.store.fake", "def where(spec, name):\n    return name\n")
     high = module("btx_core.stages.fake", "def stage(spec, where):\n    where(spec, 'x')\n    where(None, 'y')\n")
     walk = config_walk(lambda: high["stage"](TinyModelSpec(), low["where"]))
-    assert walk == ["btx_core.stages.fake:2 -> btx_core.store.fake.where(spec: TinyModelSpec)"]
+    assert [str(w) for w in walk] == ["btx_core.stages.fake:2 -> btx_core.store.fake.where(spec: TinyModelSpec)"]
 
 
 def test_the_config_climbs_back_up_at_most_five_times_through_train_expert(tmp_path):
@@ -228,8 +242,7 @@ def test_the_config_climbs_back_up_at_most_five_times_through_train_expert(tmp_p
     }, base_dir=tmp_path)
     build_seed(config)
     walk = config_walk(lambda: train_expert(config, "math"))
-    assert len(walk) <= 5, "\n".join(walk)
-    below_the_config = [w for w in walk if layer(w.split(" -> ")[1].split("(")[0].rpartition(".")[0])
-                        < layer("btx_core.config.schema")]
-    assert below_the_config == [], "\n".join(walk)
-    assert any("training.loop" in w for w in walk)  # the walk sees the stage's own hand-downs
+    shown = "\n".join(map(str, walk))
+    assert len(walk) <= 5, shown
+    assert [w for w in walk if layer(w.callee) < layer("btx_core.config.schema")] == [], shown
+    assert "btx_core.training.loop" in {w.callee for w in walk}  # it sees what a stage hands down
