@@ -30,6 +30,9 @@ from collections.abc import Callable
 
 
 def _join(*parts: str) -> str:
+    if not isinstance(parts[0], str):
+        raise TypeError(f"a location is made from the run's folder (config.run_root) or the store's root "
+                        f"(config.store), not from a {type(parts[0]).__name__}")
     return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
 
 
