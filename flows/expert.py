@@ -41,4 +41,4 @@ def train_expert_flow(config: BTXConfig, domain: str) -> str:
     nproc = processes_for(config.expert_training)
     if nproc > 1:
         return expert_torchrun_task.with_options(**retry_policy(config.orchestration))(config, domain, nproc)
-    return expert_task_for(config)(config, domain, seed_location=layout.seed_model(config))
+    return expert_task_for(config)(config, domain, seed_location=layout.seed_model(config.run_root))

@@ -184,7 +184,7 @@ def local_branches(config: BTXConfig, seed) -> dict:
 def _looks_complete(config: BTXConfig, domain: str, seed_location: str) -> bool:
     store = open_store(config)
     try:
-        made = store.read_manifest(layout.expert_model(config, domain))
+        made = store.read_manifest(layout.expert_model(config.run_root, domain))
         return (made.config_hash == expert_config_hash(config, domain)
                 and made.inputs.get("seed") == store.read_manifest(seed_location).hash)
     except IncompleteOutputError:
@@ -197,12 +197,12 @@ def expert_branch_task(config: BTXConfig, domain: str, seed_location: str) -> st
     pool = config.orchestration.domain_pools.get(domain, config.orchestration.expert_pool)
     run_child(f"train-expert/{pool}", {"config": config.model_dump(mode="json"), "domain": domain}, domain,
               config.orchestration, progress_key=artifact_key(config.run_name, "expert", domain, "progress"))
-    return _stored(config, layout.expert_model(config, domain), f"expert[{domain}]")
+    return _stored(config, layout.expert_model(config.run_root, domain), f"expert[{domain}]")
 
 
 # Where each stage that can run on a pool leaves its output: the parent reads it from the store.
 STAGE_OUTPUTS = {"seed": layout.seed_model, "mix": layout.mix_model, "evaluate": layout.eval_results,
-                 "finetune": lambda config: layout.trained_model(config, "btx")}
+                 "finetune": lambda run: layout.trained_model(run, "btx")}
 
 
 @task(name="stage-on-pool", task_run_name="{stage}", persist_result=True, result_serializer="json")
@@ -213,7 +213,7 @@ def stage_on_pool_task(config: BTXConfig, stage: str) -> str:
     # The idempotency key's name cannot be a domain's (a domain name has no ':').
     run_child(f"btx-stage/{pool}", {"config": config.model_dump(mode="json"), "stage": stage}, f"stage:{stage}",
               config.orchestration, progress_key=artifact_key(config.run_name, stage, "progress"))
-    return _stored(config, STAGE_OUTPUTS[stage](config), stage)
+    return _stored(config, STAGE_OUTPUTS[stage](config.run_root), stage)
 
 
 def _stored(config: BTXConfig, location: str, stage: str) -> str:

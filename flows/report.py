@@ -44,19 +44,20 @@ class StageRecord:
 
 def stage_locations(config: BTXConfig) -> list[tuple[str, str, str | None]]:
     """(stage, output location, checkpoint prefix) of every stage, in pipeline order."""
-    rows = [("seed", layout.seed_model(config), layout.seed_checkpoints(config))]
-    rows += [(f"expert[{d.name}]", layout.expert_model(config, d.name),
-              layout.expert_checkpoints(config, d.name)) for d in config.domains]
-    rows.append(("mix", layout.mix_model(config), None))
+    run = config.run_root
+    rows = [("seed", layout.seed_model(run), layout.seed_checkpoints(run))]
+    rows += [(f"expert[{d.name}]", layout.expert_model(run, d.name), layout.expert_checkpoints(run, d.name))
+             for d in config.domains]
+    rows.append(("mix", layout.mix_model(run), None))
     if config.finetune is not None:
-        rows.append(("finetune", layout.trained_model(config, "btx"), layout.trained_checkpoints(config, "btx")))
+        rows.append(("finetune", layout.trained_model(run, "btx"), layout.trained_checkpoints(run, "btx")))
     return rows
 
 
 def evaluation(config: BTXConfig, store: Store | None = None) -> dict | None:
     """The evaluation stage's results (losses, routing), once it has run."""
     try:
-        return (store or open_store(config)).read_manifest(layout.eval_results(config)).metrics
+        return (store or open_store(config)).read_manifest(layout.eval_results(config.run_root)).metrics
     except IncompleteOutputError:
         return None
 
@@ -189,7 +190,7 @@ def publish(config: BTXConfig) -> str:
             ("merge-cost", merge_cost_markdown(config, records), "What MiX cost each domain, and where the weights went")):
         if markdown is not None:
             create_markdown_artifact(markdown, key=artifact_key(run, key), description=description)
-    return layout.run_root(config)
+    return config.run_root
 
 
 # --- the run's answer: a table on the terminal, a report in the store --------------------------
@@ -238,7 +239,7 @@ def routing_summary(results: dict | None) -> list[str]:
 
 
 def report_location(config: BTXConfig) -> str:
-    return f"{layout.run_root(config)}/report"
+    return f"{config.run_root}/report"
 
 
 def report_markdown(config: BTXConfig, records: list[StageRecord], results: dict | None,

@@ -183,7 +183,7 @@ def stored_seed(world: World) -> None:
     from btx_core.store.core import Store
 
     config = parse_config(world.raw)
-    Store(config.store).write_dir(_models(world)["seed"], layout.seed_model(config), stage="seed",
+    Store(config.store).write_dir(_models(world)["seed"], layout.seed_model(config.run_root), stage="seed",
                                   config_hash="x")
 
 

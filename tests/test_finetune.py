@@ -116,7 +116,7 @@ def test_finetune_trains_the_mixed_model_on_the_mixture(mixed):
     work, config = mixed
     out = finetune(config)
     m = out.metrics
-    assert out.location == layout.trained_model(config, "btx") and m["steps"] == 6
+    assert out.location == layout.trained_model(config.run_root, "btx") and m["steps"] == 6
     assert set(m["mixture"]) == {"math", "code", "general"}
     assert m["routing"] == {"strategy": "top_k", "top_k": 2, "load_balancing": True, "alpha": 0.01,
                             "loss": "paper", "temperature": None}
@@ -129,7 +129,7 @@ def test_finetune_trains_the_mixed_model_on_the_mixture(mixed):
     assert saved["num_hidden_layers"] == layers
     assert saved["router_aux_loss_coef"] == pytest.approx(0.01 * layers)  # stock; unused by the paper's loss
     card = yaml.safe_load((Path(out.location) / "README.md").read_text().split("---")[1])
-    assert card["base_model"] == layout.mix_model(config) and card["base_model_relation"] == "finetune"
+    assert card["base_model"] == layout.mix_model(config.run_root) and card["base_model_relation"] == "finetune"
     assert card["pipeline_tag"] == "text-generation" and "btx" in card["tags"]
     assert (Path(out.location) / "generation_config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out.location)
@@ -142,7 +142,7 @@ def test_frozen_experts_stay_bit_identical(mixed):
     work, config = mixed
     frozen = config.model_copy(update={"finetune": config.finetune.model_copy(update={"freeze_experts": True})})
     out = finetune(frozen, name="frozen")
-    before, after = _tensors(layout.mix_model(config)), _tensors(out.location)
+    before, after = _tensors(layout.mix_model(config.run_root)), _tensors(out.location)
     experts = [k for k in before if ".experts." in k]
     assert experts and all(torch.equal(before[k], after[k]) for k in experts)
     changed = [k for k in before if k not in experts and not torch.equal(before[k], after[k])]
@@ -170,8 +170,8 @@ def test_router_warmup_resumes_exactly_across_its_end(mixed):
     warm = config.model_copy(update={"finetune": config.finetune.model_copy(update={"router_warmup_steps": 3})})
     with pytest.raises(BTXError, match="stopped at step 3"):
         finetune(warm, name="w-resumed", stop_after=3)
-    step2 = load_file(str(Path(checkpoint_location(layout.trained_checkpoints(config, "w-resumed"), 2)) / MODEL_FILE))
-    start = AutoModelForCausalLM.from_pretrained(layout.mix_model(config)).state_dict()  # in-memory names
+    step2 = load_file(str(Path(checkpoint_location(layout.trained_checkpoints(config.run_root, "w-resumed"), 2)) / MODEL_FILE))
+    start = AutoModelForCausalLM.from_pretrained(layout.mix_model(config.run_root)).state_dict()  # in-memory names
     moved = {k for k in step2 if not torch.equal(start[k], step2[k])}
     assert moved == {k for k in start if k.endswith("mlp.gate.weight")}  # every router, nothing else so far
     resumed = finetune(warm, name="w-resumed")
@@ -186,7 +186,7 @@ def test_router_warmup_resumes_exactly_across_its_end(mixed):
 @pytest.mark.integration
 def test_mix_reports_what_averaging_the_experts_cost(mixed):
     work, config = mixed
-    cost = open_store(config).read_manifest(layout.mix_model(config)).metrics["merge_cost"]
+    cost = open_store(config).read_manifest(layout.mix_model(config.run_root)).metrics["merge_cost"]
     for domain, losses in cost["losses"].items():  # experts trained everything: the merge costs them
         assert losses["oracle"] > losses["expert"], (domain, losses)
     attention = cost["distances"]["kinds"]["attention"]
@@ -206,10 +206,10 @@ def test_experts_with_frozen_shared_weights_mix_without_loss(mixed):
     work, config = mixed
     frozen = config.model_copy(update={
         "run_name": "frozen", "branch": BranchSettings(train="ffn"),
-        "seed": SeedSpec(model=layout.seed_model(config), pretrain_data=config.seed.pretrain_data)})
+        "seed": SeedSpec(model=layout.seed_model(config.run_root), pretrain_data=config.seed.pretrain_data)})
     assert expert_config_hash(frozen, "math") != expert_config_hash(config, "math")
     build_seed(frozen)
-    seed = _tensors(layout.seed_model(frozen))
+    seed = _tensors(layout.seed_model(frozen.run_root))
     for d in frozen.domains:
         out = train_expert(frozen, d.name)
         expert = _tensors(out.location)
@@ -296,7 +296,7 @@ def test_finetune_and_eval_commands(mixed):
     path.write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
     out = btx("finetune", str(path), cwd=work)
     assert "held-out loss (mixture)" in out.stdout
-    out = btx("eval", str(path), "--model", layout.trained_model(config, "btx"), "--out", str(work / "e.json"),
+    out = btx("eval", str(path), "--model", layout.trained_model(config.run_root, "btx"), "--out", str(work / "e.json"),
               cwd=work)
     assert "mixed-domain" in out.stdout and json.loads((work / "e.json").read_text())["routing"]
     evaluated = evaluate_run(config)
@@ -350,7 +350,7 @@ def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
     assert "## What the merge cost, before finetuning" in md and "### Seed 1: what the merge cost" in md
     assert set(report["per_seed"][1]["merge_cost"]["losses"]) == {"math", "code"}
     assert "BTX beats the seed on code segments (mixed set)" in claims
-    assert open_store(config).is_complete(layout.compare_results(config))
+    assert open_store(config).is_complete(layout.compare_results(config.run_root))
 
 
 @pytest.mark.integration
@@ -360,25 +360,25 @@ def test_ablate_redoes_only_what_each_line_changes_and_keeps_the_reference(mixed
     work, config = mixed
     store = open_store(config)
     reference_btx = finetune(config).manifest.hash
-    reference_mix = store.read_manifest(layout.mix_model(config)).hash
+    reference_mix = store.read_manifest(layout.mix_model(config.run_root)).hash
     report = ablate(config, only=["seed-in-shared-mean", "no-load-balancing"], out_dir=tmp_path)
     rows = report["rows"]
     assert list(rows) == ["reference", "seed-in-shared-mean", "no-load-balancing"]
     # The MiX line mixed anew elsewhere; the finetune line started from the reference MiX.
-    new_mix = store.read_manifest(layout.ablation_mix(config, "seed-in-shared-mean"))
+    new_mix = store.read_manifest(layout.ablation_mix(config.run_root, "seed-in-shared-mean"))
     assert new_mix.hash != reference_mix and "mix_only" in rows["seed-in-shared-mean"]
     assert rows["seed-in-shared-mean"]["mix_only"]["average"] != rows["reference"]["mix_only"]["average"]
-    no_lb = store.read_manifest(layout.trained_model(config, "ablation-no-load-balancing"))
+    no_lb = store.read_manifest(layout.trained_model(config.run_root, "ablation-no-load-balancing"))
     assert no_lb.inputs["model"] == reference_mix and "mix_only" not in rows["no-load-balancing"]
     assert no_lb.metrics.get("final_load_balancing_loss") is None
     assert rows["reference"]["final_load_balancing_loss"] > 0
     # Nothing of the reference run was rewritten.
-    assert store.read_manifest(layout.mix_model(config)).hash == reference_mix
-    assert store.read_manifest(layout.trained_model(config, "btx")).hash == reference_btx
+    assert store.read_manifest(layout.mix_model(config.run_root)).hash == reference_mix
+    assert store.read_manifest(layout.trained_model(config.run_root, "btx")).hash == reference_btx
     md = (tmp_path / "ablations.md").read_text()
     assert "| no-load-balancing: `finetune.load_balancing: false` |" in md
     assert "## no-load-balancing: routing per layer" in md and "math tokens -> expert math" in md
     assert json.loads((tmp_path / "ablations.json").read_text())["rows"]["reference"]["routing"]
-    assert store.is_complete(layout.ablation_results(config))
+    assert store.is_complete(layout.ablation_results(config.run_root))
     with pytest.raises(BTXError, match="unknown ablation.*known: router-centroid"):
         ablate(config, only=["switch"])

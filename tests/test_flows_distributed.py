@@ -166,7 +166,7 @@ def test_store_records_the_resume(completed: PipelineRun) -> None:
     # other tests of this session may have one for another S3 endpoint.
     store = Store(config.store, {"key": S3_KEY_ID, "secret": S3_SECRET,
                                  "client_kwargs": {"endpoint_url": run.deployed.cluster.s3_endpoint}})
-    metrics = {d: store.read_manifest(layout.expert_model(config, d)).metrics for d in DOMAIN_POOLS}
+    metrics = {d: store.read_manifest(layout.expert_model(config.run_root, d)).metrics for d in DOMAIN_POOLS}
     assert metrics[FAULTY]["resumed_from_step"] > 0, metrics[FAULTY]
     for domain in HEALTHY:
         assert metrics[domain]["resumed_from_step"] == 0, metrics[domain]

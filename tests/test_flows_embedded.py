@@ -198,7 +198,7 @@ def test_compare_flow_runs_a_task_per_seed_and_publishes_the_table(first_run):
     state = compare_flow(cfg, return_state=True)
     assert state.is_completed(), state.message
     location = state.result()
-    assert location == layout.compare_results(cfg) and open_store(cfg).is_complete(location)
+    assert location == layout.compare_results(cfg.run_root) and open_store(cfg).is_complete(location)
     report = json.loads((Path(location) / "results.json").read_text())
     assert report["seeds"] == [0, 1] and {"btx", "upcycle-flops", "dense-tokens", "btm-top1"} <= set(report["summary"])
     with get_client(sync_client=True) as client:

@@ -393,12 +393,12 @@ def test_every_stage_is_refused_while_another_writer_holds_its_prefix(tmp_path, 
 
     monkeypatch.setattr(Store, "write_dir", spy)
     store = open_store(config)
-    for run, location in ((lambda: build_seed(config), layout.seed_model(config)),
-                          (lambda: train_expert(config, "math"), layout.expert_model(config, "math")),
-                          (lambda: mix_stage(config), layout.mix_model(config)),
-                          (lambda: finetune(config, "btx"), layout.trained_model(config, "btx")),
-                          (lambda: evaluate_run(config), layout.eval_results(config)),
-                          (lambda: build_seed(imported), layout.seed_model(imported))):
+    for run, location in ((lambda: build_seed(config), layout.seed_model(config.run_root)),
+                          (lambda: train_expert(config, "math"), layout.expert_model(config.run_root, "math")),
+                          (lambda: mix_stage(config), layout.mix_model(config.run_root)),
+                          (lambda: finetune(config, "btx"), layout.trained_model(config.run_root, "btx")),
+                          (lambda: evaluate_run(config), layout.eval_results(config.run_root)),
+                          (lambda: build_seed(imported), layout.seed_model(imported.run_root))):
         rival = WriterLease(store, stage_prefix(location), flow_run="rival").acquire()
         with pytest.raises(LeaseHeldError, match=f"{stage_prefix(location)} is being written by .*flow run rival"):
             run()

@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
     build_seed(config)
     with pytest.raises(BTXError, match="btx train-expert CONFIG --domain math"):
         mix_stage(config)  # nothing written before the experts exist
-    assert not open_store(config).is_complete(layout.mix_model(config))
+    assert not open_store(config).is_complete(layout.mix_model(config.run_root))
     for d in config.domains:
         train_expert(config, d.name)
     return work, config
@@ -49,11 +49,11 @@ def trained(tmp_path_factory):
 def test_mix_stage_writes_a_mixtral_with_lineage_and_routing_report(trained):
     work, config = trained
     out = mix_stage(config)
-    assert not out.skipped and out.location == layout.mix_model(config)
+    assert not out.skipped and out.location == layout.mix_model(config.run_root)
     store = open_store(config)
-    experts = {f"expert:{d}": store.read_manifest(layout.expert_model(config, d)).hash
+    experts = {f"expert:{d}": store.read_manifest(layout.expert_model(config.run_root, d)).hash
                for d in ("math", "code", "knowledge")}
-    seed = store.read_manifest(layout.seed_model(config))
+    seed = store.read_manifest(layout.seed_model(config.run_root))
     assert out.manifest.inputs == {**experts, "expert:seed": seed.hash,
                                    **{k: v for k, v in out.manifest.inputs.items() if k.startswith("data:")}}
     assert sorted(k for k in out.manifest.inputs if k.startswith("data:")) == ["data:code", "data:knowledge", "data:math"]
@@ -89,7 +89,7 @@ def test_btx_mix_and_upcycle_commands_on_the_run(trained):
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     out = btx("upcycle", str(path), cwd=work)
     assert "upcycle: done" in out.stdout and "routing entropy at init" in out.stdout
-    upcycled = Path(layout.upcycle_model(config))
+    upcycled = Path(layout.upcycle_model(config.run_root))
     model = AutoModelForCausalLM.from_pretrained(upcycled)
     assert model.config.btx_expert_names == ["copy0", "copy1", "copy2", "copy3"]
     status = btx("status", str(path), cwd=work).stdout
@@ -99,7 +99,7 @@ def test_btx_mix_and_upcycle_commands_on_the_run(trained):
 def test_a_corrupt_expert_shard_stops_the_mix_before_it_writes(trained, tmp_path):
     work, config = trained
     other = ci_config(str(work / "store"), work / "cache", include_seed=False, top_k=1)
-    weights = Path(layout.expert_model(config, "code")) / "model.safetensors"
+    weights = Path(layout.expert_model(config.run_root, "code")) / "model.safetensors"
     original = weights.read_bytes()
     damaged = bytearray(original)
     damaged[len(damaged) // 2] ^= 0xFF
@@ -114,11 +114,11 @@ def test_a_corrupt_expert_shard_stops_the_mix_before_it_writes(trained, tmp_path
 
 def test_btx_mix_experts_from_anywhere_and_drop_one(trained, tmp_path):
     work, config = trained
-    dirs = [layout.expert_model(config, d) for d in ("math", "code")] + [layout.seed_model(config)]
+    dirs = [layout.expert_model(config.run_root, d) for d in ("math", "code")] + [layout.seed_model(config.run_root)]
     out = tmp_path / "moe"
     result = btx("mix", *[a for d in dirs for a in ("--expert", d)], "--name", "math", "--name", "code",
                  "--name", "seed", "--out", str(out), "--exclude-from-merge", "seed", "--router-init", "zeros",
-                 "--base", layout.seed_model(config), cwd=work)
+                 "--base", layout.seed_model(config.run_root), cwd=work)
     assert "mix: done" in result.stdout and (out / "_manifest.json").is_file()
     assert "attention: distance from the seed math" in result.stdout  # the merge cost, from --base
     lineage = (out / "README.md").read_text()
@@ -126,7 +126,7 @@ def test_btx_mix_experts_from_anywhere_and_drop_one(trained, tmp_path):
     experts = experts_from_dirs(dirs, ["math", "code", "seed"])  # what the command does
     assert all(e.manifest_hash and e.manifest_hash[:16] in lineage for e in experts)
     options = MixOptions(shared_exclude=("seed",), router_init="zeros")
-    assert mix_dirs(experts, str(out), options, base=Path(layout.seed_model(config))).skipped  # no work
+    assert mix_dirs(experts, str(out), options, base=Path(layout.seed_model(config.run_root))).skipped  # no work
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "keep.txt").write_text("mine")
@@ -143,7 +143,7 @@ def test_btx_mix_experts_from_anywhere_and_drop_one(trained, tmp_path):
 
 def test_bad_flags_fail_with_the_fix_and_write_nothing(trained, tmp_path):
     work, config = trained
-    expert = layout.expert_model(config, "math")
+    expert = layout.expert_model(config.run_root, "math")
     bad = btx("mix", "--expert", expert, "--expert", expert, "--name", "a", "--name", "b", "--top-k", "7",
               "--weight", "a", "--out", str(tmp_path / "bad"), cwd=work, check=False)
     assert bad.returncode == 1 and "NAME=WEIGHT" in bad.stderr and not (tmp_path / "bad").exists()
@@ -164,7 +164,7 @@ def test_mix_stage_on_s3(s3_root, tmp_path):
 
 def test_centroid_init_from_text_files_for_experts_trained_anywhere(trained, tmp_path):
     work, config = trained
-    dirs = [layout.expert_model(config, d) for d in ("math", "code")] + [layout.seed_model(config)]
+    dirs = [layout.expert_model(config.run_root, d) for d in ("math", "code")] + [layout.seed_model(config.run_root)]
     math_docs = [f"Problem: {a} + {b} = ? Answer: {a + b}." for a in range(40) for b in range(3)]
     code_docs = [f"def f{i}(x):\n    return x * {i} + len(str(x))\n" for i in range(120)]
     for name, docs in (("math", math_docs), ("code", code_docs)):

@@ -224,7 +224,7 @@ def test_cancel_from_the_api_checkpoints_at_the_step_reached(btx_deployed, btx_p
     cfg = BTXConfig.model_validate(config)
     store = Store(cfg.store, {"key": S3_KEY_ID, "secret": S3_SECRET,
                               "client_kwargs": {"endpoint_url": cluster.s3_endpoint}})
-    prefix = layout.expert_checkpoints(cfg, "knowledge")
+    prefix = layout.expert_checkpoints(cfg.run_root, "knowledge")
     with cluster.client() as client:
         deployment = btx_deployed.deployments[f"train-expert/{EXPERT_POOLS[0]}"]
         run = client.create_flow_run_from_deployment(deployment.id, parameters={"config": config,

@@ -121,7 +121,7 @@ def test_demo_shape_keeps_most_parameters_in_ffns(tokenizer):
         def __len__(self):
             return 4096
 
-    breakdown = parameter_breakdown(create_tiny_llama(TinyModelSpec(), FakeTokenizer(), seed=0))
+    breakdown = parameter_breakdown(create_tiny_llama(FakeTokenizer(), seed=0, **TinyModelSpec().llama_shape()))
     assert breakdown.ffn_share >= 0.55
     assert breakdown.ffn == 6 * 3 * 256 * 1024
 

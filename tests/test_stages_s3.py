@@ -42,8 +42,8 @@ def test_expert_on_s3_resumes_after_an_interruption_and_skips_when_done(s3_root,
     with pytest.raises(BTXError, match="rerun to resume"):
         train_expert(config, "math", stop_after=6)         # an interrupted branch
     store = open_store(config)
-    assert [s for s, _ in store.list_checkpoints(layout.expert_checkpoints(config, "math"))] == [4]
-    assert not store.is_complete(layout.expert_model(config, "math"))
+    assert [s for s, _ in store.list_checkpoints(layout.expert_checkpoints(config.run_root, "math"))] == [4]
+    assert not store.is_complete(layout.expert_model(config.run_root, "math"))
 
     progress = []
     out = train_expert(config, "math", on_progress=progress.append)
@@ -51,7 +51,7 @@ def test_expert_on_s3_resumes_after_an_interruption_and_skips_when_done(s3_root,
     assert out.metrics["steps"] == 12 and out.manifest.inputs["seed"] == seed.manifest.hash
     assert set(out.manifest.inputs) == {"seed", "data"}
     assert out.metrics["heldout_loss"] < out.metrics["seed_heldout_loss"]
-    assert [s for s, _ in store.list_checkpoints(layout.expert_checkpoints(config, "math"))] == [8, 12]
+    assert [s for s, _ in store.list_checkpoints(layout.expert_checkpoints(config.run_root, "math"))] == [8, 12]
     store.verify(out.location)
     assert train_expert(config, "math").skipped
 
@@ -60,7 +60,7 @@ def test_expert_on_s3_resumes_after_an_interruption_and_skips_when_done(s3_root,
     fresh_store = open_store(fresh)
     local_seed = shutil.copytree(store.fetch(seed.location, tmp_path / "seedcopy"), tmp_path / "seed",
                                  ignore=shutil.ignore_patterns("_manifest.json"))
-    fresh_store.write_dir(local_seed, layout.seed_model(fresh), stage="seed",
+    fresh_store.write_dir(local_seed, layout.seed_model(fresh.run_root), stage="seed",
                           config_hash=seed.manifest.config_hash)
     straight = train_expert(fresh, "math")
     a = load_file(store.fetch(out.location, tmp_path / "a") / "model.safetensors")

@@ -106,13 +106,14 @@ def status(config: Path = ConfigArg) -> None:
 
     cfg = load(config)
     store = open_store(cfg)
-    rows = [("seed", layout.seed_model(cfg), layout.seed_checkpoints(cfg))]
-    rows += [(f"expert[{d.name}]", layout.expert_model(cfg, d.name), layout.expert_checkpoints(cfg, d.name))
+    run = cfg.run_root
+    rows = [("seed", layout.seed_model(run), layout.seed_checkpoints(run))]
+    rows += [(f"expert[{d.name}]", layout.expert_model(run, d.name), layout.expert_checkpoints(run, d.name))
              for d in cfg.domains]
-    rows += [("mix", layout.mix_model(cfg), None), ("upcycle", layout.upcycle_model(cfg), None)]
+    rows += [("mix", layout.mix_model(run), None), ("upcycle", layout.upcycle_model(run), None)]
     if cfg.finetune is not None:
-        rows += [("finetune", layout.trained_model(cfg, "btx"), layout.trained_checkpoints(cfg, "btx")),
-                 ("evaluate", layout.eval_results(cfg), None)]
+        rows += [("finetune", layout.trained_model(run, "btx"), layout.trained_checkpoints(run, "btx")),
+                 ("evaluate", layout.eval_results(run), None)]
     for name, location, checkpoints in rows:
         if store.is_complete(location):
             state = "complete"

@@ -233,6 +233,10 @@ class TinyModelSpec(StrictModel):
     tokenizer_max_bytes: int = Field(default=8_000_000, gt=0)
     """Bytes of the pretraining corpus used to train the tokenizer."""
 
+    def llama_shape(self) -> dict[str, Any]:
+        """The fields that shape the model, as model/dense.py's `create_tiny_llama` takes them."""
+        return self.model_dump(exclude={"vocab_size", "tokenizer_max_bytes"})
+
 
 class SeedSpec(StrictModel):
     """The seed LLM: an existing model (`model`) or a tiny one created and pretrained (`create`)."""
@@ -363,6 +367,11 @@ class BTXConfig(StrictModel):
             raise ValueError(f"domain_pools names unknown domain(s) {', '.join(unknown)}; the "
                              f"domains are: {', '.join(names)}")
         return orchestration
+
+    @property
+    def run_root(self) -> str:
+        """`<store>/<run_name>`: the folder every location of this run lies under (store/layout.py)."""
+        return f"{self.store.rstrip('/')}/{self.run_name}"
 
     def domain(self, name: str) -> DomainSpec:
         for d in self.domains:

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
-from btx_core.config.schema import BTXConfig, DataSource, stable_hash
+from btx_core.config.schema import DataSource, stable_hash
 from btx_core.data.packing import data_cache_key
 from btx_core.data.prepare import TokenizedSplits, prepare_domain_data
 from btx_core.data.ranged import open_ranged
@@ -61,16 +61,18 @@ class PreparedData(NamedTuple):
         return TokenizedSplits.load(store.fetch(self.location, cache_dir))
 
 
-def ensure_prepared(config: BTXConfig, store: Store, source: DataSource, *, tokenizer: str,
+def ensure_prepared(store: Store, source: DataSource, *, store_root: str, tokenizer: str,
                     tokenizer_dir: Callable[[], Path], seq_len: int, held_out_fraction: float,
                     cache_dir: Path) -> PreparedData:
     """The prepared corpus in the store, tokenizing it first if it is not there yet.
 
-    `tokenizer` identifies the tokenizer (`tokenizer_id`); `tokenizer_dir` is called only when
-    the corpus must be prepared, so a cached corpus never needs the model fetched.
+    `store_root` is the store's root as the config names it (`config.store`): the runs in a
+    store share its prepared corpora. `tokenizer` identifies the tokenizer (`tokenizer_id`);
+    `tokenizer_dir` is called only when the corpus must be prepared, so a cached corpus never
+    needs the model fetched.
     """
     key = data_cache_key(source, tokenizer, seq_len, held_out_fraction, SPLIT_SALT)
-    location = layout.data_cache(config, key)
+    location = layout.data_cache(store_root, key)
     if not store.is_complete(location):
         with tempfile.TemporaryDirectory(prefix="btx-data-", dir=_made(cache_dir)) as tmp:
             splits = prepare_domain_data(source, load_tokenizer(str(tokenizer_dir())), seq_len,

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from btx_core.config.schema import TinyModelSpec
 from btx_core.errors import BTXError, UnsupportedArchitectureError
 from btx_core.model.config_fields import translate
 from btx_core.model.families import MOE_TARGETS, DenseFamily, dense_family, unsupported_message
@@ -68,18 +67,21 @@ def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def create_tiny_llama(spec: TinyModelSpec, tokenizer, seed: int) -> LlamaForCausalLM:
-    """A freshly initialised Llama of the given shape, seeded for reproducibility."""
+def create_tiny_llama(tokenizer, seed: int, *, hidden_size: int, intermediate_size: int, num_layers: int,
+                      num_heads: int, num_kv_heads: int, tie_embeddings: bool, max_position_embeddings: int,
+                      rope_theta: float) -> LlamaForCausalLM:
+    """A freshly initialised Llama of the given shape (the config's `seed.create`, as
+    `TinyModelSpec.llama_shape()` gives it), seeded for reproducibility."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=spec.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -105,19 +105,20 @@ def ablate(config: BTXConfig, *, only: list[str] | None = None, out_dir: Path | 
     reference = finetune(config, "btx")
     sets = eval_sets(config)
     stage("evaluate reference")
-    rows = {"reference": _row(config, layout.trained_model(config, "btx"), reference.manifest.metrics, sets)}
-    rows["reference"]["mix_only"] = score_location(config, layout.mix_model(config), sets).losses()
+    rows = {"reference": _row(config, layout.trained_model(config.run_root, "btx"),
+                              reference.manifest.metrics, sets)}
+    rows["reference"]["mix_only"] = score_location(config, layout.mix_model(config.run_root), sets).losses()
     for ablation in chosen:
         variant = variants[ablation.name]
         source = None
         if ablation.line.startswith("mix."):
             stage(f"{ablation.name}: mix")
-            source = mix_stage(variant, location=layout.ablation_mix(config, ablation.name)).location
+            source = mix_stage(variant, location=layout.ablation_mix(config.run_root, ablation.name)).location
         stage(f"{ablation.name}: finetune")
         name = f"ablation-{ablation.name}"
         trained = finetune(variant, "btx", name=name, source=source)
         stage(f"{ablation.name}: evaluate")
-        row = _row(variant, layout.trained_model(config, name), trained.manifest.metrics, sets)
+        row = _row(variant, layout.trained_model(config.run_root, name), trained.manifest.metrics, sets)
         if source is not None:
             row["mix_only"] = score_location(variant, source, sets).losses()
         rows[ablation.name] = {**row, "line": f"{ablation.line}: {json.dumps(ablation.value)}",
@@ -168,7 +169,7 @@ def _write(config: BTXConfig, report: dict, out_dir: Path | None) -> None:
                  "ablations.md": ablations_markdown(report)}
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
-        store, location = open_store(config), layout.ablation_results(config)
+        store, location = open_store(config), layout.ablation_results(config.run_root)
         with stage_lease(store, config, location) as lease:
             store.write_dir(Path(tmp), location, stage="ablate", config_hash=",".join(report["rows"]),
                             metrics={"wall_s": report["wall_s"]}, fence=lease)

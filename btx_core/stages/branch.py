@@ -60,7 +60,7 @@ def train_expert_torchrun(config: BTXConfig, domain: str, nproc: int, *,
     resumes and skips like `btx train-expert`, whose command it runs."""
     from btx_core.stages.common import open_store
 
-    store, location = open_store(config), layout.expert_model(config, domain)
+    store, location = open_store(config), layout.expert_model(config.run_root, domain)
     before = _manifest_hash(store, location)
     with tempfile.TemporaryDirectory(prefix=f"btx-expert-{domain}-") as tmp:
         config_file, reports, output = Path(tmp, "config.yaml"), Path(tmp, "progress.jsonl"), Path(tmp, "output.log")
@@ -104,9 +104,9 @@ def train_expert_branch(config: BTXConfig, domain: str, *, seed_location: str,
         from btx_core.stages.expert import train_expert
 
         return train_expert(config, domain, seed_location=seed_location, on_progress=on_progress)
-    if seed_location != layout.seed_model(config):
+    if seed_location != layout.seed_model(config.run_root):
         raise BTXError(f"expert[{domain}]: a branch under torchrun branches from the run's own seed "
-                       f"({layout.seed_model(config)}), not {seed_location}: set nproc_per_node: 1")
+                       f"({layout.seed_model(config.run_root)}), not {seed_location}: set nproc_per_node: 1")
     return train_expert_torchrun(config, domain, nproc, on_progress=on_progress)
 
 

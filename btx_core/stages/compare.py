@@ -67,7 +67,8 @@ def seed_config(config: BTXConfig, seed: int) -> BTXConfig:
     under `<run_name>-seed<r>`, branching from the config's (shared) seed model."""
     if seed == config.expert_training.seed:
         return config
-    shared = SeedSpec(model=layout.seed_model(config), trust_remote_code=config.seed.trust_remote_code,
+    shared = SeedSpec(model=layout.seed_model(config.run_root),
+                      trust_remote_code=config.seed.trust_remote_code,
                       pretrain_data=config.seed.pretrain_data, held_out_fraction=config.seed.held_out_fraction)
     ft = settings_of(config)
     return config.model_copy(update={
@@ -117,7 +118,8 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
     mix_stage(config, upcycle=True)
     stage("finetune btx")
     btx = finetune(config, "btx").manifest
-    seed_cfg = json.loads((store.fetch(layout.seed_model(config), cache_dir(config)) / "config.json").read_text())
+    seed_dir = store.fetch(layout.seed_model(config.run_root), cache_dir(config))
+    seed_cfg = json.loads((seed_dir / "config.json").read_text())
     ft = settings_of(config).training
     dense_fpt = flops_per_token(seed_cfg, config.expert_training.seq_len)
     # Each expert's own count (with frozen shared weights it trains less than a dense model)
@@ -145,10 +147,10 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
     rows: dict[str, dict] = {}
     scores: dict[str, ModelScores] = {}
     stage("evaluate")
-    scores["seed"] = score_location(config, layout.seed_model(config), sets)
+    scores["seed"] = score_location(config, layout.seed_model(config.run_root), sets)
     rows["seed"] = {**scores["seed"].losses(), "tokens": 0, "flops": 0.0, "wall_s": 0.0, "device_s": 0.0}
     for (d, manifest), cost in zip(experts.items(), expert_cost):
-        scores[f"expert:{d}"] = score_location(config, layout.expert_model(config, d), sets)
+        scores[f"expert:{d}"] = score_location(config, layout.expert_model(config.run_root, d), sets)
         rows[f"expert:{d}"] = {**scores[f"expert:{d}"].losses(), "tokens": cost.tokens, "flops": cost.flops,
                                "wall_s": manifest.metrics["wall_s"], "device_s": device_seconds(manifest.metrics)}
     ensemble = [scores[f"expert:{d.name}"] for d in config.domains]
@@ -159,11 +161,11 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
     for k in config.compare.btm_top_k:
         rows[f"btm-top{k}"] = {**btm_scores(ensemble, k).losses(), **experts_cost}
     routing = {}
-    mix_scores = score_location(config, layout.mix_model(config), sets)
+    mix_scores = score_location(config, layout.mix_model(config.run_root), sets)
     rows["btx-mix"] = {**mix_scores.losses(), **experts_cost}
     routing["btx-mix"] = mix_scores.routing
     for name, manifest in trained.items():
-        result = score_location(config, layout.trained_model(config, name), sets)
+        result = score_location(config, layout.trained_model(config.run_root, name), sets)
         extra = experts_cost if name == "btx" else {"tokens": 0, "flops": 0.0, "wall_s": 0.0, "device_s": 0.0}
         rows[name] = {**result.losses(), "tokens": manifest.metrics["tokens"] + extra["tokens"],
                       "flops": manifest.metrics["tokens"] * manifest.metrics["flops_per_token"] + extra["flops"],
@@ -219,14 +221,14 @@ def finish_compare(config: BTXConfig, per_seed: dict[int, dict], *, wall_s: floa
     with tempfile.TemporaryDirectory(prefix="btx-compare-") as tmp:
         files = write_report(report, Path(tmp))
         store: Store = open_store(config)
-        with stage_lease(store, config, layout.compare_results(config)) as lease:
-            store.write_dir(Path(tmp), layout.compare_results(config), stage="compare", fence=lease,
+        with stage_lease(store, config, layout.compare_results(config.run_root)) as lease:
+            store.write_dir(Path(tmp), layout.compare_results(config.run_root), stage="compare", fence=lease,
                             config_hash=f"seeds={report['seeds']}", metrics={"wall_s": report["wall_s"]})
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             for f in files:
                 (out_dir / f.name).write_bytes(f.read_bytes())
-    report["location"] = layout.compare_results(config)
+    report["location"] = layout.compare_results(config.run_root)
     return report
 
 

@@ -25,12 +25,12 @@ def eval_sets(config: BTXConfig) -> EvalSets:
     """The held-out sets of a run: blocks sampled (seed `compare.eval_seed`) from its domains'
     held-out blocks, packed as the experts were trained; the same for every model of the run."""
     store, cache = open_store(config), cache_dir(config)
-    seed_location = layout.seed_model(config)
+    seed_location = layout.seed_model(config.run_root)
     seed = store.read_manifest(seed_location)
     settings = config.expert_training
     heldout, data = {}, {}
     for d in config.domains:
-        prepared = ensure_prepared(config, store, d.data, tokenizer=tokenizer_id(seed),
+        prepared = ensure_prepared(store, d.data, store_root=config.store, tokenizer=tokenizer_id(seed),
                                    tokenizer_dir=lambda: store.fetch(seed_location, cache),
                                    seq_len=settings.seq_len, held_out_fraction=d.held_out_fraction,
                                    cache_dir=cache)
@@ -72,13 +72,13 @@ def evaluate_run(config: BTXConfig) -> StageOutput:
     and (once finetuned) BTX on both held-out sets; the losses and BTX's routing go into the
     manifest of `<run>/eval/results` (with results.json). Skipped when nothing changed."""
     store = open_store(config)
-    models = {"seed": layout.seed_model(config),
-              **{f"expert:{d.name}": layout.expert_model(config, d.name) for d in config.domains},
-              "btx-mix": layout.mix_model(config)}
-    if store.is_complete(layout.trained_model(config, "btx")):
-        models["btx"] = layout.trained_model(config, "btx")
+    models = {"seed": layout.seed_model(config.run_root),
+              **{f"expert:{d.name}": layout.expert_model(config.run_root, d.name) for d in config.domains},
+              "btx-mix": layout.mix_model(config.run_root)}
+    if store.is_complete(layout.trained_model(config.run_root, "btx")):
+        models["btx"] = layout.trained_model(config.run_root, "btx")
     inputs = {name: store.read_manifest(location).hash for name, location in models.items()}
-    location = layout.eval_results(config)
+    location = layout.eval_results(config.run_root)
     config_hash = stable_hash({"stage": "eval", "format": STAGE_FORMAT, "include_seed": config.mix.include_seed,
                                "compare": config.compare.model_dump(mode="json", exclude={"seeds"})})
     return unless_done(store, config, location, config_hash, inputs,

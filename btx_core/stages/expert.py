@@ -49,7 +49,7 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
     spec = config.domain(domain)
     settings = config.expert_training
     store = open_store(config)
-    seed_location = seed_location or layout.seed_model(config)
+    seed_location = seed_location or layout.seed_model(config.run_root)
     try:
         seed_manifest = store.read_manifest(seed_location)
     except IncompleteOutputError:
@@ -57,11 +57,12 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
     ranks = init_distributed(settings.device)
     cache = cache_dir(config)
     with main_rank_first(ranks):  # rank 0 tokenizes and fetches; the others reuse its work
-        prepared = ensure_prepared(config, store, spec.data, tokenizer=tokenizer_id(seed_manifest),
+        prepared = ensure_prepared(store, spec.data, store_root=config.store,
+                                   tokenizer=tokenizer_id(seed_manifest),
                                    tokenizer_dir=lambda: store.fetch(seed_location, cache),
                                    seq_len=settings.seq_len, held_out_fraction=spec.held_out_fraction,
                                    cache_dir=cache)
-    location = layout.expert_model(config, domain)
+    location = layout.expert_model(config.run_root, domain)
     config_hash = expert_config_hash(config, domain)
     inputs = {"seed": seed_manifest.hash, "data": prepared.content_id}
     if (done := store.exists_with(location, config_hash, inputs)) is not None:
@@ -74,7 +75,7 @@ def train_expert(config: BTXConfig, domain: str, *, seed_location: str | None = 
     frozen = freeze_shared(model, config.branch.train)
     model.to(pick_device(settings.device, ranks, settings.precision))
     run = TrainingRun(store, config, settings, ranks, location=location,
-                      checkpoints=layout.expert_checkpoints(config, domain), stage="expert",
+                      checkpoints=layout.expert_checkpoints(config.run_root, domain), stage="expert",
                       config_hash=config_hash, inputs=inputs)
     # Measured before training (a resumed run loads its checkpoint inside train()).
     seed_heldout = run.heldout_loss(model, data)

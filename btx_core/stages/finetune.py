@@ -106,7 +106,7 @@ def prepared_sources(config: BTXConfig, store: Store, seed_location: str, seed: 
     sources = {d.name: (d.data, d.held_out_fraction) for d in config.domains}
     sources[GENERAL] = (config.seed.pretrain_data, config.seed.held_out_fraction)
     weighted = mixture_weights(config)
-    return {name: ensure_prepared(config, store, source, tokenizer=tokenizer_id(seed),
+    return {name: ensure_prepared(store, source, store_root=config.store, tokenizer=tokenizer_id(seed),
                                   tokenizer_dir=lambda: store.fetch(seed_location, cache),
                                   seq_len=seq_len, held_out_fraction=fraction, cache_dir=cache)
             for name, (source, fraction) in sources.items() if name in weighted}
@@ -129,9 +129,9 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     name = name or kind
     store, cache = open_store(config), cache_dir(config)
     where, command = SOURCES[kind]
-    source = source or where(config)
+    source = source or where(config.run_root)
     source_manifest = complete_input(store, source, f"the {kind} source model", command)
-    seed_location = layout.seed_model(config)
+    seed_location = layout.seed_model(config.run_root)
     seed = complete_input(store, seed_location, "the seed", "btx seed CONFIG")
     ranks = init_distributed(settings.device)
     with main_rank_first(ranks):  # rank 0 tokenizes into the shared cache
@@ -146,7 +146,7 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
                                "routing": plan and asdict(plan), "freeze_experts": frozen,
                                **({"router_warmup_steps": warmup} if warmup else {})})
     inputs = {"model": source_manifest.hash, **{f"data:{n}": p.content_id for n, p in prepared.items()}}
-    location = layout.trained_model(config, name)
+    location = layout.trained_model(config.run_root, name)
     if (done := store.exists_with(location, config_hash, inputs)) is not None:
         return StageOutput(location, done, skipped=True)
 
@@ -165,7 +165,7 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     model.to(pick_device(settings.device, ranks, settings.precision))
     data = build_mixture(splits, weights, settings.seed)
     run = TrainingRun(store, config, settings, ranks, location=location,
-                      checkpoints=layout.trained_checkpoints(config, name), stage="finetune",
+                      checkpoints=layout.trained_checkpoints(config.run_root, name), stage="finetune",
                       config_hash=config_hash, inputs=inputs, card_source=(source, model_dir))
     metrics.update(start_heldout_loss=run.heldout_loss(model, data),
                    trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -41,7 +41,7 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None 
     `mix.include_seed`); with `upcycle`, sparse upcycling: as many copies of the seed instead.
     `location` overrides where it is written (`btx ablate`'s MiX lines)."""
     store, cache = open_store(config), cache_dir(config)
-    seed_location = layout.seed_model(config)
+    seed_location = layout.seed_model(config.run_root)
     seed = complete_input(store, seed_location, "the seed", "btx seed CONFIG")
     domains = [d.name for d in config.domains]
     if upcycle:
@@ -49,14 +49,14 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None 
         sources = [(f"copy{i}", seed_location, seed) for i in range(count)]
         centroid_domains = [*domains, None][:count]
     else:
-        sources = [(d, layout.expert_model(config, d),
-                    complete_input(store, layout.expert_model(config, d), f"expert {d}",
+        sources = [(d, layout.expert_model(config.run_root, d),
+                    complete_input(store, layout.expert_model(config.run_root, d), f"expert {d}",
                               f"btx train-expert CONFIG --domain {d}")) for d in domains]
         if config.mix.include_seed:
             sources.append((GENERALIST, seed_location, seed))
         centroid_domains = [*domains, None]
     stage = "upcycle" if upcycle else "mix"
-    location = location or (layout.upcycle_model(config) if upcycle else layout.mix_model(config))
+    location = location or (layout.upcycle_model if upcycle else layout.mix_model)(config.run_root)
     data = {d: _prepared(config, store, d, seed_location, seed) for d in domains}
     inputs = {**{f"expert:{name}": m.hash for name, _, m in sources},
               **{f"data:{d}": p.content_id for d, p in data.items()}}
@@ -119,7 +119,7 @@ def _merge_cost(config: BTXConfig, experts: list[Expert], moe_dir: Path, seed_di
 def _prepared(config: BTXConfig, store: Store, domain: str, seed_location: str, seed: Manifest):
     """The domain's packed blocks, exactly as its expert was trained and evaluated on them."""
     settings, spec = config.expert_training, config.domain(domain)
-    return ensure_prepared(config, store, spec.data, tokenizer=tokenizer_id(seed),
+    return ensure_prepared(store, spec.data, store_root=config.store, tokenizer=tokenizer_id(seed),
                            tokenizer_dir=lambda: store.fetch(seed_location, cache_dir(config)),
                            seq_len=settings.seq_len, held_out_fraction=spec.held_out_fraction,
                            cache_dir=cache_dir(config))

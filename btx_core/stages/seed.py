@@ -35,7 +35,7 @@ MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", *COMP
 def build_seed(config: BTXConfig, *, on_progress: ProgressCallback | None = None) -> StageOutput:
     """Create and pretrain the tiny demo seed, or import an existing model into the store."""
     store = open_store(config)
-    location = layout.seed_model(config)
+    location = layout.seed_model(config.run_root)
     config_hash = stable_hash({"stage": "seed", "format": STAGE_FORMAT,
                                "seed": config.seed.model_dump(mode="json", exclude={"pretrain"}),
                                "pretrain": config.seed.pretrain and config.seed.pretrain.result_hash()})
@@ -70,22 +70,23 @@ def _pretrain_seed(config: BTXConfig, store: Store, location: str, config_hash: 
     with main_rank_first(ranks):
         tokenizer_manifest = _seed_tokenizer(config, store)
         prepared = ensure_prepared(
-            config, store, config.seed.pretrain_data, tokenizer=tokenizer_id(tokenizer_manifest),
-            tokenizer_dir=lambda: store.fetch(layout.seed_tokenizer(config), cache_dir(config)),
+            store, config.seed.pretrain_data, store_root=config.store,
+            tokenizer=tokenizer_id(tokenizer_manifest),
+            tokenizer_dir=lambda: store.fetch(layout.seed_tokenizer(config.run_root), cache_dir(config)),
             seq_len=settings.seq_len, held_out_fraction=config.seed.held_out_fraction,
             cache_dir=cache_dir(config))
     inputs = {"tokenizer": content_id(tokenizer_manifest), "data": prepared.content_id}
     if (done := store.exists_with(location, config_hash, inputs)) is not None:
         return StageOutput(location, done, skipped=True)
     with main_rank_first(ranks):
-        tokenizer_dir = store.fetch(layout.seed_tokenizer(config), cache_dir(config))
+        tokenizer_dir = store.fetch(layout.seed_tokenizer(config.run_root), cache_dir(config))
         data = prepared.load(store, cache_dir(config))
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    model = create_tiny_llama(spec, tokenizer, seed=settings.seed)
+    model = create_tiny_llama(tokenizer, seed=settings.seed, **spec.llama_shape())
     breakdown = parameter_breakdown(model)
     log.info("seed: %s", breakdown.describe())
     run = TrainingRun(store, config, settings, ranks, location=location,
-                      checkpoints=layout.seed_checkpoints(config), stage="seed",
+                      checkpoints=layout.seed_checkpoints(config.run_root), stage="seed",
                       config_hash=config_hash, inputs=inputs)
     out = run.train_and_save(model, tokenizer, data, on_progress=on_progress,
                              metrics=breakdown.metrics)
@@ -96,7 +97,7 @@ def _seed_tokenizer(config: BTXConfig, store: Store) -> Manifest:
     """Train (once) the created seed's byte-level BPE tokenizer on the training split of its
     pretraining corpus (held-out text stays unseen by every part of the model)."""
     spec, source = config.seed.create, config.seed.pretrain_data
-    location = layout.seed_tokenizer(config)
+    location = layout.seed_tokenizer(config.run_root)
     config_hash = stable_hash({"stage": "tokenizer", "format": STAGE_FORMAT, "source": source.model_dump(mode="json"),
                                "vocab_size": spec.vocab_size, "max_bytes": spec.tokenizer_max_bytes})
     if (done := store.exists_with(location, config_hash, {})) is not None:

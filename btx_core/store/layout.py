@@ -25,32 +25,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from btx_core.config.schema import BTXConfig
+# Locations are made from values, not from the pipeline's config: a stage hands over its run's
+# folder, `config.run_root` (`<store>/<run_name>`), or for the shared data cache `config.store`.
 
 
 def _join(*parts: str) -> str:
+    if not isinstance(parts[0], str):
+        raise TypeError(f"a location is made from the run's folder (config.run_root) or the store's root "
+                        f"(config.store), not from a {type(parts[0]).__name__}")
     return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
 
 
-def run_root(config: BTXConfig) -> str:
-    return _join(config.store, config.run_name)
+def data_cache(store: str, key: str) -> str:
+    """`<store>/_data/<key>`; `store`: the store's root as the config names it."""
+    return _join(store, "_data", key)
 
 
-def data_cache(config: BTXConfig, key: str) -> str:
-    return _join(config.store, "_data", key)
+def _in_run(*parts: str) -> Callable[[str], str]:
+    """run -> `<run>/<parts>`, where `run` is `<store>/<run_name>`."""
+    return lambda run: _join(run, *parts)
 
 
-def _in_run(*parts: str) -> Callable[[BTXConfig], str]:
-    """config -> `<store>/<run_name>/<parts>`."""
-    return lambda config: _join(run_root(config), *parts)
+def _per_name(folder: str, leaf: str) -> Callable[[str, str], str]:
+    """(run, name) -> `<run>/<folder>/<name>/<leaf>`; name: a domain or a trained model."""
+    return lambda run, name: _join(run, folder, name, leaf)
 
 
-def _per_name(folder: str, leaf: str) -> Callable[[BTXConfig, str], str]:
-    """(config, name) -> `<store>/<run_name>/<folder>/<name>/<leaf>`; name: a domain or a trained model."""
-    return lambda config, name: _join(run_root(config), folder, name, leaf)
-
-
-# The table in the docstring, a row each: `seed_model(config)`, `expert_model(config, domain)`, ...
+# The table in the docstring, a row each: `seed_model(run)`, `expert_model(run, domain)`, ...
 seed_tokenizer = _in_run("seed", "tokenizer")
 seed_model = _in_run("seed", "model")
 seed_checkpoints = _in_run("seed", "checkpoints")

@@ -46,7 +46,7 @@ def _config(run, name: str, domains: dict[str, str], steps: int = 120, every: in
     config = copy.deepcopy(run.config)
     ci = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
     # The shared run's pretrained seed, imported from the store (seconds) rather than trained again.
-    shared_seed = layout.seed_model(Config.model_validate(run.config))
+    shared_seed = layout.seed_model(Config.model_validate(run.config).run_root)
     config["seed"] = {"model": shared_seed, "pretrain_data": config["seed"]["pretrain_data"]}
     config["run_name"] = f"{config['run_name']}-{name}"
     config["domains"] = [d for d in ci["domains"] if d["name"] in domains]
@@ -146,7 +146,7 @@ def test_a_killed_pipeline_and_a_sigterm_to_its_branch_recover_by_themselves(btx
         cfg, store = _store(cluster, config)
         from btx_core.store import layout
 
-        newest = lambda: (store.latest_checkpoint(layout.expert_checkpoints(cfg, "math")) or (0, None))[0]  # noqa: E731
+        newest = lambda: (store.latest_checkpoint(layout.expert_checkpoints(cfg.run_root, "math")) or (0, None))[0]  # noqa: E731
         parent = _pipeline_run(cluster, config)
         wait_for(lambda: (c := _child(cluster, parent.id, "math")) and c.state.is_running() and newest() >= 50,
                  400, "the math branch past its first checkpoint", 0.5, cluster.death)
@@ -186,7 +186,7 @@ def test_a_killed_pipeline_and_a_sigterm_to_its_branch_recover_by_themselves(btx
         history = _history(cluster, math.id)
         assert "Crashed" in history and history.count("AwaitingRetry") == 1 and history[-1] == "Completed", history
         assert f"resuming from step {stopped[-1]} " in output(), output()[-3000:]
-        assert store.verify(layout.expert_model(cfg, "math")).metrics["resumed_from_step"] == stopped[-1]
+        assert store.verify(layout.expert_model(cfg.run_root, "math")).metrics["resumed_from_step"] == stopped[-1]
         assert code.run_count == 1 and _history(cluster, code.id).count("Running") == 1, _history(cluster, code.id)
         test = "test_a_killed_pipeline_and_a_sigterm_to_its_branch_recover_by_themselves"
         branch, run = _states(cluster, math.id), _states(cluster, parent.id)

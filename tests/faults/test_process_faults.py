@@ -192,8 +192,8 @@ class _Branch:
         # Explicit options: fsspec caches filesystems by arguments, not by environment.
         self.store = Store(cfg.store, {"key": S3_KEY_ID, "secret": S3_SECRET,
                                        "client_kwargs": {"endpoint_url": cluster.s3_endpoint}})
-        self.checkpoints = layout.expert_checkpoints(cfg, BRANCH)
-        self.model = layout.expert_model(cfg, BRANCH)
+        self.checkpoints = layout.expert_checkpoints(cfg.run_root, BRANCH)
+        self.model = layout.expert_model(cfg.run_root, BRANCH)
 
     def run(self):
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId

@@ -70,7 +70,7 @@ def test_checkpoint_upload_rides_out_a_30s_endpoint_outage(restartable_s3, s3_ro
     # The default retries: botocore's, in adaptive mode (test_default_retries_outlast_the_outage).
     config = ci_config(s3_root, tmp_path / "cache", steps=12, checkpoint_every=4, keep_checkpoints=3)
     build_seed(config)
-    prefix = layout.expert_checkpoints(config, "math")
+    prefix = layout.expert_checkpoints(config.run_root, "math")
     step8 = checkpoint_location(prefix, 8)
     fired = _outage_during_upload_of("/step-00000008/", lambda: restartable_s3.outage(OUTAGE_S), monkeypatch)
     with ThreadPoolExecutor(1) as pool:
@@ -81,7 +81,7 @@ def test_checkpoint_upload_rides_out_a_30s_endpoint_outage(restartable_s3, s3_ro
             time.sleep(max(0.0, restartable_s3.down_at + at - time.monotonic()))
             assert not observer.is_complete(step8)
             assert [s for s, _ in observer.list_checkpoints(prefix)] == [4]
-            assert not observer.is_complete(layout.expert_model(config, "math"))
+            assert not observer.is_complete(layout.expert_model(config.run_root, "math"))
         out = branch.result(timeout=120)
     assert restartable_s3.up_at - restartable_s3.down_at >= OUTAGE_S  # a real 30 s outage...
     assert time.monotonic() > restartable_s3.up_at                     # ...that the stage outlasted
@@ -99,7 +99,7 @@ def test_outage_past_the_retries_fails_cleanly_and_the_next_run_resumes(restarta
     monkeypatch.setattr(Store, "transfer", TransferPolicy(files_at_once=1, attempts=2))
     config = ci_config(s3_root, tmp_path / "cache", steps=12, checkpoint_every=4, keep_checkpoints=3)
     build_seed(config)
-    prefix = layout.expert_checkpoints(config, "math")
+    prefix = layout.expert_checkpoints(config.run_root, "math")
     _outage_during_upload_of("/step-00000008/", restartable_s3.stop, monkeypatch)
     with pytest.raises(StoreError, match=rf"cannot reach endpoint {restartable_s3.endpoint} \(writing "
                                          rf"{checkpoint_location(prefix, 8)}"):
@@ -109,7 +109,7 @@ def test_outage_past_the_retries_fails_cleanly_and_the_next_run_resumes(restarta
     assert len(partial) == 1                                         # one file of checkpoint 8...
     assert [s for s, _ in observer.list_checkpoints(prefix)] == [4]  # ...and no manifest for it
     observer.verify(checkpoint_location(prefix, 4))                  # nothing finished is lost
-    assert not observer.is_complete(layout.expert_model(config, "math"))
+    assert not observer.is_complete(layout.expert_model(config.run_root, "math"))
 
     restartable_s3.start()  # the next run, with the default retries and botocore settings
     # The failed run could not release its writer lease (the endpoint was down). The next run is
@@ -187,7 +187,7 @@ def test_flipped_bytes_in_a_stored_shard_are_refused_and_mix_does_not_start(s3_r
     for d in config.domains:
         train_expert(config, d.name)
     store = open_store(config)
-    expert = layout.expert_model(config, "code")
+    expert = layout.expert_model(config.run_root, "code")
     shard = stored_path(store, expert, "model.safetensors")
     damaged = bytearray(store.fs.cat_file(shard))
     damaged[len(damaged) // 2] ^= 0xFF  # one bit pattern changed, size unchanged
@@ -203,7 +203,7 @@ def test_flipped_bytes_in_a_stored_shard_are_refused_and_mix_does_not_start(s3_r
     assert list((tmp_path / "fetched").iterdir()) == []  # no copy of it, not even a partial one
     with pytest.raises(IntegrityError, match=names_it):
         mix_stage(config)
-    assert store._stored_sizes(store._path(layout.mix_model(config))) == {}  # nothing written
+    assert store._stored_sizes(store._path(layout.mix_model(config.run_root))) == {}  # nothing written
 
 
 # -- a disk that fills up partway ------------------------------------------------------------------
