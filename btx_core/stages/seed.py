@@ -53,8 +53,10 @@ def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: st
         load_tokenizer(str(local), trust_remote_code=config.seed.trust_remote_code)
         staged = Path(tmp) / "staged"
         _copy_model_files(local, staged)
+        # `hub_id`: the model cards' base_model (model/card.py); a store URI or a directory is no Hub id.
+        hub = {"hub_id": source} if "://" not in source and not Path(source).expanduser().is_dir() else {}
         out = commit_under_lease(store, config, staged, location, stage="seed", config_hash=config_hash,
-                                 metrics=breakdown.metrics, extra={"source": source})
+                                 metrics=breakdown.metrics, extra={"source": source, **hub})
     return replace(out, notes=[f"seed: {breakdown.describe()}"])
 
 
