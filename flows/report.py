@@ -8,7 +8,7 @@ Artifacts page keeps the history of each across runs:
     <run>-checkpoints  markdown: every stage output and training checkpoint in the store
     <run>-loss-curves  markdown: training-loss curves (PNG)
     <run>-routing      markdown: where each domain's tokens go (PNG heatmap per layer group, tables), once
-                       evaluated; before that the MiX stage's load per layer and expert
+                       evaluated (BTX), before that the MiX stage's routing at initialisation
     <run>-merge-cost   markdown: what MiX cost each domain (oracle-routed loss) and the weight distances
 """
 
