@@ -142,6 +142,10 @@ def test_finetuned_card_the_hub_accepts_with_recipe_merge_cost_and_evaluation(tm
                             evaluation_markdown({**results(), "btx": {**results()["btx"], "mixed": 2.7}}, DOMAINS, "btx"))
     assert again.count("## Held-out evaluation") == 1 and "| mixed | 3.3000 | - | 2.9500 | 3.0000 | 2.7000 |" in again
     assert split_card(again)[1].startswith(split_card(evaluated)[1].split("## Held-out evaluation")[0])
+    # One domain: no mixed-domain set to score.
+    alone = {"single": {"math": 2.6}, "average": 2.6}
+    assert [r["dataset"]["type"] for r in model_index("ci", alone, ["math"])[0]["results"]] == ["math"]
+    assert "| mixed | - |" in evaluation_markdown({"btx": alone, "seed": {"single": {"math": 3.0}}}, ["math"], "btx")
 
 
 def test_dense_finetune_from_a_local_seed_names_no_path_as_base_model(tmp_path):

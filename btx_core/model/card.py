@@ -225,9 +225,10 @@ def evaluation_markdown(losses: Mapping[str, Mapping], domains: Sequence[str], m
 
 def model_index(name: str, results: Mapping, domains: Sequence[str]) -> list[dict]:
     """The Hub's `model-index` of one model's held-out losses (`results`: the evaluate stage's
-    entry for it): one result per domain and one for the mixed-domain set, loss and perplexity."""
-    sets = [(d, f"{d} (held-out)", results["single"][d]) for d in domains]
-    sets.append(("mixed-domain", "Mixed-domain blocks (held-out)", results["mixed"]))
+    entry for it): one result per domain and one for the mixed-domain set, loss and perplexity;
+    a set without a finite loss is left out."""
+    sets = [(d, f"{d} (held-out)", results["single"].get(d)) for d in domains]
+    sets.append(("mixed-domain", "Mixed-domain blocks (held-out)", results.get("mixed")))  # none for one domain
     return [{"name": name, "results": [
         {"task": {"type": "text-generation", "name": "Held-out language modelling"},
          "dataset": {"type": kind, "name": label, "split": "heldout"},
