@@ -7,7 +7,8 @@ Artifacts page keeps the history of each across runs:
     <run>-compute      table: steps, tokens, wall time, tokens/s per stage
     <run>-checkpoints  markdown: every stage output and training checkpoint in the store
     <run>-loss-curves  markdown: training-loss curves (PNG)
-    <run>-routing      markdown: routing heatmap of the MoE (PNG), once the MiX stage has run
+    <run>-routing      markdown: where each domain's tokens go (PNG heatmap per layer group, tables), once
+                       evaluated (BTX), before that the MiX stage's routing at initialisation
     <run>-merge-cost   markdown: what MiX cost each domain (oracle-routed loss) and the weight distances
 """
 
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from btx_core.config.schema import BTXConfig, scheme
 from btx_core.errors import IncompleteOutputError
 from btx_core.evaluation import merge_cost
-from btx_core.evaluation.plots import loss_curves_png, routing_load_png
+from btx_core.evaluation.plots import loss_curves_png, routing_by_domain_png, routing_load_png
+from btx_core.evaluation.report import routing_groups_markdown, routing_layers_markdown
 from btx_core.stages.common import open_store
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
@@ -141,17 +143,45 @@ def loss_curves_markdown(config: BTXConfig, records: list[StageRecord]) -> str |
     return f"# {config.run_name}: loss curves\n\n![training loss]({image})\n"
 
 
+def moe_routing(records: list[StageRecord], results: dict | None) -> tuple[dict | None, str]:
+    """The routing to show and what it is: BTX's on the single-domain held-out set (per domain)
+    once evaluated, else MiX-only's, else the MiX stage's load on its sample at initialisation."""
+    evaluated = (results or {}).get("routing") or {}
+    for name, which in (("btx", "BTX after finetuning"), ("btx-mix", "MiX before finetuning")):
+        if (evaluated.get(name) or {}).get("single"):
+            return evaluated[name]["single"], which
+    mixed = next((r.metrics.get("routing") for r in records if r.name == "mix"), None)
+    return mixed, "MiX at initialisation"
+
+
+def routing_png(config: BTXConfig, routing: dict, which: str) -> bytes:
+    """Per domain (one panel per layer group, domains x experts) when the routing has it, else the load."""
+    if "by_domain_top1" in routing:
+        return routing_by_domain_png(routing, dpi=DPI, title=f"{config.run_name}: share of each domain's "
+                                     f"held-out tokens whose top-1 expert is each expert ({which})")
+    return routing_load_png(routing, title=f"{config.run_name}: share of tokens per expert ({which})", dpi=DPI)
+
+
+def routing_section(config: BTXConfig, routing: dict, which: str, image: str, *, heading: str = "#") -> str:
+    """The routing heatmap (`image`: a data URI or a file beside the markdown), and for per-domain
+    routing one table per layer group and the per-layer own-expert table."""
+    if "by_domain_top1" not in routing:
+        return (f"{heading} {config.run_name}: routing ({which})\n\nEach row is a layer (H: routing entropy, "
+                f"nats); each cell the share of tokens routed to that expert.\n\n![routing heatmap]({image})\n")
+    return "\n".join([
+        f"{heading} {config.run_name}: routing per domain ({which})", "",
+        "Where each domain's held-out tokens go first: one panel per layer group, a row per domain, "
+        "a column per expert; each cell the share of the domain's tokens whose top-1 expert it is "
+        "(mean over the group's layers).", "", f"![routing per domain]({image})", "",
+        f"{heading}# Per layer group", "", routing_groups_markdown(routing),
+        f"{heading}# Per layer: own expert and least-used expert", "", routing_layers_markdown(routing)])
+
+
 def routing_markdown(config: BTXConfig, records: list[StageRecord], results: dict | None = None) -> str | None:
-    finetuned = ((results or {}).get("routing") or {}).get("btx")
-    routing = (finetuned["single"] if finetuned
-               else next((r.metrics.get("routing") for r in records if r.name == "mix"), None))
+    routing, which = moe_routing(records, results)
     if not routing:
         return None
-    which = "BTX after finetuning" if finetuned else "MiX at initialisation"
-    image = _image(routing_load_png(routing, title=f"{config.run_name}: share of tokens per expert ({which})",
-                                    dpi=DPI))
-    return (f"# {config.run_name}: routing\n\nEach row is a layer (H: routing entropy, nats); each "
-            f"cell the share of tokens routed to that expert.\n\n![routing heatmap]({image})\n")
+    return routing_section(config, routing, which, _image(routing_png(config, routing, which)))
 
 
 def merge_cost_markdown(config: BTXConfig, records: list[StageRecord], *, heading: str = "#") -> str | None:
@@ -186,7 +216,8 @@ def publish(config: BTXConfig) -> str:
                              key=artifact_key(run, "report"), description="Where the run's report is kept")
     for key, markdown, description in (
             ("loss-curves", loss_curves_markdown(config, records), "Training loss per step, per stage"),
-            ("routing", routing_markdown(config, records, results), "MoE routing per layer and expert"),
+            ("routing", routing_markdown(config, records, results),
+             "MoE routing: each domain's tokens per expert, per layer group"),
             ("merge-cost", merge_cost_markdown(config, records), "What MiX cost each domain, and where the weights went")):
         if markdown is not None:
             create_markdown_artifact(markdown, key=artifact_key(run, key), description=description)
@@ -243,7 +274,7 @@ def report_location(config: BTXConfig) -> str:
 
 
 def report_markdown(config: BTXConfig, records: list[StageRecord], results: dict | None,
-                    images: dict[str, str]) -> str:
+                    images: dict[str, str], routing_md: str | None = None) -> str:
     lines = [f"# btx run `{config.run_name}`", "",
              "Held-out loss, nats/token (lower is better):", "", "```",
              evaluation_table(config, records, results), "```", ""]
@@ -254,6 +285,8 @@ def report_markdown(config: BTXConfig, records: list[StageRecord], results: dict
         lines += [merge]
     for title, name in images.items():
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    if routing_md:
+        lines += [routing_md]
     lines += ["## Stage outputs", ""]
     lines += [f"- {r.name}: `{r.location}`" + (f" (manifest `{r.manifest.hash[:12]}`)" if r.manifest else
                                                 " (not complete)") for r in records]
@@ -272,7 +305,8 @@ def write_report(config: BTXConfig, store: Store | None = None) -> str:
     records, results = collect(config, store), evaluation(config, store)
     inputs = {r.name: r.manifest.hash for r in records if r.manifest}
     location = report_location(config)
-    config_hash = stable_hash({"stage": "report", "results": bool(results)})
+    # "routing": the report's routing became per domain; reports written before are rewritten.
+    config_hash = stable_hash({"stage": "report", "results": bool(results), "routing": "per-domain"})
     if store.exists_with(location, config_hash, inputs) is None:
         with tempfile.TemporaryDirectory(prefix="btx-report-") as tmp:
             images = {}
@@ -281,14 +315,12 @@ def write_report(config: BTXConfig, store: Store | None = None) -> str:
                 Path(tmp, "loss-curves.png").write_bytes(
                     loss_curves_png(curves, title=f"{config.run_name}: training loss per step", dpi=DPI))
                 images["Training loss"] = "loss-curves.png"
-            finetuned = ((results or {}).get("routing") or {}).get("btx")
-            routing = (finetuned["single"] if finetuned
-                       else next((r.metrics.get("routing") for r in records if r.name == "mix"), None))
+            routing, which = moe_routing(records, results)
+            section = None
             if routing:
-                Path(tmp, "routing.png").write_bytes(routing_load_png(
-                    routing, title=f"{config.run_name}: share of tokens per expert", dpi=DPI))
-                images["Routing per layer and expert"] = "routing.png"
-            Path(tmp, "report.md").write_text(report_markdown(config, records, results, images))
+                Path(tmp, "routing.png").write_bytes(routing_png(config, routing, which))
+                section = routing_section(config, routing, which, "routing.png", heading="##")
+            Path(tmp, "report.md").write_text(report_markdown(config, records, results, images, section))
             store.write_dir(Path(tmp), location, stage="report", config_hash=config_hash, inputs=inputs)
     return f"{location}/report.md"
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -27,6 +26,7 @@ from btx_core.store import layout
 from btx_core.store.core import checkpoint_location
 from btx_core.training.state import MODEL_FILE
 from tests.test_cli_e2e import btx
+from tests.test_model_card import hub_accepts
 from tests.test_mix_stage import ci_config
 
 # --- Branch-Train-Merge --------------------------------------------------------------------------
@@ -128,9 +128,13 @@ def test_finetune_trains_the_mixed_model_on_the_mixture(mixed):
     assert saved["architectures"] == ["MixtralForCausalLM"] and saved["output_router_logits"] is False
     assert saved["num_hidden_layers"] == layers
     assert saved["router_aux_loss_coef"] == pytest.approx(0.01 * layers)  # stock; unused by the paper's loss
-    card = yaml.safe_load((Path(out.location) / "README.md").read_text().split("---")[1])
-    assert card["base_model"] == layout.mix_model(config.run_root) and card["base_model_relation"] == "finetune"
+    text = (Path(out.location) / "README.md").read_text()
+    card = hub_accepts(text)
+    # A seed made by the run has no Hub id: no base_model, the store lineage under btx.
+    assert "base_model" not in card and card["btx"]["lineage"]["source"] == layout.mix_model(config.run_root)
     assert card["pipeline_tag"] == "text-generation" and "btx" in card["tags"]
+    assert "## Recipe" in text and "| finetune | math " in text and "| expert code | code |" in text
+    assert "## What the merge cost, before finetuning" in text
     assert (Path(out.location) / "generation_config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out.location)
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
@@ -303,7 +307,14 @@ def test_finetune_and_eval_commands(mixed):
     losses = evaluated.metrics["losses"]
     assert {"seed", "expert:math", "expert:code", "btx-mix", "btx", "btm-top1", "btm-top2"} <= set(losses)
     assert set(evaluated.metrics["merge_cost"]["losses"]) == {"math", "code"}  # MiX's, beside the losses
-    assert evaluate_run(config).skipped
+    # BTX's card gained the table and a model-index the Hub parses; the evaluation records the
+    # amended model, so nothing reruns and the model still verifies.
+    store, trained = open_store(config), layout.trained_model(config.run_root, "btx")
+    card = (Path(trained) / "README.md").read_text()
+    meta = hub_accepts(card)
+    assert meta["model-index"][0]["name"] == config.run_name and "## Held-out evaluation" in card
+    assert evaluated.manifest.inputs["btx"] == store.verify(trained).hash
+    assert evaluate_run(config).skipped and finetune(config).skipped
 
 
 @pytest.mark.integration

@@ -109,6 +109,9 @@ def test_every_artifact_is_published_under_stable_keys(first_run):
     assert sorted(found) == sorted(keys)
     heatmap = found["ci-routing"].data
     assert base64.b64decode(heatmap.split("data:image/png;base64,")[1].split(")")[0]).startswith(b"\x89PNG")
+    # Where each domain's tokens go (BTX, evaluated), not only each expert's load.
+    assert "routing per domain (BTX after finetuning)" in heatmap and "| Domain |" in heatmap
+    assert all(f"{d} tokens -> expert {d}" in heatmap for d in DOMAINS)
     for key in keys[:4]:
         assert found[key].type == "progress" and float(found[key].data) == 100.0, key
 
@@ -246,3 +249,4 @@ def test_btx_run_command_runs_the_whole_pipeline(tmp_path):
     assert {"report.md", "loss-curves.png", "routing.png"} <= set(kept.files), kept.files
     text = (report / "report.md").read_text()
     assert "expert:knowledge" in text and "![Training loss](loss-curves.png)" in text, text
+    assert "![routing per domain](routing.png)" in text and "knowledge tokens -> expert knowledge" in text, text

@@ -137,3 +137,57 @@ def test_report_tables_from_manifests(tmp_path):
     assert "data:image/png;base64," in routing_markdown(cfg, records)
     merge = merge_cost_markdown(cfg, records)
     assert "| math | 2.0000 | 2.5000 | 3.2500 | +0.5000 | +0.7500 |" in merge and "`branch.train: ffn`" in merge
+
+
+def btx_routing(layers: int = 5) -> dict:
+    """An evaluated MoE's routing (btx_core/evaluation/scores.py): math and code mostly to their own experts."""
+    experts, domains = ["math", "code", "seed"], ["math", "code"]
+    top1 = {d: [[0.8 - 0.1 * (layer % 2) if e == d else (0.2 + 0.1 * (layer % 2)) / 2 for e in experts]
+                for layer in range(layers)] for d in domains}
+    return {"experts": experts, "top_k": 2, "by_domain_top1": top1, "by_domain_topk": top1,
+            "load": [[0.4, 0.4, 0.2]] * layers, "entropy": [0.7] * layers}
+
+
+def test_routing_per_domain_by_layer_group():
+    from btx_core.evaluation.plots import routing_by_domain_png
+    from btx_core.evaluation.report import layer_groups, routing_by_group, routing_groups_markdown
+
+    assert layer_groups(5) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
+    assert layer_groups(2) == [range(0, 1), range(1, 2)] and layer_groups(32, 4)[-1] == range(24, 32)
+    routing = btx_routing()
+    groups = routing_by_group(routing)
+    assert list(groups) == ["layers 0-1", "layer 2", "layer 3", "layer 4"]
+    # Layers 0 (0.8 to math) and 1 (0.7) averaged; rows are domains, columns experts.
+    assert groups["layers 0-1"][0] == pytest.approx([0.75, 0.125, 0.125])
+    assert groups["layer 3"][1] == pytest.approx([0.15, 0.7, 0.15])
+    tables = routing_groups_markdown(routing)
+    assert "**Layers 0-1**" in tables and "| Domain | math | code | seed |" in tables
+    assert "| math | 75% | 12% | 12% |" in tables and "| code | 15% | 70% | 15% |" in tables
+    image = png_of(routing_by_domain_png(routing, title="per domain"))
+    assert image.size[0] > 4 * 150  # four panels side by side
+    with pytest.raises(ValueError, match="3 experts"):
+        routing_by_group({**routing, "experts": ["a", "b", "c"], "by_domain_top1": {"math": [[1.0, 0.0]]}})
+
+
+def test_routing_artifact_and_report_show_each_domains_tokens(tmp_path):
+    from btx_core.store.manifest import Manifest
+    from flows.report import StageRecord, moe_routing, report_markdown, routing_markdown, stage_locations
+
+    raw = ci_raw()
+    raw["store"] = str(tmp_path / "store")
+    cfg = parse_config(raw)
+    mix = Manifest(stage="mix", created_at="2026-11-01T00:00:00+00:00", config_hash="x", files={},
+                   metrics={"routing": {"experts": ["a", "b"], "entropy": [0.6], "load": [[0.7, 0.3]]}})
+    records = [StageRecord(name, location, mix if name == "mix" else None, [])
+               for name, location, _ in stage_locations(cfg)]
+    assert moe_routing(records, None)[1] == "MiX at initialisation"
+    results = {"routing": {"btx-mix": {"single": btx_routing(2)}, "btx": {"single": btx_routing(4)}}}
+    routing, which = moe_routing(records, results)
+    assert which == "BTX after finetuning" and len(routing["load"]) == 4
+    markdown = routing_markdown(cfg, records, results)
+    assert "routing per domain (BTX after finetuning)" in markdown
+    assert markdown.count("![routing per domain](data:image/png;base64,") == 1
+    assert all(f"**Layer {i}**" in markdown for i in range(4))  # 4 layers: a group each
+    assert "| Layer | math tokens -> expert math | code tokens -> expert code | Least-used expert |" in markdown
+    report = report_markdown(cfg, records, None, {}, markdown.replace("# ", "## ", 1))
+    assert "## ci: routing per domain" in report

@@ -19,6 +19,7 @@ from btx_core.stages.mix_dirs import experts_from_dirs, mix_dirs, samples_from_p
 from btx_core.stages.seed import build_seed
 from btx_core.store import layout
 from tests.test_cli_e2e import btx
+from tests.test_model_card import hub_accepts
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[1]
@@ -69,6 +70,9 @@ def test_mix_stage_writes_a_mixtral_with_lineage_and_routing_report(trained):
     card = (path / "README.md").read_text()
     for value in [*experts.values(), seed.hash]:
         assert value[:16] in card
+    meta = hub_accepts(card)  # a seed the run made: no Hub id, so no base_model; its store path under btx
+    assert "base_model" not in meta and meta["btx"]["lineage"]["seed"] == layout.seed_model(config.run_root)
+    assert "## Recipe" in card and "| expert math | math |" in card and "| seed (pretrained) | general |" in card
     # What the merge cost, measured in the same stage: in the manifest, the card and the command's notes.
     cost = out.metrics["merge_cost"]
     assert set(cost["losses"]) == {"math", "code", "knowledge"} and set(cost["distances"]["experts"]) == {

@@ -1,5 +1,6 @@
-"""Figures of a run's results as PNG bytes: routing heatmaps (layers x experts, one renderer for
-the MiX stage's load and the comparison's per-domain shares) and training-loss curves.
+"""Figures of a run's results as PNG bytes: routing heatmaps (one renderer for the MiX stage's
+load, layers x experts; the comparison's per-domain shares, layers x experts per domain; and a
+run's per-domain shares, domains x experts per layer group) and training-loss curves.
 matplotlib is imported lazily, with the Agg backend: nothing here needs a display."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from btx_core.evaluation.report import routing_by_group
 
 DPI = 110
 
@@ -38,17 +41,17 @@ def heatmap_png(panels: Mapping[str, Sequence[Sequence[float]]], *, columns: Seq
     top = vmax if vmax is not None else max(max(row) for grid in grids.values() for row in grid) or 1.0
     fig, axes = plt.subplots(1, len(grids), squeeze=False,
                              figsize=(0.3 + len(grids) * (0.9 + 0.55 * len(columns)), max(3.2, 0.9 + 0.42 * len(rows))))
-    for ax, (name, grid) in zip(axes[0], grids.items()):
+    for i, (ax, (name, grid)) in enumerate(zip(axes[0], grids.items())):
         image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=top, aspect="auto")
         if name:
             ax.set_title(name, fontsize=10)
         ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_yticks(range(len(rows)), rows if i == 0 else [], fontsize=8)  # the panels share their rows
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if value < 0.6 * top else "black")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.0 + 0.25 / fig.get_figheight())  # above the panels' titles
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.04, pad=0.03)
     return _png(fig, dpi)
 
@@ -92,6 +95,14 @@ def routing_heatmap(routing: Mapping, path: Path, *, title: str, key: str = "by_
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
     return path
+
+
+def routing_by_domain_png(routing: Mapping, *, title: str, key: str = "by_domain_top1", groups: int = 4,
+                          dpi: int = DPI) -> bytes:
+    """One panel per layer group (`report.routing_by_group`): domains x experts, the share of
+    each domain's tokens whose top-1 expert is that one, on one scale from 0 to 1."""
+    return heatmap_png(routing_by_group(routing, key, groups), columns=[str(e) for e in routing["experts"]],
+                       rows=list(routing[key]), title=title, vmax=1.0, dpi=dpi)
 
 
 def _smooth(values: Sequence[float], window: int) -> list[float]:

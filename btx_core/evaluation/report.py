@@ -155,6 +155,48 @@ def routing_csv(routing: Mapping, key: str = "by_domain_top1") -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- routing per domain, by layer group: where each domain's tokens go first ------------------------
+
+def layer_groups(layers: int, groups: int = 4) -> list[range]:
+    """`layers` split into at most `groups` runs of consecutive layers, as even as they come."""
+    if layers < 1 or groups < 1:
+        raise ValueError(f"routing: {layers} layers cannot be split into {groups} groups")
+    return [range(int(part[0]), int(part[-1]) + 1) for part in np.array_split(np.arange(layers), min(groups, layers))]
+
+
+def group_label(group: range) -> str:
+    return f"layer {group[0]}" if len(group) == 1 else f"layers {group[0]}-{group[-1]}"
+
+
+def routing_by_group(routing: Mapping, key: str = "by_domain_top1", groups: int = 4) -> dict[str, list[list[float]]]:
+    """Layer-group label -> [domain][expert]: the share of each domain's tokens (top-1: whose
+    first expert it is) routed to each expert, averaged over the group's layers (every layer
+    routes the same tokens, so the mean is the group's share). Domains in `routing[key]`'s order."""
+    shares = {d: np.asarray(layers, dtype=float) for d, layers in routing[key].items()}
+    if not shares:
+        raise ValueError(f"routing has no domains under {key!r}")
+    depth = {grid.shape for grid in shares.values()}
+    if len(depth) != 1 or len(next(iter(depth))) != 2 or next(iter(depth))[1] != len(routing["experts"]):
+        raise ValueError(f"routing: {key} must be [layer][expert] for every domain, with "
+                         f"{len(routing['experts'])} experts; got shapes {sorted(depth)}")
+    layers = next(iter(depth))[0]
+    return {group_label(g): [grid[g.start:g.stop].mean(axis=0).tolist() for grid in shares.values()]
+            for g in layer_groups(layers, groups)}
+
+
+def routing_groups_markdown(routing: Mapping, key: str = "by_domain_top1", groups: int = 4) -> str:
+    """One table per layer group: a row per domain, a column per expert, the share of the
+    domain's tokens whose top-1 expert that is."""
+    experts, domains = list(routing["experts"]), list(routing[key])
+    out = []
+    for label, grid in routing_by_group(routing, key, groups).items():
+        out += [f"**{label.capitalize()}**", "", "| Domain | " + " | ".join(experts) + " |",
+                "|---" * (len(experts) + 1) + "|"]
+        out += [f"| {d} | " + " | ".join(f"{x:.0%}" for x in row) + " |" for d, row in zip(domains, grid)]
+        out.append("")
+    return "\n".join(out)
+
+
 # --- routing per layer, summarised: specialisation and the least-used expert ------------------------
 
 def routing_summary(routing: Mapping) -> dict:

@@ -80,6 +80,8 @@ class TrainingRun:
     inputs: dict[str, str]
     card_source: tuple[str, Path] | None = None
     """(the source model's location, its local directory): the saved model gets a model card."""
+    card_facts: dict | None = None
+    """What else the card says (`write_finetune_card`'s lineage, recipe, lr, sections)."""
 
     def heldout_loss(self, model, data: TokenizedSplits) -> float:
         s = self.settings
@@ -125,7 +127,7 @@ class TrainingRun:
                     sink.lease.check()
                 save_model(self.store, model, tokenizer, self.location, stage=self.stage,
                            config_hash=self.config_hash, inputs=self.inputs, metrics=metrics,
-                           card_source=self.card_source, fence=sink.lease)
+                           card_source=self.card_source, card_facts=self.card_facts, fence=sink.lease)
         notes = [f"resumed from step {result.resumed_from}"] if result.resumed_from else []
         return StageOutput(self.location, self.store.read_manifest(self.location), skipped=False,
                            notes=notes)
@@ -197,7 +199,7 @@ def complete_input(store: Store, location: str, what: str, command: str) -> Mani
 
 def save_model(store: Store, model, tokenizer, location: str, *, stage: str, config_hash: str,
                inputs: dict[str, str], metrics: dict, card_source: tuple[str, Path] | None = None,
-               fence: WriterLease | None = None) -> Manifest:
+               card_facts: dict | None = None, fence: WriterLease | None = None) -> Manifest:
     """Save in the model's own dtype, HF layout, safetensors (config, generation config, tokenizer,
     and with `card_source` a model card); then commit to the store. An MoE is saved with
     `output_router_logits` off: training turns it on for its run, inference has no use for it."""
@@ -218,6 +220,7 @@ def save_model(store: Store, model, tokenizer, location: str, *, stage: str, con
         if card_source is not None:
             source, source_dir = card_source
             write_finetune_card(Path(tmp), config=model.config.to_dict(), source=source,
-                                source_card=read_front_matter(source_dir), stage=stage, metrics=metrics)
+                                source_card=read_front_matter(source_dir), stage=stage, metrics=metrics,
+                                **(card_facts or {}))
         return store.write_dir(Path(tmp), location, stage=stage, config_hash=config_hash,
                                inputs=inputs, metrics=metrics, fence=fence)

@@ -13,8 +13,9 @@ from pathlib import Path
 from btx_core.config.schema import BTXConfig, stable_hash
 from btx_core.data.cache import ensure_prepared, tokenizer_id
 from btx_core.evaluation.scores import EvalSets, ModelScores, btm_scores, build_eval_sets, score_model
+from btx_core.model.card import evaluation_markdown, model_index, with_evaluation
 from btx_core.model.dense import load_causal_lm
-from btx_core.stages.common import cache_dir, open_store, unless_done
+from btx_core.stages.common import cache_dir, open_store, stage_lease, unless_done
 from btx_core.store import layout
 from btx_core.store.core import Store
 from btx_core.store.lease import WriterLease
@@ -70,7 +71,8 @@ def evaluate_location(config: BTXConfig, location: str) -> dict:
 def evaluate_run(config: BTXConfig) -> StageOutput:
     """The pipeline's evaluation stage: the seed, each expert, their BTM ensembles, the MiX output
     and (once finetuned) BTX on both held-out sets; the losses and BTX's routing go into the
-    manifest of `<run>/eval/results` (with results.json). Skipped when nothing changed."""
+    manifest of `<run>/eval/results` (with results.json), and the table into BTX's model card.
+    Skipped when nothing changed."""
     store = open_store(config)
     models = {"seed": layout.seed_model(config.run_root),
               **{f"expert:{d.name}": layout.expert_model(config.run_root, d.name) for d in config.domains},
@@ -85,6 +87,17 @@ def evaluate_run(config: BTXConfig) -> StageOutput:
                        lambda lease: _evaluate(config, store, models, location, config_hash, inputs, lease))
 
 
+def card_with_evaluation(config: BTXConfig, store: Store, location: str, results: dict) -> str:
+    """Add the held-out table (and the Hub's `model-index`) to the card of the model at
+    `location`, under its stage's writer lease; returns the model's new manifest hash."""
+    domains = [d.name for d in config.domains]
+    text = store.read_file(location, "README.md", store.read_manifest(location)).decode()
+    card = with_evaluation(text, model_index(config.run_name, results["btx"], domains),
+                           evaluation_markdown(results, domains, "btx"))
+    with stage_lease(store, config, location) as lease:
+        return store.amend(location, {"README.md": card.encode()}, fence=lease).hash
+
+
 def _evaluate(config: BTXConfig, store: Store, models: dict[str, str], location: str, config_hash: str,
               inputs: dict[str, str], lease: WriterLease | None) -> StageOutput:
     sets = eval_sets(config)
@@ -95,6 +108,8 @@ def _evaluate(config: BTXConfig, store: Store, models: dict[str, str], location:
     routing = {name: s.routing for name, s in scores.items() if s.routing}
     # What the merge cost (measured by the MiX stage: btx_core/evaluation/merge_cost.py), beside the losses.
     merge = store.read_manifest(models["btx-mix"]).metrics.get("merge_cost")
+    if "btx" in models:  # the finetuned model's card gains the table; its new manifest is this stage's input
+        inputs = {**inputs, "btx": card_with_evaluation(config, store, models["btx"], results)}
     with tempfile.TemporaryDirectory(prefix="btx-eval-") as tmp:
         (Path(tmp) / "results.json").write_text(json.dumps({"losses": results, "routing": routing,
                                                             "merge_cost": merge, "sets": sets.describe()}, indent=1))

@@ -19,9 +19,11 @@ from btx_core.data.cache import PreparedData, ensure_prepared, tokenizer_id
 from btx_core.data.prepare import TokenizedSplits
 from btx_core.data.shards import BlockMixture, Blocks
 from btx_core.errors import BTXError
+from btx_core.evaluation import merge_cost
 from btx_core.model.dense import load_causal_lm
 from btx_core.moe.routing import RouterObjective, RoutingPlan, configure, freeze_experts
 from btx_core.stages.common import ProgressCallback, TrainingRun, cache_dir, complete_input, open_store
+from btx_core.stages.lineage import lineage, recipe
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
 from btx_core.store.outputs import STAGE_FORMAT, StageOutput
@@ -114,6 +116,16 @@ def prepared_sources(config: BTXConfig, store: Store, seed_location: str, seed: 
 
 # --- the stage -----------------------------------------------------------------------------------
 
+def card_facts(config: BTXConfig, store: Store, kind: str, seed: Manifest, model_dir, source: Manifest) -> dict:
+    """What the finetuned model's card says beyond its own training: the seed's lineage (the
+    dense baseline's source is the seed itself, whose card may name a base_model), the stages
+    before (the experts: BTX only), the peak lr, and what BTX's merge cost."""
+    cost = source.metrics.get("merge_cost") if kind == "btx" else None
+    return {"lineage": lineage(config, seed, model_dir if kind == "dense" else None),
+            "recipe": recipe(config, store, experts=kind == "btx"), "lr": settings_of(config).training.lr,
+            "sections": {"What the merge cost, before finetuning": merge_cost.markdown(cost)} if cost else {}}
+
+
 def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, name: str | None = None,
              on_progress: ProgressCallback | None = None, stop_after: int | None = None,
              source: str | None = None) -> StageOutput:
@@ -166,7 +178,8 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     data = build_mixture(splits, weights, settings.seed)
     run = TrainingRun(store, config, settings, ranks, location=location,
                       checkpoints=layout.trained_checkpoints(config.run_root, name), stage="finetune",
-                      config_hash=config_hash, inputs=inputs, card_source=(source, model_dir))
+                      config_hash=config_hash, inputs=inputs, card_source=(source, model_dir),
+                      card_facts=card_facts(config, store, kind, seed, model_dir, source_manifest))
     metrics.update(start_heldout_loss=run.heldout_loss(model, data),
                    trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
     log.info("finetune %s (%s): %d steps from %s", name, kind, settings.total_steps(ranks.world_size), source)

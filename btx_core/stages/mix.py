@@ -10,10 +10,11 @@ from pathlib import Path
 from btx_core.config.schema import BTXConfig, parse_bytes, stable_hash
 from btx_core.data.cache import ensure_prepared, tokenizer_id
 from btx_core.evaluation import merge_cost
-from btx_core.model.card import append_section, seed_lineage
+from btx_core.model.card import append_section, recipe_markdown
 from btx_core.moe.mix import Expert, MixOptions, mix
 from btx_core.moe.router_init import RoutingSamples
 from btx_core.stages.common import cache_dir, complete_input, open_store, unless_done
+from btx_core.stages.lineage import lineage, recipe
 from btx_core.stages.mix_dirs import routing_notes, sample_blocks
 from btx_core.store import layout
 from btx_core.store.core import Manifest, Store
@@ -80,10 +81,10 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None 
         started = time.perf_counter()
         with store.staging_dir(location, cache) as tmp:
             seed_dir = local.get(seed_location)  # the seed's own card (license, base_model), when fetched
-            lineage = seed_lineage(seed_dir, seed.extra.get("source") or seed_location)
             result = mix(experts, options_from_config(config, upcycle=upcycle), tmp, samples=samples,
                          card={"title": f"{config.run_name}: {'sparse upcycling' if upcycle else 'BTX'} MoE",
-                               **lineage})
+                               **lineage(config, seed, seed_dir)})
+            append_section(tmp, "Recipe", recipe_markdown(recipe(config, store, experts=not upcycle)))
             metrics = {"routing": result.routing, "experts": [e.name for e in experts],
                        "wall_s": time.perf_counter() - started}
             notes = routing_notes(result.routing)

@@ -54,7 +54,9 @@ def _import_seed(config: BTXConfig, store: Store, location: str, config_hash: st
         load_tokenizer(str(local), trust_remote_code=config.seed.trust_remote_code)
         staged = Path(tmp) / "staged"
         _copy_model_files(local, staged)
-        extra = {"source": source, **({"offline_copy": copy_of} if copy_of else {})}
+        # `hub_id`: the model cards' base_model (model/card.py); a store URI or a directory is no Hub id.
+        hub = {"hub_id": source} if "://" not in source and not Path(source).expanduser().is_dir() else {}
+        extra = {"source": source, **hub, **({"offline_copy": copy_of} if copy_of else {})}
         out = commit_under_lease(store, config, staged, location, stage="seed", config_hash=config_hash,
                                  metrics=breakdown.metrics, extra=extra)
     notes = [f"seed: {breakdown.describe()}"]

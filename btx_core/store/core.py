@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from btx_core.errors import IncompleteOutputError, IntegrityError
+from btx_core.errors import IncompleteOutputError, IntegrityError, StoreError
 from btx_core.store.checkpoints import checkpoint_location, steps_in, to_prune
 from btx_core.store.commit import (
     Commit,
@@ -202,6 +202,35 @@ class Store:
                 commit.to_remote(path)
         log.info("wrote %s: %d files, %d bytes, manifest %s", location, len(entries),
                  sum(e.size for e in entries.values()), manifest.hash[:12])
+        return manifest
+
+    def amend(self, location: str, files: Mapping[str, bytes], *, fence: Fence | None = None) -> Manifest:
+        """Replace (or add) a few small files of a complete output, its other files, config hash,
+        inputs and metrics kept: a model card that gains the run's evaluation. The old manifest
+        goes first and the new one comes last, so no reader sees a file its manifest does not
+        describe; a writer killed in between leaves the output incomplete (its stage reruns).
+        Returns the new manifest (a new hash: record it where this output is an input)."""
+        old = self.read_manifest(location)
+        entries = {**old.files, **{rel: FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+                                   for rel, data in files.items()}}
+        manifest = Manifest(**{**old.model_dump(), "files": entries,
+                               "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "lease_generation": fence.generation if fence else old.lease_generation})
+        path = self._path(location, allow_root=False)
+        with self._errors(location, "amending"):
+            if fence is not None:
+                fence.check_commit(location)
+            self.fs.rm(f"{path}/{MANIFEST}")
+            for rel, data in files.items():
+                self.fs.pipe_file(f"{path}/{rel}", data)
+            sizes = self._stored_sizes(path)
+            if any(sizes.get(rel) != len(data) for rel, data in files.items()):
+                raise StoreError(f"amending {location}: a file was not stored whole; rerun its stage")
+            if fence is not None:
+                fence.check_commit(location)
+            self.fs.pipe_file(f"{path}/{MANIFEST}", manifest.to_json())
+            self.fs.invalidate_cache(path)
+        log.info("amended %s: %s, manifest %s", location, ", ".join(sorted(files)), manifest.hash[:12])
         return manifest
 
     @contextlib.contextmanager
