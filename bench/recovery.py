@@ -4,7 +4,7 @@ BENCHMARKS.md "Recovery".
     .venv/bin/python bench/recovery.py [--slow] [--json FILE]
 
 Runs the fault tests that reproduce each failure (tests/faults/test_cluster_faults.py, the
-run-name slot test of tests/test_orchestration.py; with --slow also the lost-node test of
+run-name slot test of tests/integration/test_orchestration.py; with --slow also the lost-node test of
 tests/faults/test_process_faults.py) in one pytest session: PostgreSQL, a Prefect server on it,
 moto, process workers, the deployments of infra/prefect.yaml (tests/prefect_harness.py). Each
 test records, from the flow runs' state histories, the seconds from the fault to the recovery
@@ -23,8 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/faults/test_cluster_faults.py",
-         "tests/test_orchestration.py::test_one_pipeline_run_per_run_name_and_a_dead_holder_blocks_it_one_lease_at_most",
-         "tests/test_orchestration.py::test_cancel_from_the_api_checkpoints_at_the_step_reached"]
+         "tests/integration/test_orchestration.py::test_one_pipeline_run_per_run_name_and_a_dead_holder_blocks_it_one_lease_at_most",
+         "tests/integration/test_orchestration.py::test_cancel_from_the_api_checkpoints_at_the_step_reached"]
 SLOW = ["tests/faults/test_process_faults.py::test_crashed_branch_is_retried_by_the_pipeline_itself"]
 
 

@@ -12,7 +12,7 @@ and its check of each download (`request_checksum_calculation`, `response_checks
 the store's `store_transfer.upload_checksums` / `download_checksums`). Every side uses the same
 setting, so that the sides differ only in how they move the files. rclone needs
 `when_required`: it answers ranged GETs of an object uploaded in one PUT with the whole
-object's CRC, which botocore's default check rejects (tests/test_store_rclone.py). It writes
+object's CRC, which botocore's default check rejects (tests/integration/test_store_rclone.py). It writes
 `--files` checkpoint-like shards of `--mb` MB random bytes, and times:
 
 - single: s3fs with default settings, one file at a time (`fs.put_file`, then `fs.get_file`);

@@ -128,7 +128,7 @@ class TransferPolicy(StrictModel):
     spares the SHA-256 of the body that request signing would otherwise need. `when_required`
     sends none: for S3-compatible stores that refuse the checksum headers, or answer a ranged
     read with the whole object's CRC, which botocore's own check then rejects in every reader
-    that keeps botocore's defaults (`rclone serve s3`; tests/test_store_rclone.py).
+    that keeps botocore's defaults (`rclone serve s3`; tests/integration/test_store_rclone.py).
     `AWS_REQUEST_CHECKSUM_CALCULATION` in the environment wins."""
     download_checksums: Literal["when_required", "when_supported"] = "when_required"
     """botocore's `response_checksum_validation`: `when_required` (btx's default) leaves the

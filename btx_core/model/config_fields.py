@@ -5,7 +5,7 @@ Each field of each dense config class (`LlamaConfig().to_dict()` etc.) has one r
 - `Drop`: the MoE config leaves it out, for the reason given (it does not change the forward pass);
 - `Only`: the MoE class can hold one value only; a seed with another is refused, naming the field;
 - `Special`: a handler translates it (RoPE parameters, Qwen3's per-layer attention kinds).
-tests/test_config_fields.py checks that the table covers every field of every dense config class of
+tests/unit/test_config_fields.py checks that the table covers every field of every dense config class of
 the installed transformers, so a field a future version adds fails a test instead of vanishing.
 
 The seed's config is read with `AutoConfig` (transformers-4 `rope_theta`/`rope_scaling`/`torch_dtype`

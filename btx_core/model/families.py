@@ -74,7 +74,7 @@ class DenseFamily:
     """Tensors outside the layers (lm_head is absent when tied to the embeddings)."""
     moe: MoETarget
     rope_types: tuple[str, ...] = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
-    """RoPE types whose MoE was shown equal to the dense model (tests/test_families.py)."""
+    """RoPE types whose MoE was shown equal to the dense model (tests/unit/test_families.py)."""
     norm_layer: tuple[str, ...] = ()
     """The per-layer norm weights among `shared_layer` (q/k norms included): what
     `branch.train: ffn_and_norms` still trains, and the `norms` kind of the merge-cost report."""

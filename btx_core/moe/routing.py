@@ -204,7 +204,7 @@ def configure(model, plan: RoutingPlan) -> None:
 def aux_loss_coefficient(alpha: float, num_layers: int) -> float:
     """transformers averages its load-balancing loss over layers; the paper sums alpha x L_LB per
     layer, hence alpha x num_layers. transformers' loss counts a top-k token k times, so at
-    perfect balance this is k x the paper's (tests/test_load_balancing.py)."""
+    perfect balance this is k x the paper's (tests/unit/test_load_balancing.py)."""
     return alpha * num_layers
 
 

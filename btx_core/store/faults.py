@@ -92,7 +92,7 @@ def explain(exc: BaseException, where: str, *, bucket: str, local: bool,
         return (f"access denied ({where}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in "
                 "the environment and the bucket's permissions"), False
     if any(isinstance(e, FlexibleChecksumError) for e in chain):
-        # S3-compatible servers answer botocore's checksums their own way (tests/test_store_rclone.py)
+        # S3-compatible servers answer botocore's checksums their own way (tests/integration/test_store_rclone.py)
         return (f"botocore's checksum check (FlexibleChecksumError) rejected a download ({where}): "
                 "if the server is S3-compatible rather than AWS, set store_transfer.download_checksums: "
                 "when_required (the default: every fetch checks sha256 against the manifest), and "

@@ -53,7 +53,7 @@ def init_distributed(device: str = "auto") -> Dist:
 def _leave_process_group() -> None:
     """Destroy the process group at exit, before the interpreter tears down, as PyTorch asks:
     left to the teardown, gloo's threads can abort a rank that has finished its work
-    ("terminate called without an active exception", seen once in tests/test_data_shards.py)."""
+    ("terminate called without an active exception", seen once in tests/{unit,integration}/test_data_shards.py)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

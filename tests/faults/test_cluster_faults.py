@@ -11,7 +11,7 @@ tests/prefect_harness.py (PostgreSQL-backed Prefect server, process pools and wo
 - the Prefect server, then PostgreSQL, restarted mid-run: the pipeline finishes, no branch is
   trained twice, the run name's slot is not leaked, and the next run of the name starts.
 
-The rules behind each recovery, in isolation: tests/test_recovery_logic.py.
+The rules behind each recovery, in isolation: tests/unit/test_recovery_logic.py.
 """
 
 from __future__ import annotations
@@ -24,14 +24,11 @@ import sys
 import time
 from datetime import datetime, timezone
 
-import pytest
 import yaml
 
+from tests.integration.test_orchestration import _children, _logs, _pipeline_run
 from tests.prefect_harness import EXPERT_POOLS, REPO, descendants, stop_groups, wait_for
 from tests.support.recovery import record, seconds_between
-from tests.test_orchestration import _children, _logs, _pipeline_run
-
-pytestmark = pytest.mark.integration
 
 
 def _config(run, name: str, domains: dict[str, str], steps: int = 120, every: int = 10, batch_size: int | None = None,
@@ -249,3 +246,4 @@ def test_restarted_server_and_database_neither_stop_the_pipeline_nor_leak_its_sl
     assert nxt.state.is_completed(), (nxt.state, _logs(cluster, nxt.id)[-3000:])
     again = _child(cluster, nxt.id, "knowledge")  # its branch found its output and trained nothing
     assert "already complete (same config and inputs): reused" in _logs(cluster, again.id), _logs(cluster, again.id)
+

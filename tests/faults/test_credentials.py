@@ -72,7 +72,6 @@ def _failing_branch_config(run: PipelineRun, store: str) -> dict:
     return config
 
 
-@pytest.mark.integration
 def test_s3_errors_never_echo_a_secret(btx_pipeline_run: PipelineRun, s3_endpoint: str,
                                        s3_auth_enforced: None) -> None:
     """A missing bucket and refused credentials, raised by btx_core.store.core.Store in this process
@@ -129,7 +128,6 @@ def test_s3_errors_never_echo_a_secret(btx_pipeline_run: PipelineRun, s3_endpoin
         assert not _leaks(cluster, text), (pool, _leaks(cluster, text))
 
 
-@pytest.mark.integration
 def test_no_credential_in_any_log_artifact_event_or_stored_file(btx_pipeline_run: PipelineRun) -> None:
     """After the pipeline run (and whatever else this session ran on the cluster): every log file,
     log line, artifact, event, flow run, deployment and work pool on the server, and every object
@@ -174,3 +172,4 @@ def test_no_credential_in_any_log_artifact_event_or_stored_file(btx_pipeline_run
     # Each source was really read: the pipeline logs, publishes artifacts and writes manifests.
     assert searched["flow-run logs"] > 50 and searched["artifacts"] > 5 and searched["events"] > 50, searched
     assert sum(key.endswith("/_manifest.json") for key in keys) >= 4, keys
+

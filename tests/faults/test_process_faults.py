@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from btx_core.store.core import Store
-from tests.test_cli_e2e import BTX, btx, seeded, write_config  # noqa: F401 - `seeded` is a fixture
+from tests.integration.test_cli_e2e import BTX, btx, seeded, write_config  # noqa: F401 - `seeded` is a fixture
 
 # The kill points are random but reproducible; BTX_FAULT_SEED draws others.
 FAULT_SEED = int(os.environ.get("BTX_FAULT_SEED", "6"))
@@ -92,7 +92,6 @@ def _resumed_from(output: str) -> int | None:
     return int(found.pop()) if found else None
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_expert_killed_three_times_resumes_each_time_and_ends_with_the_uninterrupted_weights(seeded):
     work, seeded_store, _ = seeded
@@ -288,7 +287,6 @@ def _gone(pids: list[int]) -> bool:
     return not any(_alive(pid) for pid in pids)
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_crashed_branch_is_retried_by_the_pipeline_itself(btx_deployed, btx_pipeline_run):
     """Two real faults on the branch of a running pipeline, and no human action: (1) SIGKILL to
@@ -385,3 +383,4 @@ def test_crashed_branch_is_retried_by_the_pipeline_itself(btx_deployed, btx_pipe
         for pid in leftovers:
             if not _gone([pid]):
                 os.kill(pid, signal.SIGKILL)
+

@@ -27,9 +27,13 @@ from btx_core.stages.mix import mix_stage
 from btx_core.stages.seed import build_seed
 from btx_core.store import layout
 from btx_core.store.core import Store, checkpoint_location
-from tests.test_mix_stage import ci_config as mix_config
-from tests.test_stages_s3 import ci_config
-from tests.test_store import stored_path, write
+from tests.integration.test_mix_stage import ci_config as mix_config
+from tests.integration.test_stages_s3 import ci_config
+from tests.support.params import param_fixture
+from tests.unit.test_store import stored_path, write
+
+# the integration values of test_disk_full_partway_through_a_write_leaves_no_output's parameter
+kind = param_fixture("kind", "s3")
 
 OUTAGE_S = 30
 
@@ -63,7 +67,6 @@ def _outage_during_upload_of(marker: str, start_outage, monkeypatch) -> threadin
 # -- the S3 endpoint stopped during a checkpoint upload ---------------------------------------
 
 
-@pytest.mark.integration
 @pytest.mark.slow  # 50 s; the default suite keeps the outage past the retries and the lost endpoint of test_data_ranged
 def test_checkpoint_upload_rides_out_a_30s_endpoint_outage(restartable_s3, s3_root, s3_endpoint,
                                                            tmp_path, monkeypatch):
@@ -92,7 +95,6 @@ def test_checkpoint_upload_rides_out_a_30s_endpoint_outage(restartable_s3, s3_ro
     assert out.metrics["steps"] == 12 and store.verify(out.location) == out.manifest
 
 
-@pytest.mark.integration
 def test_outage_past_the_retries_fails_cleanly_and_the_next_run_resumes(restartable_s3, s3_root, s3_endpoint,
                                                                        tmp_path, monkeypatch):
     # One file at a time, so the checkpoint cut short holds exactly its first file; few tries.
@@ -124,45 +126,6 @@ def test_outage_past_the_retries_fails_cleanly_and_the_next_run_resumes(restarta
     store.verify(checkpoint_location(prefix, 8))
 
 
-@pytest.mark.unit
-def test_s3_stores_retry_through_botocore_in_adaptive_mode():
-    # Building the client makes no request: this checks the configuration botocore really got.
-    store = Store("s3://btx-retry-config/run", storage_options={"skip_instance_cache": True})
-    store.fs.connect()
-    assert store.fs.s3.meta.config.retries == {"mode": "adaptive", "total_max_attempts": Store.transfer.attempts}
-    few = Store("s3://btx-retry-config/run", transfer=TransferPolicy(attempts=2))
-    assert few.fs.config_kwargs["retries"]["total_max_attempts"] == 2 and few.transfer.attempts == 2
-    own = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 4}}}
-    assert Store("s3://btx-retry-config/run", storage_options=own).fs.config_kwargs == {
-        **own["config_kwargs"],  # the caller's retries kept; the store's checksum settings added
-        "request_checksum_calculation": "when_supported", "response_checksum_validation": "when_required"}
-    assert store.fs.s3.meta.config.response_checksum_validation == "when_required"
-
-
-@pytest.mark.unit
-def test_default_retries_outlast_the_outage():
-    # botocore waits rand(0, 1) * min(2^i, 20) s before retry i. Even with every wait at its
-    # lower quartile, the default tries wait longer than the outage in all...
-    from botocore.retries.quota import RetryQuota
-    from botocore.retries.standard import ExponentialBackoff, RetryQuotaChecker
-
-    class Attempt:
-        def __init__(self, n):
-            self.attempt_number, self.request_context, self.caught_exception = n, {}, None
-            self.http_response = self.parsed_response = None
-
-        def get_error_code(self):
-            return None
-
-    policy, low = TransferPolicy(), ExponentialBackoff(random=lambda: 0.25)
-    waits = [low.delay_amount(Attempt(n)) for n in range(1, policy.attempts)]
-    assert sum(waits) > 2 * OUTAGE_S
-    # ...and the client's retry quota lets every file of a batch use all of its tries.
-    spent = policy.files_at_once * (policy.attempts - 1) * RetryQuotaChecker._RETRY_COST
-    assert spent <= RetryQuota.INITIAL_CAPACITY
-
-
-@pytest.mark.integration
 def test_missing_buckets_and_refused_credentials_are_not_retried(s3_root, tmp_path, monkeypatch, request):
     monkeypatch.setattr(Store, "transfer", TransferPolicy(attempts=8))
     for message in ("does not exist", "access denied"):
@@ -180,7 +143,6 @@ def test_missing_buckets_and_refused_credentials_are_not_retried(s3_root, tmp_pa
 # -- flipped bytes in a stored shard --------------------------------------------------------------
 
 
-@pytest.mark.integration
 def test_flipped_bytes_in_a_stored_shard_are_refused_and_mix_does_not_start(s3_root, tmp_path):
     config = mix_config(s3_root, tmp_path / "cache", domains=2, include_seed=False, top_k=1)
     build_seed(config)
@@ -255,8 +217,6 @@ def _disk_full_at(store: Store, method: str, n: int, monkeypatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("kind", [pytest.param("local", marks=pytest.mark.unit),
-                                  pytest.param("s3", marks=pytest.mark.integration)])
 def test_disk_full_partway_through_a_write_leaves_no_output(kind, tmp_path, monkeypatch, request):
     store = Store(str(tmp_path / "store") if kind == "local" else request.getfixturevalue("s3_root"))
     loc = store.child("ckpt", "step-00000008")
@@ -276,7 +236,6 @@ def test_disk_full_partway_through_a_write_leaves_no_output(kind, tmp_path, monk
     assert store.verify(loc) == again
 
 
-@pytest.mark.integration
 def test_disk_full_partway_through_a_download_leaves_nothing_in_the_cache(s3_root, tmp_path, monkeypatch):
     store, cache = Store(s3_root), tmp_path / "cache"
     loc = store.child("model")
@@ -293,7 +252,6 @@ def test_disk_full_partway_through_a_download_leaves_nothing_in_the_cache(s3_roo
 # -- large files in parallel parts ------------------------------------------------------------------
 
 
-@pytest.mark.integration
 def test_large_files_travel_in_parallel_parts_and_arrive_whole(s3_root, tmp_path, monkeypatch):
     monkeypatch.setattr(Store, "transfer", TransferPolicy(part_size_mib=5, connections=4))
     store = Store(s3_root)
@@ -306,3 +264,4 @@ def test_large_files_travel_in_parallel_parts_and_arrive_whole(s3_root, tmp_path
     local = store.fetch(loc, tmp_path / "cache")  # ranged reads, every sha256 checked
     assert (local / "model.safetensors").read_bytes() == files["model.safetensors"]
     assert store.verify(loc) == manifest
+

@@ -19,7 +19,7 @@ Measured (float64, 300-320 tokens): pico models of every family and RoPE type <=
 SmolLM2-135M (30 layers, logits up to 42) upcycled x4, 7.5 u x scale = 1.9e-5. HEADROOM = 2^7
 leaves 17x above the worst. The failures these tests exist for are far larger: a RoPE theta off
 by 10 % moved the real model's logits by 1.36 (4,000x the bound there), a pico model's by ~1e-2
-(tests/test_families.py measures it), and a missing or re-initialised tensor by as much.
+(tests/unit/test_families.py measures it), and a missing or re-initialised tensor by as much.
 
 Expert layers run with transformers' `eager` experts: `grouped_mm` has no float64 kernel.
 """

@@ -1,4 +1,4 @@
-"""One of several processes racing for a writer lease, round after round (tests/test_lease.py).
+"""One of several processes racing for a writer lease, round after round (tests/{unit,integration}/test_lease.py).
 
     python -m tests.support.lease_racer STORE PREFIX SYNC_DIR INDEX ROUNDS
 

