@@ -1,6 +1,6 @@
 """Which libraries' logs a btx console shows. Their request lines (an embedded Prefect API's
 `HTTP Request: ... 422 Unprocessable Entity` on its CSRF probe, botocore's retries) read as errors
-to a user and say nothing about the run; they appear with `BTX_LOG_LEVEL=DEBUG`."""
+to a user and say nothing about the run; they appear with `btx -v` or `BTX_LOG_LEVEL=DEBUG`."""
 
 from __future__ import annotations
 
@@ -16,3 +16,10 @@ def quiet_libraries() -> None:
         return
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def show_everything(level: int) -> None:
+    """`btx -v`: the root logger and every library named above at `level`."""
+    logging.getLogger().setLevel(level)
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(level)

@@ -22,9 +22,22 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _verbose(value: bool) -> None:
+    if value:  # in the environment, so the branch processes and stage runs it starts log alike
+        import logging
+
+        from btx_core.logs import show_everything
+
+        os.environ["BTX_LOG_LEVEL"] = "DEBUG"
+        show_everything(logging.DEBUG)
+
+
 @app.callback()
 def _options(show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                               help="Print btx's version and exit")) -> None:
+                                               help="Print btx's version and exit"),
+             verbose: bool = typer.Option(False, "--verbose", "-v", callback=_verbose, is_eager=True,
+                                          help="Debug logs, the libraries' request lines included "
+                                               "(the same as BTX_LOG_LEVEL=DEBUG)")) -> None:
     """Branch-Train-MiX: one seed LLM -> N domain experts -> one Mixture-of-Experts LLM."""
 
 

@@ -65,3 +65,27 @@ def test_a_finished_stage_bar_stops_its_clock_and_the_next_stage_takes_its_line(
     assert "expert[code]" in redrawn.err and "expert[prose]" not in redrawn.err + redrawn.out
     bars.close()
 
+
+
+def test_verbose_shows_the_libraries_request_logs_and_passes_it_on(monkeypatch):
+    """`btx -v` is BTX_LOG_LEVEL=DEBUG: set in the environment for the processes a run starts,
+    and the request loggers that a quiet console holds at WARNING opened up."""
+    import logging
+    import os
+    from pathlib import Path
+
+    from btx_core.logs import CHATTY, quiet_libraries
+
+    monkeypatch.setenv("BTX_LOG_LEVEL", "INFO")
+    quiet_libraries()
+    assert logging.getLogger("httpx").level == logging.WARNING
+    root = logging.getLogger().level
+    try:
+        result = CliRunner().invoke(app, ["-v", "validate", str(Path(__file__).parents[2] / "configs" / "ci.yaml")])
+        assert result.exit_code == 0, result.output
+        assert os.environ["BTX_LOG_LEVEL"] == "DEBUG"
+        assert all(logging.getLogger(name).level == logging.DEBUG for name in CHATTY)
+    finally:
+        logging.getLogger().setLevel(root)
+        monkeypatch.setenv("BTX_LOG_LEVEL", "INFO")
+        quiet_libraries()
