@@ -89,7 +89,8 @@ def test_offline_the_hub_id_of_a_packaged_seed_imports_its_fetched_copy(real_see
     out = btx("seed", str(config), cwd=tmp_path).stdout
     assert f"seed: {packaged.hub_id}'s offline copy: {packaged.source}" in out, out
     stored = tmp_path / "store" / "real-seed" / "seed" / "model"
-    assert _manifest(stored)["extra"] == {"source": packaged.hub_id, "offline_copy": packaged.source}
+    assert _manifest(stored)["extra"] == {"source": packaged.hub_id, "hub_id": packaged.hub_id,
+                                          "offline_copy": packaged.source}
     card = read_front_matter(stored)
     assert card["base_model"] == packaged.hub_id and card["license"] == "apache-2.0", card
     assert "not the Hub's original" in (stored / "README.md").read_text()
