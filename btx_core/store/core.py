@@ -208,7 +208,8 @@ class Store:
         """Replace (or add) a few small files of a complete output, its other files, config hash,
         inputs and metrics kept: a model card that gains the run's evaluation. The old manifest
         goes first and the new one comes last, so no reader sees a file its manifest does not
-        describe; a writer killed in between leaves the output incomplete (its stage reruns).
+        describe; a writer killed in between leaves the output incomplete, and its stage runs again
+        (a training stage from its newest checkpoint, which the store keeps).
         Returns the new manifest (a new hash: record it where this output is an input)."""
         old = self.read_manifest(location)
         entries = {**old.files, **{rel: FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
