@@ -186,14 +186,14 @@ def routing_markdown(config: BTXConfig, records: list[StageRecord], results: dic
 
 def merge_cost_markdown(config: BTXConfig, records: list[StageRecord], *, heading: str = "#") -> str | None:
     """What the merge cost before finetuning (the MiX stage's report: btx_core/evaluation/merge_cost.py)
-    and the finetune's router warm-up."""
+    and the finetune's router levers (warm-up, learning rate)."""
     cost = next((r.metrics.get("merge_cost") for r in records if r.name == "mix"), None)
     if not cost:
         return None
-    warmup = next((r.metrics.get("router_warmup_steps") for r in records if r.name == "finetune" and r.manifest), None)
+    finetuned = next((r.metrics for r in records if r.name == "finetune" and r.manifest), {})
     lines = [f"{heading} {config.run_name}: what the merge cost", "", merge_cost.markdown(cost)]
-    if warmup is not None:
-        lines.append(f"Finetuned with `finetune.router_warmup_steps: {warmup}`.")
+    if made := {f"finetune.{k}": finetuned[k] for k in ("router_warmup_steps", "router_lr") if k in finetuned}:
+        lines.append("Finetuned with " + ", ".join(f"`{k}: {v}`" for k, v in made.items()) + ".")
     return "\n".join(lines) + "\n"
 
 

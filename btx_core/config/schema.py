@@ -302,6 +302,10 @@ class FinetuneSettings(StrictModel):
     """For the first this many steps only the routers train (experts and shared weights held
     as mixed, no weight decay on them); then everything `freeze_experts` allows. The learning-rate
     schedule runs over all steps, warm-up included."""
+    router_lr: float | None = Field(default=None, gt=0)
+    """Peak learning rate of the routers (default: `training.lr`, as in the paper). Router rows
+    start near zero, so at the lr of a continued pretraining they hardly move in a short finetune;
+    the schedule (warm-up, cosine decay) scales it like every other parameter's."""
 
 
 class BTXConfig(StrictModel):

@@ -242,9 +242,16 @@ class RouterObjective:
     the paper's load-balancing loss from the router logits the model returns, and the
     temperature schedule of sample top-1 routing."""
 
-    def __init__(self, model, plan: RoutingPlan, seed: int = 0, router_warmup_steps: int = 0):
-        self.plan, self.seed, self.warmup = plan, seed, router_warmup_steps
+    def __init__(self, model, plan: RoutingPlan, seed: int = 0, router_warmup_steps: int = 0,
+                 router_lr: float | None = None):
+        self.plan, self.seed, self.warmup, self.router_lr = plan, seed, router_warmup_steps, router_lr
         self.routers = [block.gate for block in moe_blocks(model)]
+
+    def learning_rates(self, model) -> dict[int, float]:
+        """The routers' own learning rate, when set, for `model` (the module that trains)."""
+        if self.router_lr is None:
+            return {}
+        return {id(p): self.router_lr for block in moe_blocks(model) for p in block.gate.parameters()}
 
     def held_parameters(self, step: int, model) -> list[torch.nn.Parameter]:
         """The router warm-up: in its first steps every trainable parameter of `model` (the module

@@ -60,6 +60,8 @@ ABLATIONS = (
              "Sampled top-1 (Gumbel-softmax, temperature annealed) instead of top-2"),
     Ablation("router-warmup", "finetune.router_warmup_steps", 4,
              "Only the routers train for the finetune's first 4 steps (experts and shared weights held)"),
+    Ablation("router-lr", "finetune.router_lr", 1e-2,
+             "The routers train at lr 1e-2 (everything else at the finetune's own lr)"),
 )
 BY_NAME = {a.name: a for a in ABLATIONS}
 StageCallback = Callable[[str], None]

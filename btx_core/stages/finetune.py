@@ -152,11 +152,13 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     plan = routing_plan(config) if kind != "dense" else None
     frozen = ft.freeze_experts and plan is not None
     warmup = ft.router_warmup_steps if plan is not None else 0
-    # The warm-up enters only when set: finetunes made before it existed stay valid.
+    router_lr = ft.router_lr if plan is not None else None
+    # The warm-up and router lr enter only when set: finetunes made before they existed stay valid.
     config_hash = stable_hash({"stage": "finetune", "format": STAGE_FORMAT, "kind": kind,
                                "training": settings.result_hash(), "mixture": weights,
                                "routing": plan and asdict(plan), "freeze_experts": frozen,
-                               **({"router_warmup_steps": warmup} if warmup else {})})
+                               **({"router_warmup_steps": warmup} if warmup else {}),
+                               **({"router_lr": router_lr} if router_lr is not None else {})})
     inputs = {"model": source_manifest.hash, **{f"data:{n}": p.content_id for n, p in prepared.items()}}
     location = layout.trained_model(config.run_root, name)
     if (done := store.exists_with(location, config_hash, inputs)) is not None:
@@ -171,9 +173,10 @@ def finetune(config: BTXConfig, kind: str = "btx", *, steps: int | None = None, 
     objective = None
     if plan is not None:
         configure(model, plan)
-        objective = RouterObjective(model, plan, seed=settings.seed, router_warmup_steps=warmup)
+        objective = RouterObjective(model, plan, seed=settings.seed, router_warmup_steps=warmup,
+                                    router_lr=router_lr)
         metrics.update(routing=asdict(plan), frozen_parameters=freeze_experts(model) if frozen else 0,
-                       router_warmup_steps=warmup)
+                       router_warmup_steps=warmup, router_lr=router_lr or settings.lr)
     model.to(pick_device(settings.device, ranks, settings.precision))
     data = build_mixture(splits, weights, settings.seed)
     run = TrainingRun(store, config, settings, ranks, location=location,

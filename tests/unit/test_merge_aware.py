@@ -197,6 +197,26 @@ def test_router_warmup_trains_only_the_routers_then_everything(tmp_path):
     assert any("self_attn" in n and not torch.equal(before[n], after[n]) for n in before)  # then everything
 
 
+def test_router_lr_moves_the_routers_at_their_own_rate(tmp_path):
+    """Adam's first step moves each weight by about its lr: the routers by `router_lr`, the rest by
+    the run's own lr."""
+    seed = dense("llama")
+    paths = {n: save(ffn_branch(seed, i + 1), tmp_path / n) for i, n in enumerate(("a", "b"))}
+    model, _ = load_causal_lm(str(mixed(tmp_path, paths)), allow_moe=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = RoutingPlan("top_k", top_k=2, load_balancing=True, alpha=0.01)
+    configure(model, plan)
+    settings = TrainSettings(steps=1, lr=1e-6, warmup_steps=0, seq_len=SEQ, batch_size=4, precision="fp32",
+                             device="cpu", weight_decay=0.0)
+    train(model, np.concatenate(list(DOMAINS.values())), settings,
+          objective=RouterObjective(model, plan, router_lr=1e-2))
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    routers = [m for n, m in moved.items() if n.endswith("mlp.gate.weight")]
+    others = [m for n, m in moved.items() if not n.endswith("mlp.gate.weight")]
+    assert routers and min(routers) == pytest.approx(1e-2, rel=0.05)
+    assert max(others) == pytest.approx(1e-6, rel=0.05)
+
+
 # --- the shared merge's rule: the seed kept out of the *mean* only --------------------------------
 
 def ci_with(**mix_lines):
