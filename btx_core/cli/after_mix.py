@@ -69,22 +69,40 @@ def _stage_printer():
 def compare_command(
         config: Path = ConfigArg,
         out: Path = typer.Option(Path("results"), "--out", help="Local directory for the tables, JSON "
-                                 "and heatmaps (also written to the store)")) -> None:
+                                 "and heatmaps (also written to the store)"),
+        seeds: str = typer.Option(None, "--seeds", help="Comma-separated random seeds instead of "
+                                  "`compare.seeds`, e.g. 1 to train one seed per command; a later run "
+                                  "over all of them reuses what each trained")) -> None:
     """BTX vs the seed, each expert, BTM, sparse upcycling and a dense baseline (compute-matched
     three ways), over `compare.seeds`; reuses every stage output already in the store."""
     from btx_core.stages.compare import compare
 
-    report = compare(load(config), out_dir=out, stage=_stage_printer())
+    cfg = load(config)
+    if seeds is not None:
+        cfg = cfg.model_copy(update={"compare": cfg.compare.model_copy(update={"seeds": _seeds(seeds)})})
+    report = compare(cfg, out_dir=out, stage=_stage_printer())
     typer.echo((out / "results.md").read_text())
     typer.echo(f"compare: {report['wall_s']:.0f} s; results in {out}/ and {report['location']}")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise typer.BadParameter(f"{text!r}: give distinct integer seeds separated by commas, e.g. 0,1",
+                                 param_hint="--seeds")
+    return seeds
 
 
 @app.command("ablate")
 def ablate_command(
         config: Path = ConfigArg,
-        only: str = typer.Option(None, "--only", help="Comma-separated ablations (default: all): "
-                                 "router-centroid, no-load-balancing, transformers-load-balancing, "
-                                 "seed-in-shared-mean, top-1, soft-routing, sample-top-1, router-warmup"),
+        only: str = typer.Option(None, "--only", help="Comma-separated ablations (default: all; one the config already has is "
+                                 "skipped): router-centroid, router-normal, no-load-balancing, "
+                                 "transformers-load-balancing, seed-in-shared-mean, top-1, soft-routing, "
+                                 "sample-top-1, router-warmup, router-lr"),
         out: Path = typer.Option(Path("results"), "--out", help="Local directory for ablations.md and "
                                  "ablations.json (also written to the store)")) -> None:
     """The paper's ablations at the config's own random seed, each one config line: the same seed

@@ -42,9 +42,11 @@ class MixSettings(StrictModel):
     copy_from: str | None = None
     """`copy` policy: the expert whose non-FFN tensors are copied (`seed`: the seed's own, as
     mergekit-moe does; with `branch.train: ffn` every expert's are the seed's anyway)."""
-    router_init: Literal["normal", "zeros", "uniform", "centroid"] = "normal"
-    """New routers: `normal` (std = the model's initializer_range), `zeros` (uniform routing),
-    `uniform` (nn.Linear's default), `centroid` (each expert's mean router input on its domain)."""
+    router_init: Literal["normal", "zeros", "uniform", "centroid"] = "centroid"
+    """New routers: `centroid` (each expert's mean router input on its domain; the default, from
+    RESULTS.md's measurements: better BTX in every run that compared it), `normal` (std = the
+    model's initializer_range, what transformers gives a new Mixtral), `zeros` (uniform routing),
+    `uniform` (nn.Linear's default)."""
     top_k: int = Field(default=2, ge=1)
     """Experts per token."""
     load_balancing_alpha: float = Field(default=0.01, ge=0)

@@ -15,6 +15,7 @@ without load balancing, as the paper's code expert did?).
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from btx_core.stages.mix import mix_stage
 from btx_core.stages.seed import build_seed
 from btx_core.store import layout
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Ablation:
@@ -48,6 +51,8 @@ class Ablation:
 ABLATIONS = (
     Ablation("router-centroid", "mix.router_init", "centroid",
              "Router rows set to each expert's mean hidden state on its own domain, instead of random"),
+    Ablation("router-normal", "mix.router_init", "normal",
+             "Router rows drawn at random, N(0, initializer_range^2), as transformers inits a new Mixtral"),
     Ablation("no-load-balancing", "finetune.load_balancing", False,
              "No load-balancing loss: does an expert die (the paper's code expert did)?"),
     Ablation("transformers-load-balancing", "finetune.load_balancing_loss", "transformers",
@@ -81,6 +86,12 @@ def with_line(config: BTXConfig, line: str, value: Any) -> BTXConfig:
     return config.model_copy(update={section_name: updated})
 
 
+def current(config: BTXConfig, line: str) -> Any:
+    """The config's own value of a `section.key` line (None where the section is absent)."""
+    section, _, key = line.partition(".")
+    return getattr(getattr(config, section, None), key, None)
+
+
 def select(names: list[str] | None) -> list[Ablation]:
     if not names:
         return list(ABLATIONS)
@@ -96,7 +107,16 @@ def ablate(config: BTXConfig, *, only: list[str] | None = None, out_dir: Path | 
     is written to the store (`<run>/ablations/results`) and, when given, to `out_dir`."""
     if config.finetune is None:
         raise ConfigError(["btx ablate needs a `finetune` section: every ablation MoE-finetunes"])
-    chosen = select(only)
+    chosen, skipped = [], {}
+    for a in select(only):  # a line the config already has would only retrain the reference
+        if current(config, a.line) == a.value:
+            skipped[a.name] = f"{a.line}: {json.dumps(a.value)}"
+            log.warning("ablation %s skipped: the config already has `%s`", a.name, skipped[a.name])
+        else:
+            chosen.append(a)
+    if not chosen:
+        raise ConfigError([f"nothing to ablate: the config already has {', '.join(skipped.values())}; "
+                           "choose other ablations with --only"])
     variants = {a.name: with_line(config, a.line, a.value) for a in chosen}  # all validated first
     started = time.perf_counter()
     stage("reference: seed, experts, MiX, finetune")
@@ -127,7 +147,7 @@ def ablate(config: BTXConfig, *, only: list[str] | None = None, out_dir: Path | 
                                "question": ablation.question}
     report = {"run_name": config.run_name, "seed": config.expert_training.seed,
               "domains": [d.name for d in config.domains], "eval_sets": sets.describe(), "rows": rows,
-              "wall_s": time.perf_counter() - started}
+              "skipped": skipped, "wall_s": time.perf_counter() - started}
     _write(config, report, out_dir)
     return report
 
@@ -158,6 +178,9 @@ def ablations_markdown(report: dict) -> str:
     lines.append("\nHeld-out loss in nats per token (lower is better); every row has the same seed, experts, "
                  "budget and held-out blocks. Least-used expert: its share of the routed slots on the "
                  "single-domain set, in the layer where it is lowest.\n")
+    if skipped := report.get("skipped"):
+        lines.append("Not run, the config already has the line: "
+                     + "; ".join(f"{name} (`{line}`)" for name, line in skipped.items()) + ".\n")
     for name, row in rows.items():
         if row.get("routing"):
             lines += [f"## {name}: routing per layer, single-domain set\n",

@@ -307,9 +307,10 @@ def test_ablate_redoes_only_what_each_line_changes_and_keeps_the_reference(mixed
     store = open_store(config)
     reference_btx = finetune(config).manifest.hash
     reference_mix = store.read_manifest(layout.mix_model(config.run_root)).hash
-    report = ablate(config, only=["seed-in-shared-mean", "no-load-balancing"], out_dir=tmp_path)
+    report = ablate(config, only=["seed-in-shared-mean", "router-centroid", "no-load-balancing"], out_dir=tmp_path)
     rows = report["rows"]
     assert list(rows) == ["reference", "seed-in-shared-mean", "no-load-balancing"]
+    assert report["skipped"] == {"router-centroid": 'mix.router_init: "centroid"'}  # the config's own line
     # The MiX line mixed anew elsewhere; the finetune line started from the reference MiX.
     new_mix = store.read_manifest(layout.ablation_mix(config.run_root, "seed-in-shared-mean"))
     assert new_mix.hash != reference_mix and "mix_only" in rows["seed-in-shared-mean"]
@@ -323,9 +324,12 @@ def test_ablate_redoes_only_what_each_line_changes_and_keeps_the_reference(mixed
     assert store.read_manifest(layout.trained_model(config.run_root, "btx")).hash == reference_btx
     md = (tmp_path / "ablations.md").read_text()
     assert "| no-load-balancing: `finetune.load_balancing: false` |" in md
+    assert 'Not run, the config already has the line: router-centroid (`mix.router_init: "centroid"`)' in md
     assert "## no-load-balancing: routing per layer" in md and "math tokens -> expert math" in md
     assert json.loads((tmp_path / "ablations.json").read_text())["rows"]["reference"]["routing"]
     assert store.is_complete(layout.ablation_results(config.run_root))
     with pytest.raises(BTXError, match="unknown ablation.*known: router-centroid"):
         ablate(config, only=["switch"])
+    with pytest.raises(BTXError, match="nothing to ablate: the config already has mix.router_init"):
+        ablate(config, only=["router-centroid"])
 

@@ -4,6 +4,7 @@ sample top-1 routing. Here: each line validates and reaches what the stage runs;
 themselves with those options are tested in test_finetune.py (routing, load balancing),
 test_mix_stage.py (centroid init from a config) and test_load_balancing.py."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,8 @@ def test_seed_in_or_out_of_the_shared_mean(tmp_path):
     each = {n: CheckpointReader(p).get(name) for n, p in paths.items()}
     shared = {}
     for included in (False, True):
-        options = options_from_config(with_line("mix.seed_in_shared_mean", included))
+        # Mixed without sample text: a random router init instead of the default centroid
+        options = replace(options_from_config(with_line("mix.seed_in_shared_mean", included)), router_init="normal")
         out = tmp_path / f"moe-{included}"
         out.mkdir()
         mix(experts, options, out)
@@ -92,15 +94,18 @@ def test_top_k_with_sample_top1_is_refused():
 # --- `btx ablate`: each ablation is one real line of config ----------------------------------------
 
 def test_every_ablation_is_one_line_that_changes_the_config():
-    from btx_core.stages.ablate import ABLATIONS
+    from btx_core.stages.ablate import ABLATIONS, current
     from btx_core.stages.ablate import with_line as ablation_line
 
     config = parse_config(yaml.safe_load(CI.read_text()))
     for ablation in ABLATIONS:
         changed = ablation_line(config, ablation.line, ablation.value)
         section, key = ablation.line.split(".")
-        assert getattr(getattr(changed, section), key) == ablation.value != getattr(getattr(config, section), key)
+        assert getattr(getattr(changed, section), key) == ablation.value
         assert changed.model_copy(update={section: getattr(config, section)}) == config  # nothing else
+    # Every line changes the config, but the one that names its default (ablate skips that one)
+    same = [a.name for a in ABLATIONS if current(config, a.line) == a.value]
+    assert same == ["router-centroid"] and config.mix.router_init == "centroid"
     with pytest.raises(ConfigError, match="finetune.routing: \"switch\""):
         ablation_line(config, "finetune.routing", "switch")
     with pytest.raises(ConfigError, match="no such setting"):

@@ -89,3 +89,29 @@ def test_verbose_shows_the_libraries_request_logs_and_passes_it_on(monkeypatch):
         logging.getLogger().setLevel(root)
         monkeypatch.setenv("BTX_LOG_LEVEL", "INFO")
         quiet_libraries()
+
+
+def test_compare_seeds_overrides_the_configs_and_refuses_a_bad_list(monkeypatch, tmp_path):
+    """One seed per command keeps each under the CI machine's limits; a later run over all reuses them."""
+    from pathlib import Path
+
+    import btx_core.stages.compare as compare_module
+
+    seen = []
+
+    def fake_compare(config, *, out_dir, stage):
+        seen.append(config.compare.seeds)
+        (out_dir / "results.md").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.md").write_text("table")
+        return {"wall_s": 1.0, "location": "store"}
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    ci = str(Path(__file__).parents[2] / "configs" / "ci.yaml")
+    out = ["--out", str(tmp_path)]
+    assert CliRunner().invoke(app, ["compare", ci, *out]).exit_code == 0
+    assert CliRunner().invoke(app, ["compare", ci, "--seeds", "1,2", *out]).exit_code == 0
+    assert seen == [[0], [1, 2]]
+    for bad in ("one", "1,1", ","):
+        result = CliRunner().invoke(app, ["compare", ci, "--seeds", bad, *out])
+        assert result.exit_code == 2 and "distinct integer seeds" in result.output, result.output
+    assert len(seen) == 2  # nothing ran for a bad list

@@ -222,7 +222,7 @@ def test_router_lr_moves_the_routers_at_their_own_rate(tmp_path):
 def ci_with(**mix_lines):
     raw = yaml.safe_load(CI.read_text())
     raw["domains"] = raw["domains"][:2]
-    raw["mix"] = mix_lines
+    raw["mix"] = {"router_init": "normal", **mix_lines}  # mixed below without sample text
     return parse_config(raw)
 
 
