@@ -11,6 +11,7 @@ prefix while it does it (`stage_lease`, `unless_done`), and commits every output
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -30,16 +31,19 @@ from btx_core.training.compute import flops_per_token, trained_fraction
 from btx_core.training.distributed import Dist, main_rank_first
 from btx_core.training.loop import Objective, Progress, evaluate_loss, train
 
+log = logging.getLogger(__name__)
 ProgressCallback = Callable[[Progress], None]
 
 
 class StoreCheckpoints:
-    """A CheckpointSink over a store prefix; refuses checkpoints of a different config."""
+    """A CheckpointSink over a store prefix; refuses checkpoints of a different config, except
+    those of a run that finished (its output `finished` was made from them): after a config
+    change they are leftovers, deleted when this run starts over."""
 
     def __init__(self, store: Store, prefix: str, *, config_hash: str, inputs: dict[str, str],
-                 keep: int, cache_dir: Path):
+                 keep: int, cache_dir: Path, finished: str | None = None):
         self.store, self.prefix, self.keep, self.cache_dir = store, prefix, keep, cache_dir
-        self.config_hash, self.inputs = config_hash, inputs
+        self.config_hash, self.inputs, self.finished = config_hash, inputs, finished
         self.lease: WriterLease | None = None
         """The stage prefix's writer lease, checked before every checkpoint write."""
 
@@ -50,6 +54,13 @@ class StoreCheckpoints:
         step, location = found
         manifest = self.store.read_manifest(location)
         if manifest.config_hash != self.config_hash or manifest.inputs != self.inputs:
+            if self.finished and self.store.exists_with(self.finished, manifest.config_hash, manifest.inputs):
+                log.warning("%s: the checkpoints of the finished %s were made with another config or "
+                            "inputs; deleting them and starting over (the finished output stays until "
+                            "this run replaces it)", self.prefix, self.finished)
+                for _, old in self.store.list_checkpoints(self.prefix):
+                    self.store.delete(old)
+                return None
             raise CheckpointMismatchError(
                 f"checkpoint {location} was made with a different config, seed or data. Delete "
                 f"{self.prefix} to start this stage over, or restore the config it was made with")
@@ -94,7 +105,7 @@ class TrainingRun:
                        stop_after: int | None = None, objective: Objective | None = None) -> StageOutput:
         sink = StoreCheckpoints(self.store, self.checkpoints, config_hash=self.config_hash,
                                 inputs=self.inputs, keep=self.settings.keep_checkpoints,
-                                cache_dir=cache_dir(self.config))
+                                cache_dir=cache_dir(self.config), finished=self.location)
 
         def make(lease: WriterLease | None) -> StageOutput:
             sink.lease = lease

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from btx_core.errors import BTXError
+from btx_core.errors import BTXError, CheckpointMismatchError
 from btx_core.stages.common import open_store
 from btx_core.stages.compare import compare
 from btx_core.stages.evaluate import evaluate_location, evaluate_run
@@ -108,6 +108,26 @@ def test_interrupted_finetune_resumes_to_the_same_weights(mixed):
     straight = finetune(config, name="straight")
     a, b = _tensors(resumed.location), _tensors(straight.location)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_config_change_restarts_a_finished_finetune_but_not_an_interrupted_one(mixed):
+    """The checkpoints of a finished finetune are leftovers once the config changes: a rerun starts
+    over (no manual delete). Those of an interrupted one are refused: restoring the config resumes."""
+    work, config = mixed
+
+    def with_lr(lr: float):
+        ft = config.finetune
+        return config.model_copy(update={"finetune": ft.model_copy(update={"training": ft.training.model_copy(
+            update={"lr": lr})})})
+
+    first = finetune(config, name="changed")
+    second = finetune(with_lr(2e-4), name="changed")
+    assert second.manifest.hash != first.manifest.hash and second.metrics["resumed_from_step"] == 0
+    with pytest.raises(BTXError, match="stopped at step 3"):
+        finetune(with_lr(3e-4), name="changed", stop_after=3)  # its step-2 checkpoint is newest now
+    with pytest.raises(CheckpointMismatchError, match="made with a different config"):
+        finetune(with_lr(4e-4), name="changed")
+    assert finetune(with_lr(3e-4), name="changed").metrics["resumed_from_step"] == 2
 
 
 def test_router_warmup_resumes_exactly_across_its_end(mixed):
