@@ -67,9 +67,11 @@ def test_finetune_trains_the_mixed_model_on_the_mixture(mixed):
     assert m["routing"] == {"strategy": "top_k", "top_k": 2, "load_balancing": True, "alpha": 0.01,
                             "loss": "paper", "temperature": None}
     assert m["heldout_loss"] < m["start_heldout_loss"]
-    # The paper's loss, per layer: alpha at perfect balance, at most alpha x N at total collapse.
+    # The paper's loss, per layer: alpha at perfect balance, at most alpha x N at total collapse. It
+    # can fall a little below alpha when a layer's slot shares and mean probabilities disagree, as
+    # the centroid routers (the default) make them do: about alpha x layers here.
     layers = 2
-    assert 0.01 * layers <= m["final_load_balancing_loss"] <= 0.01 * layers * 3
+    assert 0.01 * layers * 0.8 <= m["final_load_balancing_loss"] <= 0.01 * layers * 3
     saved = json.loads((Path(out.location) / "config.json").read_text())
     assert saved["architectures"] == ["MixtralForCausalLM"] and saved["output_router_logits"] is False
     assert saved["num_hidden_layers"] == layers
@@ -171,6 +173,7 @@ def test_experts_with_frozen_shared_weights_mix_without_loss(mixed):
     work, config = mixed
     frozen = config.model_copy(update={
         "run_name": "frozen", "branch": BranchSettings(train="ffn"),
+        "mix": config.mix.model_copy(update={"router_init": "normal"}),  # routers that know nothing yet
         "seed": SeedSpec(model=layout.seed_model(config.run_root), pretrain_data=config.seed.pretrain_data)})
     assert expert_config_hash(frozen, "math") != expert_config_hash(config, "math")
     build_seed(frozen)

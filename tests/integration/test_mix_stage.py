@@ -162,7 +162,7 @@ def test_mix_stage_on_s3(s3_root, tmp_path):
     local = open_store(config).fetch(out.location, tmp_path / "fetched")  # every sha256 checked
     model = AutoModelForCausalLM.from_pretrained(local)
     assert model.config.num_local_experts == 2 and model.config.num_experts_per_tok == 1
-    assert out.metrics["routing"]["init"] == "normal"
+    assert out.metrics["routing"]["init"] == "centroid"  # the default, from the domains' text on S3
 
 
 def test_centroid_init_from_text_files_for_experts_trained_anywhere(trained, tmp_path):
