@@ -44,6 +44,7 @@ from btx_core.training.distributed import (
     shard,
     wrap_ddp,
 )
+from btx_core.training.optimizer import adamw
 from btx_core.training.read_ahead import ReadAhead
 from btx_core.training.state import (
     TrainState,
@@ -200,8 +201,8 @@ def train(model: torch.nn.Module, blocks: Blocks, settings: TrainSettings, *,
         _check_resumable(latest, settings, ranks)
         load_model_weights(latest[1], model)
     runner = shard(model, device, ranks) if fsdp else model
-    optimizer = _optimizer(runner, settings, fused=device.type == "cuda" and not fsdp,
-                           learning_rates=objective.learning_rates(runner) if objective is not None else None)
+    optimizer = adamw(runner, settings, fused=device.type == "cuda" and not fsdp,
+                      learning_rates=objective.learning_rates(runner) if objective is not None else None)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=min(settings.warmup_steps, total_steps),
         num_training_steps=total_steps, min_lr_rate=settings.min_lr_ratio)
@@ -315,23 +316,6 @@ def _step(model, reader: ReadAhead, step: int, settings: TrainSettings, ranks: D
         if extra_total is not None:
             dist.all_reduce(extra_total, op=dist.ReduceOp.AVG)
     return float(total), None if extra_total is None else float(extra_total)
-
-
-def _optimizer(model: torch.nn.Module, settings: TrainSettings, fused: bool,
-               learning_rates: dict[int, float] | None = None) -> torch.optim.AdamW:
-    # No weight decay on norms and biases (1-d tensors), as in Llama's and GPT's recipes. The two
-    # groups at the run's lr come first, always: a run without own learning rates has exactly them.
-    params = [p for p in model.parameters() if p.requires_grad]
-    own = learning_rates or {}
-    kinds = [(True, settings.weight_decay), (False, 0.0)]
-    groups = [{"params": [p for p in params if (p.ndim >= 2) == matrix and id(p) not in own],
-               "weight_decay": decay} for matrix, decay in kinds]
-    for lr in sorted({own[id(p)] for p in params if id(p) in own}):
-        for matrix, decay in kinds:
-            if chosen := [p for p in params if (p.ndim >= 2) == matrix and own.get(id(p)) == lr]:
-                groups.append({"params": chosen, "weight_decay": decay, "lr": lr})
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                             fused=fused or None)
 
 
 def _autocast(precision: str, device: torch.device):
