@@ -192,7 +192,7 @@ def merge_cost_markdown(config: BTXConfig, records: list[StageRecord], *, headin
         return None
     finetuned = next((r.metrics for r in records if r.name == "finetune" and r.manifest), {})
     lines = [f"{heading} {config.run_name}: what the merge cost", "", merge_cost.markdown(cost)]
-    if made := {f"finetune.{k}": finetuned[k] for k in ("router_warmup_steps", "router_lr") if k in finetuned}:
+    if made := merge_cost.finetune_levers(finetuned):
         lines.append("Finetuned with " + ", ".join(f"`{k}: {v}`" for k, v in made.items()) + ".")
     return "\n".join(lines) + "\n"
 

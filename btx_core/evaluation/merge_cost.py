@@ -192,6 +192,15 @@ def across_seeds_markdown(reports: Mapping[object, Mapping | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FINETUNE_LEVERS = ("router_warmup_steps", "router_lr")
+
+
+def finetune_levers(values: Mapping) -> dict:
+    """The finetune's router levers among `values` (a finetune config section or its stage's
+    metrics), keyed as config lines."""
+    return {f"finetune.{k}": values[k] for k in FINETUNE_LEVERS if values.get(k) is not None}
+
+
 def levers(settings: Mapping) -> str:
     """The config lines a merge was made with, as YAML writes them."""
     return "Made with " + ", ".join(f"`{k}: {json.dumps(v).strip(chr(34))}`" for k, v in settings.items()) + "."

@@ -248,9 +248,7 @@ def merge_cost_section(report: dict) -> list[str]:
     costs = {seed: result.get("merge_cost") for seed, result in report["per_seed"].items()}
     table = merge_cost.across_seeds_markdown(costs)
     made = next((c["settings"] for c in costs.values() if c and c.get("settings")), {})
-    finetune = (report.get("config") or {}).get("finetune") or {}
-    made = {**made, **{f"finetune.{key}": finetune[key] for key in ("router_warmup_steps", "router_lr")
-                       if finetune.get(key) is not None}}
+    made = {**made, **merge_cost.finetune_levers((report.get("config") or {}).get("finetune") or {})}
     return ["## What the merge cost, before finetuning\n", merge_cost.levers(made) + "\n", table] if table else []
 
 
