@@ -25,8 +25,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from btx_core.config.schema import BTXConfig
 from btx_core.errors import BTXError, IncompleteOutputError
-from btx_core.stages.common import open_store
-from btx_core.stages.expert import expert_config_hash
 from btx_core.store import layout
 from btx_core.training.stop import request_stop
 from flows.local import branch_processes
@@ -182,6 +180,9 @@ def local_branches(config: BTXConfig, seed) -> dict:
 
 
 def _looks_complete(config: BTXConfig, domain: str, seed_location: str) -> bool:
+    from btx_core.stages.common import open_store
+    from btx_core.stages.expert import expert_config_hash
+
     store = open_store(config)
     try:
         made = store.read_manifest(layout.expert_model(config.run_root, domain))
@@ -217,6 +218,8 @@ def stage_on_pool_task(config: BTXConfig, stage: str) -> str:
 
 
 def _stored(config: BTXConfig, location: str, stage: str) -> str:
+    from btx_core.stages.common import open_store
+
     try:
         open_store(config).read_manifest(location)
     except IncompleteOutputError:

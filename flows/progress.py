@@ -14,11 +14,14 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from btx_core.store.outputs import StageOutput
-from btx_core.training.loop import Progress
 
-ProgressCallback = Callable[[Progress], None]
+if TYPE_CHECKING:  # the pipeline imports this module, and must load without torch (flows/pipeline.py)
+    from btx_core.training.loop import Progress
+
+ProgressCallback = Callable[["Progress"], None]
 DisplayFactory = Callable[[str], ProgressCallback]
 
 _display: DisplayFactory | None = None

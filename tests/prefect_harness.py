@@ -492,7 +492,7 @@ def btx_deployed(prefect_cluster: Cluster) -> Iterator[Deployed]:
         raise RuntimeError(f"infra/work-pools.sh failed:\n{result.stdout}\n{result.stderr}")
     cluster.prefect("--no-prompt", "deploy", "--all", "--prefect-file", PREFECT_FILE, timeout=300)
     # Crashed pipeline runs rescheduled after 10 s (production: 30 s): the fault tests wait less.
-    done = subprocess.run([sys.executable, "-m", "flows.automations", "--within", "300", "--settle", "10"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "flows.automations", "--within", "300", "--settle", "20"], cwd=REPO,
                           env=cluster.env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
     if done.returncode:
         raise RuntimeError(f"python -m flows.automations failed:\n{done.stdout}\n{done.stderr}")

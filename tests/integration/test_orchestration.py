@@ -81,8 +81,8 @@ def test_automations_are_scoped_to_this_install_and_follow_their_settings(btx_de
         assert (done.returncode == 0) == ok, done.stdout + done.stderr
         return done.stdout + done.stderr
 
-    assert "up to date" in ensure("--within", "300", "--settle", "10")  # the harness made them after the deploy
-    assert f"{ZOMBIES}: updated" in ensure("--within", "240", "--settle", "10")
+    assert "up to date" in ensure("--within", "300", "--settle", "20")  # the harness made them after the deploy
+    assert f"{ZOMBIES}: updated" in ensure("--within", "240", "--settle", "20")
     ids = {n: btx_deployed.deployments[n].id for n in install_deployments()}
     with cluster.client() as client:
         (zombies,) = client.read_automations_by_name(ZOMBIES)
@@ -96,7 +96,7 @@ def test_automations_are_scoped_to_this_install_and_follow_their_settings(btx_de
     assert restart.actions[0].state.value == "SCHEDULED" and restart.actions[0].name == "AwaitingRetry"
     said = ensure("--deployment", "btx-pipeline/not-deployed", ok=False)
     assert "btx-pipeline/not-deployed not found on the server" in said and "prefect deploy" in said, said
-    ensure("--within", "300", "--settle", "10")
+    ensure("--within", "300", "--settle", "20")
 
 
 def _logs(cluster, flow_run_id) -> str:

@@ -389,3 +389,20 @@ def test_the_pod_entry_passes_the_kubelets_sigterm_to_the_flow_not_to_prefects_s
     assert not (tmp_path / "supervisor").exists()  # Prefect's supervisor never saw it
     assert "btx pod: SIGTERM: passing it to" in said, said
 
+
+
+def test_the_pipeline_flow_loads_without_torch_so_a_crash_is_reported_twice_within_the_settle_time():
+    """Prefect 3.9's process worker reports a lost flow-run process as Crashed twice: once as
+    the process exits, and again after a subprocess that loads the flow (to run its on_crashed
+    hooks) has ended. The automation reschedules a pipeline run that stays Crashed for its
+    settle time (flows/automations.py); a second report after that crashed the run again, even
+    its new attempt (seen in CI: 15 s between the two reports while an expert trained on both
+    cores, with a 10 s settle). The gap is the flow's import: the pipeline, which only
+    orchestrates, must load without torch, transformers or the stages."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "btx_core.stages.common", "btx_core.training.loop")
+    code = f"import sys, flows.pipeline; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
