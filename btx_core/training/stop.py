@@ -10,7 +10,10 @@ checkpoint, and the next run resumes from the step reached, not from the last pe
 Python runs signal handlers only in the main thread, so `stop_on_sigterm` installs its handler
 only there (and restores the previous one after); training in another thread stops when someone
 calls `request_stop` (the CLI's own handler does). A second SIGTERM is passed to the previous
-handler (by default: the process dies at once).
+handler (by default: the process dies at once), unless it comes within `DUPLICATE_S` of the
+first: that is the same stop asked twice, as when `btx run` is killed and each branch hears it
+from its own watchdog (`die_with_parent`) and from `btx run`'s reaper, a second apart; dying
+there lost the step reached.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from btx_core.errors import BTXError
 _requested = threading.Event()
 _reason: list[str] = []
 _orphaned = threading.Event()  # set by `die_with_parent` before it sends this process SIGTERM
+DUPLICATE_S = 5.0  # a second SIGTERM sooner than this after the first repeats it
 
 
 class TrainingStopped(BTXError):
@@ -58,10 +62,14 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
+    first: list[float] = []  # when this handler asked for the stop
 
     def handler(signum, frame):
         if not _requested.is_set():
+            first[:] = [time.monotonic()]
             request_stop("SIGTERM: its parent process is gone" if _orphaned.is_set() else "SIGTERM")
+            return
+        if first and time.monotonic() - first[0] < DUPLICATE_S:
             return
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         if callable(previous):

@@ -40,6 +40,34 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes_there(tmp_pa
         assert __import__("torch").equal(tensor, weights(resumed_model)[name]), name
 
 
+def test_a_repeated_sigterm_still_checkpoints_and_a_late_one_is_passed_on(tmp_path, monkeypatch):
+    """`btx run` SIGKILLed: each branch gets SIGTERM from its own watchdog and from the reaper, a
+    second apart (tests/integration/test_stop.py lost a branch's checkpoint to the second one,
+    which killed the process before the step boundary). A SIGTERM within `DUPLICATE_S` of the
+    first is the same stop; a later one goes to the previous handler (a person insisting)."""
+    from btx_core.training import stop
+
+    passed_on = []
+    before = signal.signal(signal.SIGTERM, lambda *_: passed_on.append(time.monotonic()))
+    try:
+        def twice_at_5(p):
+            if p.step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        sink = DirSink(tmp_path / "ckpt")
+        with pytest.raises(TrainingStopped, match=r"stopped at step 5/8 \(SIGTERM\)"):
+            train(pico_llama(), blocks(), SETTINGS, checkpoints=sink, on_progress=twice_at_5)
+        assert sink.saved == [3, 5] and passed_on == []
+        monkeypatch.setattr(stop, "DUPLICATE_S", 0.0)
+        sink = DirSink(tmp_path / "again")
+        with pytest.raises(TrainingStopped, match=r"stopped at step 5/8"):
+            train(pico_llama(), blocks(), SETTINGS, checkpoints=sink, on_progress=twice_at_5)
+        assert len(passed_on) == 1 and sink.saved == [3, 5]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_training_in_a_thread_stops_on_request_and_leaves_signals_alone(tmp_path):
     sink, seen, out = DirSink(tmp_path / "ckpt"), [], {}
     before = signal.getsignal(signal.SIGTERM)
