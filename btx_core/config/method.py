@@ -88,3 +88,8 @@ class CompareSettings(StrictModel):
     """Branch-Train-Merge ensembles to evaluate: top-k experts by domain posterior."""
     batch_size: int = Field(default=8, gt=0)
     """Blocks per evaluation forward pass."""
+    seed_below_uniform: float | None = Field(default=None, ge=0)
+    """Refuse to branch unless the seed's held-out loss on every domain is at least this many
+    nats below ln(vocab_size), a uniform guess's. A seed that knows nothing of its domains (the
+    first toy table's, 0.006 nats below on code) makes its experts learn them from scratch and
+    rewrite every shared weight: a regime the paper never claimed. None: no check."""

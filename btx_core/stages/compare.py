@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from btx_core.config.schema import BTXConfig, SeedSpec
+from btx_core.errors import BTXError
 from btx_core.evaluation import merge_cost
 from btx_core.evaluation.plots import routing_heatmap
 from btx_core.evaluation.report import (
@@ -60,6 +62,10 @@ BASELINES = ("upcycle-tokens", "upcycle-flops", "upcycle-time", "dense-tokens", 
 # Trained first: their measured seconds per step size the time-matched runs.
 MEASURED = ("upcycle-tokens", "upcycle-flops", "dense-tokens", "dense-flops")
 StageCallback = Callable[[str], None]
+
+
+class SeedTooWeakError(BTXError):
+    """The seed does not meet `compare.seed_below_uniform` on some domain."""
 
 
 def seed_config(config: BTXConfig, seed: int) -> BTXConfig:
@@ -194,6 +200,7 @@ def compare(config: BTXConfig, *, out_dir: Path | None = None, stage: StageCallb
     stage("seed")
     build_seed(config)
     sets = eval_sets(config)
+    check_seed_knows_domains(config, sets)
     per_seed = {r: run_seed(seed_config(config, r), sets, stage=lambda s, r=r: stage(f"seed {r}: {s}"))
                 for r in config.compare.seeds}
     return finish_compare(config, per_seed, wall_s=time.perf_counter() - started, out_dir=out_dir, sets=sets)
@@ -204,7 +211,34 @@ def compare_seed(config: BTXConfig, seed: int, stage: StageCallback = lambda s: 
     the Prefect flow `btx-compare` runs as one task per seed."""
     settings_of(config)
     build_seed(config)
-    return run_seed(seed_config(config, seed), eval_sets(config), stage)
+    sets = eval_sets(config)
+    check_seed_knows_domains(config, sets)
+    return run_seed(seed_config(config, seed), sets, stage)
+
+
+def check_seed_knows_domains(config: BTXConfig, sets: EvalSets) -> dict[str, float] | None:
+    """`compare.seed_below_uniform`, before any branch trains: the seed's held-out loss on each
+    domain must be that many nats below ln(vocab_size). Returns the losses (None: no check)."""
+    margin = config.compare.seed_below_uniform
+    if margin is None:
+        return None
+    location = layout.seed_model(config.run_root)
+    seed_json = json.loads((open_store(config).fetch(location, cache_dir(config)) / "config.json").read_text())
+    vocab = seed_json.get("vocab_size") or seed_json.get("text_config", {})["vocab_size"]
+    uniform = math.log(vocab)
+    losses = score_location(config, location, sets).losses()["single"]
+    described = ", ".join(f"{d} {loss:.3f}" for d, loss in losses.items())
+    short = [d for d, loss in losses.items() if loss > uniform - margin]
+    if short:
+        raise SeedTooWeakError(
+            f"the seed knows too little of {', '.join(short)} to branch from: its held-out losses are "
+            f"{described} nats, and compare.seed_below_uniform asks for at most ln({vocab}) - {margin:g} = "
+            f"{uniform - margin:.3f} on every domain (a uniform guess scores {uniform:.3f}). Pretrain the seed "
+            "longer or on text of these kinds (seed.pretrain: steps, seed.pretrain_data), or lower the "
+            f"bar. The seed stays in the store at {location}; nothing was branched.")
+    log.info("the seed knows its domains: held-out %s (at most %.3f asked, ln(%d) - %g)", described,
+             uniform - margin, vocab, margin)
+    return losses
 
 
 def finish_compare(config: BTXConfig, per_seed: dict[int, dict], *, wall_s: float,

@@ -115,6 +115,37 @@ def test_bad_config_exits_with_a_clear_message_and_writes_nothing(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_compare_refuses_to_branch_from_a_seed_that_does_not_know_its_domains(seeded, tmp_path):
+    """`compare.seed_below_uniform` (issue 24): `btx compare` measures the seed on each domain's
+    held-out blocks before any branch and stops, saying by how much, when one is not that many
+    nats below ln(vocab); the seed stays. A bar the CI seed meets lets the comparison go on."""
+    from btx_core.config.load import load_config
+    from btx_core.stages.compare import check_seed_knows_domains
+    from btx_core.stages.evaluate import eval_sets
+
+    work, seeded_store, _ = seeded
+    store = tmp_path / "store"
+    shutil.copytree(seeded_store / "ci" / "seed", store / "ci" / "seed")
+    config = write_config(tmp_path, store, expert_steps=4, checkpoint_every=4)
+    raw = yaml.safe_load(config.read_text())
+    raw["compare"]["seed_below_uniform"] = 7.0  # ln 512 = 6.238: no seed can be 7 nats below it
+    config.write_text(yaml.safe_dump(raw))
+    out = btx("compare", str(config), cwd=tmp_path, check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    said = " ".join(out.stderr.split())
+    assert "the seed knows too little of math, code, knowledge to branch from" in said, said
+    assert "at most ln(512) - 7 = -0.762 on every domain" in said and "nothing was branched" in said, said
+    assert not (store / "ci" / "experts").exists(), sorted(p.name for p in (store / "ci").iterdir())
+    assert (store / "ci" / "seed" / "model" / "_manifest.json").is_file()
+
+    cfg = load_config(config)
+    met = cfg.model_copy(update={"compare": cfg.compare.model_copy(update={"seed_below_uniform": 0.0})})
+    losses = check_seed_knows_domains(met, eval_sets(met))
+    assert set(losses) == {"math", "code", "knowledge"} and max(losses.values()) < np.log(512), losses
+    off = cfg.model_copy(update={"compare": cfg.compare.model_copy(update={"seed_below_uniform": None})})
+    assert check_seed_knows_domains(off, eval_sets(off)) is None
+
+
 def test_expert_under_torchrun_with_two_gloo_processes(seeded):
     """The whole stage under DDP: one writer, no deadlock, same curve as one process."""
     work, store_a, _ = seeded
