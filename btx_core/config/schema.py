@@ -141,8 +141,11 @@ class TrainSettings(StrictModel):
     """Random seed (model init where created, data order)."""
     checkpoint_every: int = Field(default=100, gt=0)
     """Write a resumable checkpoint to the store every this many steps."""
-    keep_checkpoints: int = Field(default=2, gt=0)
-    """Keep the newest this many checkpoints of a run; older ones are deleted."""
+    keep_checkpoints: int = Field(default=2, ge=0)
+    """Keep the newest this many checkpoints of a run; older ones are deleted. 0: the newest one
+    until the stage's output is saved, then none. A finished stage's checkpoints only hold what
+    resuming it needs (the optimizer's state makes one about 3x the model), and a rerun with
+    another config deletes them anyway."""
     eval_blocks: int = Field(default=64, gt=0)
     """Held-out blocks used to measure the held-out loss at the end."""
     log_every: int = Field(default=10, gt=0)

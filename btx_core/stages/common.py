@@ -72,7 +72,7 @@ class StoreCheckpoints:
         self.store.write_dir(directory, checkpoint_location(self.prefix, step), stage="checkpoint",
                              config_hash=self.config_hash, inputs=self.inputs, metrics={"step": step},
                              fence=self.lease)
-        self.store.prune_checkpoints(self.prefix, keep=self.keep)
+        self.store.prune_checkpoints(self.prefix, keep=max(1, self.keep))  # 0: the newest until the output
 
 
 @dataclass
@@ -139,6 +139,8 @@ class TrainingRun:
                 save_model(self.store, model, tokenizer, self.location, stage=self.stage,
                            config_hash=self.config_hash, inputs=self.inputs, metrics=metrics,
                            card_source=self.card_source, card_facts=self.card_facts, fence=sink.lease)
+                if self.settings.keep_checkpoints == 0:  # the output is saved: no run resumes from them
+                    self.store.prune_checkpoints(self.checkpoints, keep=0)
         notes = [f"resumed from step {result.resumed_from}"] if result.resumed_from else []
         return StageOutput(self.location, self.store.read_manifest(self.location), skipped=False,
                            notes=notes)

@@ -67,6 +67,18 @@ def test_expert_on_s3_resumes_after_an_interruption_and_skips_when_done(s3_root,
     assert all((a[k] == b[k]).all() for k in a)
 
 
+def test_keep_checkpoints_0_keeps_the_newest_while_training_and_none_once_the_expert_is_saved(s3_root, tmp_path):
+    config = ci_config(s3_root, tmp_path / "cache", steps=12, checkpoint_every=4, keep_checkpoints=0)
+    build_seed(config)
+    store, prefix = open_store(config), layout.expert_checkpoints(config.run_root, "code")
+    with pytest.raises(BTXError, match="rerun to resume"):
+        train_expert(config, "code", stop_after=9)
+    assert [s for s, _ in store.list_checkpoints(prefix)] == [8]  # what a resume needs, nothing more
+    out = train_expert(config, "code")
+    assert out.metrics["resumed_from_step"] == 8 and store.is_complete(out.location)
+    assert store.list_checkpoints(prefix) == [] and not store.fs.find(store._path(prefix))  # no file left
+
+
 def test_changed_training_config_refuses_stale_checkpoints(s3_root, tmp_path):
     config = ci_config(s3_root, tmp_path / "cache", steps=8, checkpoint_every=4)
     build_seed(config)
