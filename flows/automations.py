@@ -83,12 +83,13 @@ def zombie_automation(within_s: float, *, deployment_ids, name: str = ZOMBIES):
 
 def restart_automation(*, deployment_ids, settle_s: float = SETTLE_S, name: str = RESTART):
     """A run of the pipeline deployments `deployment_ids` that stays Crashed for `settle_s` is set
-    AwaitingRetry. Why wait: a lost process's crash is reported twice (Prefect 3.9.1's process
+    AwaitingRetry. Why wait: a lost process's crash is reported twice. Prefect 3.9.1's process
     worker reports it as the process exits, and again once a subprocess that loads the flow for
-    its on_crashed hooks has ended: 1-2 s, as flows/pipeline.py loads without torch; 15 s when
-    it did not, on two busy cores); acting on each report would schedule the run twice, and a
-    late report would crash its new attempt, which would then run beside a third. A Crashed that is followed by any other event of the run (another
-    report, a state set by hand) starts the wait again, so the automation acts once."""
+    its on_crashed hooks has ended: about 1.4 s later now that flows/pipeline.py loads without
+    torch, 11-17 s when it did not (two busy cores). Acting on each report would schedule the
+    run twice; a report after the settle time crashed the rescheduled run again (CI, with 10 s).
+    A Crashed followed by any other event of the run (another report, a state set by hand)
+    starts the wait again, so the automation acts once."""
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
