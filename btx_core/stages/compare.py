@@ -223,8 +223,8 @@ def check_seed_knows_domains(config: BTXConfig, sets: EvalSets) -> dict[str, flo
     if margin is None:
         return None
     location = layout.seed_model(config.run_root)
-    seed_json = json.loads((open_store(config).fetch(location, cache_dir(config)) / "config.json").read_text())
-    vocab = seed_json.get("vocab_size") or seed_json.get("text_config", {})["vocab_size"]
+    seed_dir = open_store(config).fetch(location, cache_dir(config))
+    vocab = json.loads((seed_dir / "config.json").read_text())["vocab_size"]  # as training/compute.py reads it
     uniform = math.log(vocab)
     losses = score_location(config, location, sets).losses()["single"]
     described = ", ".join(f"{d} {loss:.3f}" for d, loss in losses.items())

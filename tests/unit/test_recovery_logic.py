@@ -401,8 +401,10 @@ def test_the_pipeline_flow_loads_without_torch_so_a_crash_is_reported_twice_with
     orchestrates, must load without torch, transformers or the stages."""
     import subprocess
     import sys
+    from pathlib import Path
 
     heavy = ("torch", "transformers", "btx_core.stages.common", "btx_core.training.loop")
     code = f"import sys, flows.pipeline; print([m for m in {heavy!r} if m in sys.modules])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
