@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from btx_core.config.schema import BTXConfig, SeedSpec
+from btx_core.config.schema import BTXConfig, SeedSpec, stable_hash
 from btx_core.errors import BTXError
 from btx_core.evaluation import merge_cost
 from btx_core.evaluation.plots import routing_heatmap
@@ -40,7 +40,7 @@ from btx_core.evaluation.report import (
     routing_layers_markdown,
 )
 from btx_core.evaluation.scores import EvalSets, ModelScores, btm_scores
-from btx_core.stages.common import cache_dir, open_store, stage_lease
+from btx_core.stages.common import cache_dir, open_store, stage_lease, unless_done
 from btx_core.stages.evaluate import eval_sets, score_location
 from btx_core.stages.expert import train_expert
 from btx_core.stages.finetune import finetune, settings_of
@@ -48,6 +48,7 @@ from btx_core.stages.mix import mix_stage
 from btx_core.stages.seed import build_seed
 from btx_core.store import layout
 from btx_core.store.core import Store
+from btx_core.store.outputs import STAGE_FORMAT, StageOutput
 from btx_core.training.compute import (
     StageCompute,
     device_seconds,
@@ -62,6 +63,8 @@ BASELINES = ("upcycle-tokens", "upcycle-flops", "upcycle-time", "dense-tokens", 
 # Trained first: their measured seconds per step size the time-matched runs.
 MEASURED = ("upcycle-tokens", "upcycle-flops", "dense-tokens", "dense-flops")
 StageCallback = Callable[[str], None]
+# What a model's recorded scores depend on in `compare` (beside its manifest and the held-out sets).
+SCORING_SETTINGS = {"eval_blocks", "mixed_blocks", "eval_seed", "batch_size", "btm_top_k"}
 
 
 class SeedTooWeakError(BTXError):
@@ -146,13 +149,56 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
         stage(f"finetune {name}")
         trained[name] = finetune(config, name.split("-")[0], steps=budgets.steps(name), name=name).manifest
     trained = {name: trained[name] for name in ("btx", *BASELINES)}
+    stage("evaluate")
+    run = config.run_root
+    models = {"seed": layout.seed_model(run), **{f"expert:{d}": layout.expert_model(run, d) for d in experts},
+              "btx-mix": layout.mix_model(run), **{name: layout.trained_model(run, name) for name in trained}}
+    return recorded_scores(config, sets, models, lambda: _score_seed(
+        config, sets, experts, expert_cost, trained, budgets.to_dict(), merge))
 
+
+def recorded_scores(config: BTXConfig, sets: EvalSets, models: dict[str, str], score: Callable[[], dict]) -> dict:
+    """`score()` (one random seed's rows and routing), recorded at `<run>/compare/scores` and
+    reused while every model in `models` (name -> location) has the same manifest and the held-out
+    sets and scoring settings are the same: `btx compare --seeds 0,1` after one command per seed
+    scores nothing again."""
+    store = open_store(config)
+    location = layout.compare_scores(config.run_root)
+    inputs = {name: store.read_manifest(where).hash for name, where in models.items()}
+    config_hash = stable_hash({"stage": "compare-scores", "format": STAGE_FORMAT, "sets": sets.describe(),
+                               "include_seed": config.mix.include_seed, "precision": scoring_precision(config),
+                               "compare": config.compare.model_dump(mode="json", include=SCORING_SETTINGS)})
+
+    def make(lease) -> StageOutput:
+        with tempfile.TemporaryDirectory(prefix="btx-scores-") as tmp:
+            (Path(tmp) / "scores.json").write_text(json.dumps(score(), default=float))
+            return StageOutput(location, store.write_dir(Path(tmp), location, stage="compare", config_hash=config_hash,
+                                                         inputs=inputs, fence=lease), skipped=False)
+    out = unless_done(store, config, location, config_hash, inputs, make)
+    if out.skipped:
+        log.info("%s: every model's scores reused from %s (same models, sets and settings)", config.run_name, location)
+    return json.loads(store.read_file(location, "scores.json", out.manifest))
+
+
+def scoring_precision(config: BTXConfig) -> str:
+    """The precision models are scored in here (on the CPU, as `score_location` loads them): `auto`
+    resolved, so scores made in bf16 on one machine are not reused as fp32 on another."""
+    import torch
+
+    from btx_core.training.distributed import resolve_precision
+
+    return resolve_precision(config.expert_training.precision, torch.device("cpu"))
+
+
+def _score_seed(config: BTXConfig, sets: EvalSets, experts: dict, expert_cost: list[StageCompute], trained: dict,
+                budgets: dict, merge: dict | None) -> dict:
+    """Every model of one random seed on the held-out sets, with what each cost to train."""
+    experts_device = sum(device_seconds(m.metrics) for m in experts.values())
     experts_tokens = sum(c.tokens for c in expert_cost)
     experts_flops = sum(c.flops for c in expert_cost)
     experts_wall = sum(m.metrics["wall_s"] for m in experts.values())
     rows: dict[str, dict] = {}
     scores: dict[str, ModelScores] = {}
-    stage("evaluate")
     scores["seed"] = score_location(config, layout.seed_model(config.run_root), sets)
     rows["seed"] = {**scores["seed"].losses(), "tokens": 0, "flops": 0.0, "wall_s": 0.0, "device_s": 0.0}
     for (d, manifest), cost in zip(experts.items(), expert_cost):
@@ -179,7 +225,7 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
                       "device_s": device_seconds(manifest.metrics) + extra["device_s"]}
         if result.routing:
             routing[name] = result.routing
-    return {"rows": rows, "routing": routing, "budgets": budgets.to_dict(), "run_name": config.run_name,
+    return {"rows": rows, "routing": routing, "budgets": budgets, "run_name": config.run_name,
             "merge_cost": merge}
 
 

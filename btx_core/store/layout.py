@@ -10,6 +10,7 @@
     <store>/<run_name>/trained/<name>/model       finetuned: btx, upcycle-tokens, dense-flops, ...
     <store>/<run_name>/trained/<name>/checkpoints/step-N
     <store>/<run_name>/compare/results            `btx compare`: tables, JSON, heatmaps
+    <store>/<run_name>/compare/scores             `btx compare`: one random seed's rows and routing
     <store>/<run_name>/ablations/<name>/mix       `btx ablate`: a MiX ablation's mixed MoE
     <store>/<run_name>/ablations/results          `btx ablate`: its table (JSON, markdown)
     <store>/<run_name>/eval/results               the pipeline's evaluation (JSON)
@@ -62,6 +63,7 @@ upcycle_model = _in_run("upcycle", "model")
 trained_model = _per_name("trained", "model")
 trained_checkpoints = _per_name("trained", "checkpoints")
 compare_results = _in_run("compare", "results")
+compare_scores = _in_run("compare", "scores")
 ablation_mix = _per_name("ablations", "mix")
 ablation_results = _in_run("ablations", "results")
 eval_results = _in_run("eval", "results")

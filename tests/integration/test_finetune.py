@@ -323,6 +323,34 @@ def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
     assert open_store(config).is_complete(layout.compare_results(config.run_root))
 
 
+def test_compare_reuses_a_seeds_recorded_scores_until_a_model_or_setting_changes(mixed, tmp_path, monkeypatch):
+    """One `btx compare --seeds r` per seed, then one over all of them: the last scores no model
+    again (each seed's scores are a store output keyed on its models' manifests and the sets)."""
+    import btx_core.stages.compare as compare_module
+
+    work, config = mixed
+    config = config.model_copy(update={"compare": config.compare.model_copy(update={"seeds": [0]})})
+    first = compare(config)["per_seed"][0]
+    scored = []
+
+    def counting(cfg, location, sets, real=compare_module.score_location):
+        scored.append(location)
+        return real(cfg, location, sets)
+    monkeypatch.setattr(compare_module, "score_location", counting)
+    again = compare(config)
+    assert scored == [] and again["per_seed"][0] == first
+    assert open_store(config).is_complete(layout.compare_scores(config.run_root))
+    # Another batch size may round differently: every model is scored again, and recorded anew.
+    rebatched = config.model_copy(update={"compare": config.compare.model_copy(update={"batch_size": 3})})
+    redone = compare(rebatched)["per_seed"][0]
+    assert len(scored) == len(first["rows"]) - len(config.compare.btm_top_k)  # BTM ensembles are not models
+    assert set(redone["rows"]) == set(first["rows"])
+    assert redone["rows"]["btx"]["average"] == pytest.approx(first["rows"]["btx"]["average"], abs=1e-4)
+    scored.clear()
+    compare(rebatched)
+    assert scored == []
+
+
 def test_ablate_redoes_only_what_each_line_changes_and_keeps_the_reference(mixed, tmp_path):
     from btx_core.stages.ablate import ablate
 
