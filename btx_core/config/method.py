@@ -54,7 +54,8 @@ class MixSettings(StrictModel):
     the saved config's `router_aux_loss_coef` is alpha x num_layers, transformers' own loss
     being averaged over layers where the paper sums it."""
     sample_blocks: int = Field(default=32, gt=0)
-    """Blocks per domain for the centroid init and the routing report."""
+    """Blocks per domain for the centroid init (training blocks, drawn with the run's random seed)
+    and the routing report and merge cost (held-out blocks, drawn with `compare.eval_seed`)."""
     merge_cost_tokens: int = Field(default=512, ge=0)
     """Held-out tokens per domain (whole blocks: at least one, at most `sample_blocks`) on which
     the merge-cost report measures each domain's loss through the mixed model routed to its own

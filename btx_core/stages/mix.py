@@ -73,11 +73,7 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None 
                           seed.hash if loc == seed_location else m.inputs.get("seed"))
                    for name, loc, m in sources]
         splits = {d: p.load(store, cache) for d, p in data.items()}
-        n = config.mix.sample_blocks
-        samples = RoutingSamples(
-            centroid={name: None if d is None else sample_blocks(splits[d].train, n, config.expert_training.seed)
-                      for (name, _, _), d in zip(sources, centroid_domains)},
-            heldout={d: sample_blocks(s.heldout, n, config.expert_training.seed) for d, s in splits.items()})
+        samples = routing_samples(config, splits, {name: d for (name, _, _), d in zip(sources, centroid_domains)})
         started = time.perf_counter()
         with store.staging_dir(location, cache) as tmp:
             seed_dir = local.get(seed_location)  # the seed's own card (license, base_model), when fetched
@@ -100,6 +96,18 @@ def mix_stage(config: BTXConfig, *, upcycle: bool = False, location: str | None 
         return StageOutput(location, manifest, skipped=False, notes=notes)
 
     return unless_done(store, config, location, config_hash, inputs, make)
+
+
+def routing_samples(config: BTXConfig, splits: dict, centroid_domains: dict[str, str | None]) -> RoutingSamples:
+    """`mix.sample_blocks` blocks per domain: from each expert's training split for the centroid
+    init (drawn with the run's random seed), and from each held-out split for the routing report and
+    the merge cost (drawn with `compare.eval_seed`, so every random seed of a comparison is measured
+    on the same held-out blocks). `centroid_domains`: expert name -> its domain (None: all)."""
+    n = config.mix.sample_blocks
+    return RoutingSamples(
+        centroid={name: None if d is None else sample_blocks(splits[d].train, n, config.expert_training.seed)
+                  for name, d in centroid_domains.items()},
+        heldout={d: sample_blocks(s.heldout, n, config.compare.eval_seed) for d, s in splits.items()})
 
 
 def _merge_cost(config: BTXConfig, experts: list[Expert], moe_dir: Path, seed_dir: Path,

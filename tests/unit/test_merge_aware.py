@@ -282,3 +282,29 @@ def test_config_weights_name_every_expert():
     with pytest.raises(ConfigError, match="needs a weight for every expert; missing: seed"):
         ci_with(shared_policy="weighted", weights={"math": 1, "code": 1})
 
+
+
+def test_every_random_seed_measures_the_merge_on_the_same_heldout_blocks():
+    """The merge cost and routing report of `btx compare`'s seeds compare like with like: their
+    held-out sample follows `compare.eval_seed`, not the run's random seed (the centroid init's
+    training sample still does)."""
+    from types import SimpleNamespace
+
+    from btx_core.stages.mix import routing_samples
+
+    raw = yaml.safe_load(CI.read_text())
+    splits = {d: SimpleNamespace(train=np.arange(400 * SEQ).reshape(400, SEQ) + 10_000 * i,
+                                 heldout=np.arange(200 * SEQ).reshape(200, SEQ) + 10_000 * i)
+              for i, d in enumerate(("math", "code"))}
+    owners = {"math": "math", "code": "code", GENERALIST: None}
+
+    def samples(seed: int, eval_seed: int = 7):
+        config = parse_config({**raw, "expert_training": {**raw["expert_training"], "seed": seed},
+                               "compare": {**raw.get("compare", {}), "eval_seed": eval_seed}})
+        return routing_samples(config, splits, owners)
+    first, second, other_sets = samples(0), samples(1), samples(0, eval_seed=8)
+    for d in splits:
+        assert torch.equal(first.heldout[d], second.heldout[d])
+        assert not torch.equal(first.heldout[d], other_sets.heldout[d])
+        assert not torch.equal(first.centroid[d], second.centroid[d])
+    assert first.centroid[GENERALIST] is None and len(first.heldout["math"]) == (raw.get("mix") or {}).get("sample_blocks", 32)
