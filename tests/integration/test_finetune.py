@@ -323,7 +323,7 @@ def test_compare_writes_the_table_claims_and_heatmaps(mixed, tmp_path):
     assert open_store(config).is_complete(layout.compare_results(config.run_root))
 
 
-def test_compare_reuses_a_seeds_recorded_scores_until_a_model_or_setting_changes(mixed, tmp_path, monkeypatch):
+def test_compare_reuses_a_seeds_recorded_scores_until_a_scoring_setting_changes(mixed, tmp_path, monkeypatch):
     """One `btx compare --seeds r` per seed, then one over all of them: the last scores no model
     again (each seed's scores are a store output keyed on its models' manifests and the sets)."""
     import btx_core.stages.compare as compare_module

@@ -283,7 +283,6 @@ def test_config_weights_name_every_expert():
         ci_with(shared_policy="weighted", weights={"math": 1, "code": 1})
 
 
-
 def test_every_random_seed_measures_the_merge_on_the_same_heldout_blocks():
     """The merge cost and routing report of `btx compare`'s seeds compare like with like: their
     held-out sample follows `compare.eval_seed`, not the run's random seed (the centroid init's
@@ -307,4 +306,5 @@ def test_every_random_seed_measures_the_merge_on_the_same_heldout_blocks():
         assert torch.equal(first.heldout[d], second.heldout[d])
         assert not torch.equal(first.heldout[d], other_sets.heldout[d])
         assert not torch.equal(first.centroid[d], second.centroid[d])
-    assert first.centroid[GENERALIST] is None and len(first.heldout["math"]) == (raw.get("mix") or {}).get("sample_blocks", 32)
+    sample_blocks = (raw.get("mix") or {}).get("sample_blocks", 32)
+    assert first.centroid[GENERALIST] is None and len(first.heldout["math"]) == sample_blocks
