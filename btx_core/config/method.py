@@ -94,3 +94,20 @@ class CompareSettings(StrictModel):
     nats below ln(vocab_size), a uniform guess's. A seed that knows nothing of its domains (the
     first toy table's, 0.006 nats below on code) makes its experts learn them from scratch and
     rewrite every shared weight: a regime the paper never claimed. None: no check."""
+    matchings: list[Literal["tokens", "flops", "time"]] = Field(
+        default_factory=lambda: ["tokens", "flops", "time"], min_length=1)
+    """How the upcycling and dense baselines are matched to BTX's training: in tokens, in FLOPs,
+    in measured device time; each adds an upcycled and a dense finetune per random seed. Leave
+    out `time` where BTX's device time is not worth matching (its experts shared a machine with
+    other work): its runs are the longest when the expert phase was slow. `time` needs `tokens` or
+    `flops`, whose measured seconds per step size it."""
+
+    @field_validator("matchings")
+    @classmethod
+    def _matchings(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: name each matching once")
+        if "time" in value and not {"tokens", "flops"} & set(value):
+            raise ValueError("`time` sizes its runs by the seconds per step that the token- or FLOP-matched "
+                             "runs measure: add `tokens` or `flops` to compare.matchings")
+        return value

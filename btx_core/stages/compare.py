@@ -138,17 +138,18 @@ def run_seed(config: BTXConfig, sets: EvalSets, stage: StageCallback = lambda s:
     budgets = matched_budgets([*expert_cost, btx_cost], tokens_per_step=ft.tokens_per_step,
                               dense_fpt=flops_per_token(seed_cfg, ft.seq_len), moe_fpt=btx.metrics["flops_per_token"])
     trained = {"btx": btx}
-    for name in MEASURED:
+    for name in baselines(config, MEASURED):
         stage(f"finetune {name}")
         trained[name] = finetune(config, name.split("-")[0], steps=budgets.steps(name), name=name).manifest
-    experts_device = sum(device_seconds(m.metrics) for m in experts.values())
-    budgets = time_matched(budgets, experts_device + device_seconds(btx.metrics),
-                           upcycle_step_s=_step_seconds(trained, "upcycle"),
-                           dense_step_s=_step_seconds(trained, "dense"))
-    for name in ("upcycle-time", "dense-time"):
-        stage(f"finetune {name}")
-        trained[name] = finetune(config, name.split("-")[0], steps=budgets.steps(name), name=name).manifest
-    trained = {name: trained[name] for name in ("btx", *BASELINES)}
+    if "time" in config.compare.matchings:
+        experts_device = sum(device_seconds(m.metrics) for m in experts.values())
+        budgets = time_matched(budgets, experts_device + device_seconds(btx.metrics),
+                               upcycle_step_s=_step_seconds(trained, "upcycle"),
+                               dense_step_s=_step_seconds(trained, "dense"))
+        for name in ("upcycle-time", "dense-time"):
+            stage(f"finetune {name}")
+            trained[name] = finetune(config, name.split("-")[0], steps=budgets.steps(name), name=name).manifest
+    trained = {name: trained[name] for name in ("btx", *baselines(config, BASELINES))}
     stage("evaluate")
     run = config.run_root
     models = {"seed": layout.seed_model(run), **{f"expert:{d}": layout.expert_model(run, d) for d in experts},
@@ -229,10 +230,15 @@ def _score_seed(config: BTXConfig, sets: EvalSets, experts: dict, expert_cost: l
             "merge_cost": merge}
 
 
+def baselines(config: BTXConfig, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` (upcycle-tokens, dense-time, ...) whose matching `compare.matchings` asks for."""
+    return [name for name in names if name.split("-")[1] in config.compare.matchings]
+
+
 def _step_seconds(trained: dict, kind: str) -> float:
     """Measured device-seconds per finetuning step of `kind` (upcycle, dense): over its token- and
-    FLOP-matched runs together."""
-    runs = [trained[f"{kind}-{match}"].metrics for match in ("tokens", "flops")]
+    FLOP-matched runs together (those of them that ran)."""
+    runs = [trained[f"{kind}-{match}"].metrics for match in ("tokens", "flops") if f"{kind}-{match}" in trained]
     return sum(device_seconds(m) for m in runs) / sum(m["steps"] for m in runs)
 
 

@@ -351,6 +351,30 @@ def test_compare_reuses_a_seeds_recorded_scores_until_a_scoring_setting_changes(
     assert scored == []
 
 
+
+def test_compare_trains_and_reports_only_the_matchings_asked_for(mixed, monkeypatch):
+    """`compare.matchings: [flops]`: no token- or time-matched baseline is trained or reported."""
+    import btx_core.stages.compare as compare_module
+
+    work, config = mixed
+    config = config.model_copy(update={"compare": config.compare.model_copy(update={"seeds": [0],
+                                                                                    "matchings": ["flops"]})})
+    finetuned = []
+
+    def counting(cfg, kind="btx", *, steps=None, name=None, real=compare_module.finetune):
+        finetuned.append(name or kind)
+        return real(cfg, kind, steps=steps, name=name)
+    monkeypatch.setattr(compare_module, "finetune", counting)
+    report = compare(config)
+    assert finetuned == ["btx", "upcycle-flops", "dense-flops"]
+    rows = report["per_seed"][0]["rows"]
+    assert {"upcycle-flops", "dense-flops", "btx", "btm-top2"} <= set(rows)
+    assert not {n for n in rows if n.endswith(("-tokens", "-time"))}
+    assert report["per_seed"][0]["budgets"]["upcycle_time"] == 0
+    claims = [c["claim"] for c in report["claims"]]
+    assert any("FLOP-matched" in c for c in claims) and not any("token-matched" in c or "time-matched" in c
+                                                                  for c in claims)
+
 def test_ablate_redoes_only_what_each_line_changes_and_keeps_the_reference(mixed, tmp_path):
     from btx_core.stages.ablate import ablate
 

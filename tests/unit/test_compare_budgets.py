@@ -4,11 +4,13 @@ measured seconds per step."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from btx_core.config.load import load_config
+from btx_core.config.load import load_config, parse_config
+from btx_core.errors import ConfigError
 from btx_core.stages.compare import planned_compute
 from btx_core.training.compute import Budgets, device_seconds, flops_per_token, time_matched
 
@@ -75,3 +77,19 @@ def test_an_expert_with_frozen_shared_weights_is_charged_for_the_gradients_it_co
     assert ffn_fraction(dense) == pytest.approx(ffn / n)
     assert flops_per_token(dense, 256, ffn_fraction(dense)) == pytest.approx(4 * n + 2 * ffn + attention)
 
+
+
+
+@pytest.mark.parametrize(("matchings", "says"), [
+    (["time"], "add `tokens` or `flops` to compare.matchings"),
+    (["tokens", "tokens"], "name each matching once"),
+    ([], "compare.matchings"),
+    (["steps"], "compare.matchings"),
+])
+def test_compare_matchings_refuse_what_cannot_be_matched(matchings, says):
+    raw = load_config(RESULTS, check_environment=False).model_dump(mode="json")
+    raw["compare"]["matchings"] = matchings
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse_config(raw)
+    raw["compare"]["matchings"] = ["flops", "time"]
+    assert parse_config(raw).compare.matchings == ["flops", "time"]
