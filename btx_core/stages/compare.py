@@ -3,8 +3,9 @@ several random seeds (the BTX paper's Table 2, small).
 
 Per random seed: seed -> experts -> MiX -> MoE-finetune (BTX); sparse upcycling and the dense
 baseline finetuned on the same mixture with budgets matched to BTX's training after the seed three
-ways: in tokens, in FLOPs, and in measured device time (each stage's wall time x devices, the
-paper's GPU-days); the BTM ensemble of the experts; all evaluated on the same held-out sets.
+ways (those `compare.matchings` names): in tokens, in FLOPs, and in measured device time (each
+stage's wall time x devices, the paper's GPU-days); the BTM ensemble of the experts; all evaluated
+on the same held-out sets.
 
 Device time is matched from measurements of the same run: BTX's is its experts' and its
 finetuning's; a baseline's seconds per step come from its token- and FLOP-matched runs (same model,

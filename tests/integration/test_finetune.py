@@ -351,7 +351,6 @@ def test_compare_reuses_a_seeds_recorded_scores_until_a_scoring_setting_changes(
     assert scored == []
 
 
-
 def test_compare_trains_and_reports_only_the_matchings_asked_for(mixed, monkeypatch):
     """`compare.matchings: [flops]`: no token- or time-matched baseline is trained or reported."""
     import btx_core.stages.compare as compare_module
@@ -374,6 +373,7 @@ def test_compare_trains_and_reports_only_the_matchings_asked_for(mixed, monkeypa
     claims = [c["claim"] for c in report["claims"]]
     assert any("FLOP-matched" in c for c in claims) and not any("token-matched" in c or "time-matched" in c
                                                                   for c in claims)
+
 
 def test_ablate_redoes_only_what_each_line_changes_and_keeps_the_reference(mixed, tmp_path):
     from btx_core.stages.ablate import ablate

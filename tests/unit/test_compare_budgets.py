@@ -79,7 +79,6 @@ def test_an_expert_with_frozen_shared_weights_is_charged_for_the_gradients_it_co
 
 
 
-
 @pytest.mark.parametrize(("matchings", "says"), [
     (["time"], "add `tokens` or `flops` to compare.matchings"),
     (["tokens", "tokens"], "name each matching once"),
