@@ -18,6 +18,21 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def quiet_model_loads() -> None:
+    """transformers' per-model bars ("Loading weights", "Writing model shards") off, unless
+    BTX_LOG_LEVEL asks for DEBUG: a comparison loads dozens of models, and their bars bury its log.
+    The Hub's download bars stay as they were (transformers turns those off with its own)."""
+    if os.environ.get("BTX_LOG_LEVEL", "").upper() == "DEBUG":
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    downloads_shown = not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if downloads_shown:
+        hub_utils.enable_progress_bars()
+
+
 def show_everything(level: int) -> None:
     """`btx -v`: the root logger and every library named above at `level`."""
     logging.getLogger().setLevel(level)

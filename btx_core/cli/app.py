@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from btx_core.logs import quiet_model_loads
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Branch-Train-MiX: one seed LLM -> N domain experts -> one Mixture-of-Experts LLM.")
 
@@ -41,11 +43,15 @@ def _options(show_version: bool = typer.Option(False, "--version", callback=_pri
     """Branch-Train-MiX: one seed LLM -> N domain experts -> one Mixture-of-Experts LLM."""
 
 
-def load(config_path: Path):
-    """The validated config; every problem is reported at once, before any heavy import."""
+def load(config_path: Path, *, loads_models: bool = True):
+    """The validated config; every problem is reported at once, before any heavy import. A command
+    that loads models (`loads_models`) also turns transformers' per-model bars off."""
     from btx_core.config.load import load_config
 
-    return load_config(config_path)
+    cfg = load_config(config_path)
+    if loads_models:
+        quiet_model_loads()
+    return cfg
 
 
 def is_main_process() -> bool:

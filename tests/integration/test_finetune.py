@@ -260,9 +260,11 @@ def test_finetune_and_eval_commands(mixed):
     path.write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
     out = btx("finetune", str(path), cwd=work)
     assert "held-out loss (mixture)" in out.stdout
+    assert "Loading weights" not in out.stderr  # transformers' per-load bars stay off a btx console
     out = btx("eval", str(path), "--model", layout.trained_model(config.run_root, "btx"), "--out", str(work / "e.json"),
               cwd=work)
     assert "mixed-domain" in out.stdout and json.loads((work / "e.json").read_text())["routing"]
+    assert "Loading weights" not in out.stderr
     evaluated = evaluate_run(config)
     losses = evaluated.metrics["losses"]
     assert {"seed", "expert:math", "expert:code", "btx-mix", "btx", "btm-top1", "btm-top2"} <= set(losses)

@@ -91,6 +91,26 @@ def test_verbose_shows_the_libraries_request_logs_and_passes_it_on(monkeypatch):
         quiet_libraries()
 
 
+def test_quiet_model_loads_turns_off_transformers_bars_and_keeps_the_hubs_downloads(monkeypatch):
+    """A command that loads models hides transformers' per-model bars (the integration test of
+    `btx finetune`/`btx eval` reads their stderr); a seed downloaded from the Hub still shows its bar."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from btx_core.logs import quiet_model_loads
+
+    monkeypatch.setenv("BTX_LOG_LEVEL", "INFO")
+    try:
+        quiet_model_loads()
+        assert not hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+        hf_logging.enable_progress_bar()
+        monkeypatch.setenv("BTX_LOG_LEVEL", "DEBUG")  # `btx -v` shows everything
+        quiet_model_loads()
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_compare_seeds_overrides_the_configs_and_refuses_a_bad_list(monkeypatch, tmp_path):
     """One seed per command keeps each under the CI machine's limits; a later run over all reuses them."""
     from pathlib import Path
